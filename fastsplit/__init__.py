@@ -1,0 +1,29 @@
+"""fastsplit: fused kernels for steering language models (arXiv 2602.02343).
+
+The public API is pinned by ``tests/test_api.py``.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import native as _native
+from .nn import SteeredLinear
+from .ops._backend import TRITON_VERSION as _TRITON_VERSION
+from .ops.steered_linear import steered_linear, steered_linear_ref
+
+
+def build_info() -> dict:
+    """What this install can run: the compiled extension's CPU and CUDA builds, Triton, torch."""
+    import torch
+
+    return {
+        "version": __version__,
+        "native_cpu": _native._C is not None,
+        "native_cuda": _native.cuda_built(),
+        "cuda_archs": _native.cuda_archs(),
+        "triton": _TRITON_VERSION,
+        "torch": torch.__version__,
+    }
+
+
+__all__ = ["__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear"]

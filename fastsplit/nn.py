@@ -1,0 +1,103 @@
+"""Modules over the ops: ``SteeredLinear`` (drop-in for nn.Linear)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .ops._checks import Multiplier
+from .ops.steered_linear import steered_linear
+
+FORMS = ("vector", "lora", "local_weight")
+
+__all__ = ["SteeredLinear", "FORMS"]
+
+
+class SteeredLinear(nn.Module):
+    """A linear layer with a steering update: ``y = x·(W + m·ΔW)ᵀ + (b + m2·Δb)``.
+
+    Forms (arXiv 2602.02343): ``"vector"`` trains only ``delta_bias`` [out] (a steering vector);
+    ``"lora"`` trains ``lora_a`` [r, in] (random) and ``lora_b`` [out, r] (zeros) plus ``delta_bias``;
+    ``"local_weight"`` trains ``delta_weight`` [out, in] (zeros) plus ``delta_bias``. Every form starts
+    as the base layer. ``multiplier`` is the steering factor m: a float, or a [B] / [B, T] tensor for one
+    factor per sequence / token. ``bias_multiplier`` (default None: same as ``multiplier``) is m2.
+
+    Build one around an existing layer with :meth:`from_linear`; its W and b are shared, not copied.
+
+    Example::
+
+        >>> base = torch.nn.Linear(16, 8)
+        >>> layer = SteeredLinear.from_linear(base, form="lora", rank=4)
+        >>> layer.multiplier = torch.tensor([0.0, 2.0])   # two strengths in one batch
+        >>> layer(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, form: str = "vector",
+                 rank: int = 4, multiplier: Multiplier = 1.0, backend: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base, form=form, rank=rank, multiplier=multiplier, backend=backend, freeze_base=True)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, form: str = "vector", rank: int = 4, *,
+                    multiplier: Multiplier = 1.0, backend: str = "auto",
+                    freeze_base: bool = True) -> "SteeredLinear":
+        """Wrap ``linear``: its ``weight``/``bias`` Parameters are shared (frozen unless
+        ``freeze_base=False``, for local-weight fine-tuning of W itself)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear, form=form, rank=rank, multiplier=multiplier, backend=backend,
+                    freeze_base=freeze_base)
+        return self
+
+    def _setup(self, linear: nn.Linear, *, form, rank, multiplier, backend, freeze_base) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if form == "lora" and (not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive int for form='lora', got {rank!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.form, self.rank = form, (rank if form == "lora" else None)
+        self.backend = backend
+        self.multiplier: Multiplier = multiplier
+        self.bias_multiplier: Optional[Multiplier] = None
+        self.weight = linear.weight
+        self.bias = linear.bias
+        if freeze_base:
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+        kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.delta_bias = nn.Parameter(torch.zeros(self.out_features, **kw))
+        self.delta_weight = self.lora_a = self.lora_b = None
+        if form == "lora":
+            self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **kw))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # peft's default init for A
+            self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+        elif form == "local_weight":
+            self.delta_weight = nn.Parameter(torch.zeros(self.out_features, self.in_features, **kw))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` [..., in] -> [..., out]."""
+        return steered_linear(x, self.weight, self.bias, delta_weight=self.delta_weight,
+                              lora_a=self.lora_a, lora_b=self.lora_b, delta_bias=self.delta_bias,
+                              m1=self.multiplier, m2=self.bias_multiplier, backend=self.backend)
+
+    @staticmethod
+    def _describe(m) -> str:
+        return f"tensor{list(m.shape)}" if isinstance(m, Tensor) else f"{m:g}"
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, "
+             f"bias={self.bias is not None}, form={self.form}")
+        if self.form == "lora":
+            s += f", rank={self.rank}"
+        s += f", multiplier={self._describe(self.multiplier)}"
+        if self.bias_multiplier is not None:
+            s += f", bias_multiplier={self._describe(self.bias_multiplier)}"
+        return s

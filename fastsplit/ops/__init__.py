@@ -1,0 +1,1 @@
+"""The ops: references, autograd Functions, torch.library registrations, dispatch."""

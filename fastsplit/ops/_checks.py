@@ -1,0 +1,71 @@
+"""Input checks shared by the ops: each error names the argument and its shape."""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+Multiplier = Union[float, int, Tensor]
+
+
+def _skip_sync_checks() -> bool:
+    """Value checks need a host sync: skip them while tracing or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, like: Tensor | None = None,
+                 shape: tuple | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the input has dtype {like.dtype}")
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    if not _skip_sync_checks() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or inf values")
+
+
+def check_multiplier(name: str, m: Multiplier, lead: tuple, device: torch.device) -> None:
+    """A multiplier is a number, or a tensor whose shape is a prefix of ``lead`` (x.shape[:-1])."""
+    if isinstance(m, bool) or not isinstance(m, (float, int, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(m).__name__}")
+    if not isinstance(m, Tensor):
+        if not math.isfinite(float(m)):
+            raise ValueError(f"{name} must be finite, got {m}")
+        return
+    if not m.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {m.dtype}")
+    if m.device != device:
+        raise ValueError(f"{name} is on {m.device} but the input is on {device}")
+    if tuple(m.shape) != tuple(lead[: m.dim()]):
+        raise ValueError(f"{name} has shape {tuple(m.shape)}, which is not a prefix of the input's "
+                         f"leading shape {tuple(lead)} (use [B] for one factor per sequence, "
+                         f"[B, T] for one per token)")
+    check_finite(name, m)
+
+
+def expand_multiplier(m: Multiplier, lead: tuple, dtype: torch.dtype):
+    """Broadcastable form of ``m`` against an output of shape ``lead + (N,)``."""
+    if not isinstance(m, Tensor):
+        return float(m)
+    return m.to(dtype).reshape(tuple(m.shape) + (1,) * (len(lead) - m.dim() + 1))
+
+
+def multiplier_rows(m: Multiplier, lead: tuple):
+    """``m`` as fp32 [rows] (rows = prod(lead)), or None for a plain number."""
+    if not isinstance(m, Tensor):
+        return None
+    shape = tuple(m.shape) + (1,) * (len(lead) - m.dim())
+    return m.detach().to(torch.float32).reshape(shape).expand(lead).reshape(-1).contiguous()

@@ -1,0 +1,152 @@
+"""The steered linear op: ``y = x·(W + m1·ΔW)ᵀ + (b + m2·Δb)`` (arXiv 2602.02343, eq. 1).
+
+Layers, top to bottom: ``steered_linear()`` (public, validates and dispatches) →
+``SteeredLinearFunction`` (autograd) → the launchers of the chosen backend
+(``fastsplit.kernels.steered_linear`` for Triton, ``fastsplit.native`` for the extension) →
+the kernels. ``steered_linear_ref`` is the pure-torch reference: the CPU path, the test oracle
+and the benchmark baseline.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend
+from ._checks import (Multiplier, check_multiplier, check_tensor, expand_multiplier,
+                      multiplier_rows)
+
+__all__ = ["steered_linear", "steered_linear_ref", "SteeredLinearFunction"]
+
+
+def steered_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                       delta_weight: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
+                       lora_b: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                       m1: Multiplier = 1.0, m2: Optional[Multiplier] = None) -> Tensor:
+    """Pure-torch reference of :func:`steered_linear` (no input checks; any float dtype).
+
+    It never forms ``W + m1·ΔW``: the update is added as ``m1·(x·ΔWᵀ)``.
+    """
+    m2 = m1 if m2 is None else m2
+    lead = tuple(x.shape[:-1])
+    y = F.linear(x, weight, bias)
+    if delta_weight is not None:
+        y = y + expand_multiplier(m1, lead, y.dtype) * F.linear(x, delta_weight)
+    elif lora_a is not None:
+        y = y + expand_multiplier(m1, lead, y.dtype) * F.linear(F.linear(x, lora_a), lora_b)
+    if delta_bias is not None:
+        y = y + expand_multiplier(m2, lead, y.dtype) * delta_bias
+    return y
+
+
+def _launchers(backend: str):
+    if backend == "triton":
+        from ..kernels import steered_linear as k
+
+        return k.steered_linear_fwd, k.steered_linear_bwd
+    from .. import native
+
+    return native.steered_linear_fwd, native.steered_linear_bwd
+
+
+class SteeredLinearFunction(torch.autograd.Function):
+    """Autograd over the fused launchers. ``x`` is [M, K]; m1/m2 rows are fp32 [M] or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta_weight, lora_a, lora_b, delta_bias,
+                m1_rows, m2_rows, m1: float, m2: float, backend: str):
+        fwd, _ = _launchers(backend)
+        y = fwd(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1, m2)
+        ctx.save_for_backward(x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows)
+        ctx.scalars = (m1, m2, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows = ctx.saved_tensors
+        m1, m2, backend = ctx.scalars
+        needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+        _, bwd = _launchers(backend)
+        grads = bwd(grad, x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows, m1, m2, needs)
+        out = [g if need else None for g, need in zip(grads, needs)]
+        return (*out, None, None, None, None, None)
+
+
+def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2) -> None:
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in]")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+    check_tensor("weight", weight, ndim=2, like=x)
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but weight "
+                         f"has shape {tuple(weight.shape)} = [out, in] with in={in_f}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(out_f,), like=x)
+    if delta_bias is not None:
+        check_tensor("delta_bias", delta_bias, shape=(out_f,), like=x)
+    if delta_weight is not None:
+        if lora_a is not None or lora_b is not None:
+            raise ValueError("pass either delta_weight or the LoRA pair (lora_a, lora_b), not both")
+        check_tensor("delta_weight", delta_weight, shape=(out_f, in_f), like=x)
+    if (lora_a is None) != (lora_b is None):
+        given, missing = ("lora_a", "lora_b") if lora_a is not None else ("lora_b", "lora_a")
+        raise ValueError(f"{given} was given without {missing}: LoRA needs both")
+    if lora_a is not None:
+        check_tensor("lora_a", lora_a, ndim=2, like=x)
+        check_tensor("lora_b", lora_b, ndim=2, like=x)
+        r = lora_a.shape[0]
+        if lora_a.shape[1] != in_f or tuple(lora_b.shape) != (out_f, r):
+            raise ValueError(f"LoRA shapes must be lora_a [r, in] and lora_b [out, r] with in={in_f}, "
+                             f"out={out_f}; got lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}")
+    lead = tuple(x.shape[:-1])
+    check_multiplier("m1", m1, lead, x.device)
+    if m2 is not None:
+        check_multiplier("m2", m2, lead, x.device)
+
+
+def steered_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                   delta_weight: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
+                   lora_b: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                   m1: Multiplier = 1.0, m2: Optional[Multiplier] = None, backend: str = "auto") -> Tensor:
+    """Steered linear layer ``y = x·(W + m1·ΔW)ᵀ + (b + m2·Δb)``, fused.
+
+    Shapes: ``x`` [..., in]; ``weight``, ``delta_weight`` [out, in]; ``bias``, ``delta_bias`` [out];
+    ``lora_a`` [r, in] and ``lora_b`` [out, r] (peft's layout: peft's output is this op with
+    ``m1 = lora_alpha / r``). ΔW is ``delta_weight`` or ``lora_b @ lora_a``; it is never formed, nor is
+    ``W + m1·ΔW`` or any per-row weight copy.
+
+    ``m1``/``m2`` are floats or tensors whose shape is a prefix of ``x.shape[:-1]`` ([B] one factor per
+    sequence, [B, T] one per token); ``m2=None`` means ``m2 = m1``. The factors are constants for
+    autograd, except on ``backend="torch"``. ``backend`` is "torch", "triton", "native" or "auto".
+
+    Returns [..., out]. Differentiable in ``x`` and every tensor argument that requires grad.
+
+    Example::
+
+        >>> x = torch.randn(2, 5, 16)
+        >>> W = torch.randn(8, 16)
+        >>> v = torch.randn(8)
+        >>> y = steered_linear(x, W, delta_bias=v, m1=torch.tensor([0.0, 4.0]))  # two strengths
+        >>> torch.allclose(y[0], x[0] @ W.T)
+        True
+    """
+    _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
+    m_grad = any(isinstance(m, Tensor) and m.requires_grad for m in (m1, m2))
+    chosen = _backend.resolve(backend, x.device, needs_autograd_m=m_grad)
+    if chosen == "torch" or x.numel() == 0:
+        return steered_linear_ref(x, weight, bias, delta_weight=delta_weight, lora_a=lora_a,
+                                  lora_b=lora_b, delta_bias=delta_bias, m1=m1, m2=m2)
+    m2 = m1 if m2 is None else m2
+    lead = tuple(x.shape[:-1])
+    rows1, rows2 = multiplier_rows(m1, lead), multiplier_rows(m2, lead)
+    s1 = 0.0 if rows1 is not None else float(m1)
+    s2 = 0.0 if rows2 is not None else float(m2)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = SteeredLinearFunction.apply(x2, weight, bias, delta_weight, lora_a, lora_b, delta_bias,
+                                    rows1, rows2, s1, s2, chosen)
+    return y.reshape(*lead, weight.shape[0])
