@@ -138,6 +138,12 @@ def steered_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
     m_grad = any(isinstance(m, Tensor) and m.requires_grad for m in (m1, m2))
     chosen = _backend.resolve(backend, x.device, needs_autograd_m=m_grad)
+    if not isinstance(m1, Tensor) and m1 == 0 and (m2 is None or (not isinstance(m2, Tensor) and m2 == 0)):
+        # m = 0 is exactly the base layer, on every backend.
+        deltas = (delta_weight, lora_a, lora_b, delta_bias)
+        if not (torch.is_grad_enabled() and any(d is not None and d.requires_grad for d in deltas)):
+            return F.linear(x, weight, bias)
+        chosen = "torch"  # base output + 0·update: exact, and the deltas still get their (zero) grads
     if chosen == "torch" or x.numel() == 0:
         return steered_linear_ref(x, weight, bias, delta_weight=delta_weight, lora_a=lora_a,
                                   lora_b=lora_b, delta_bias=delta_bias, m1=m1, m2=m2)

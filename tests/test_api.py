@@ -1,0 +1,28 @@
+"""Pins the public API: a change here is a change users see."""
+import inspect
+
+import fastsplit
+
+
+def test_public_names():
+    assert sorted(fastsplit.__all__) == sorted([
+        "__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
+    ])
+    for name in fastsplit.__all__:
+        assert hasattr(fastsplit, name), name
+
+
+def test_steered_linear_signature():
+    sig = inspect.signature(fastsplit.steered_linear)
+    assert list(sig.parameters) == ["x", "weight", "bias", "delta_weight", "lora_a", "lora_b",
+                                    "delta_bias", "m1", "m2", "backend"]
+    kw_only = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert kw_only == ["delta_weight", "lora_a", "lora_b", "delta_bias", "m1", "m2", "backend"]
+    assert sig.parameters["m1"].default == 1.0 and sig.parameters["m2"].default is None
+    assert sig.parameters["backend"].default == "auto"
+
+
+def test_build_info_keys():
+    info = fastsplit.build_info()
+    assert {"native_cpu", "native_cuda", "cuda_archs", "triton", "torch"} <= set(info)
+    assert info["torch"] == __import__("torch").__version__
