@@ -1,0 +1,142 @@
+"""The one benchmark harness: timing, peak memory, and a long-format CSV.
+
+Every bench_*.py builds ``Row``s through ``measure_time`` / ``measure_peak_memory`` and appends
+them with ``write_rows``. Columns: op, provider, mode (fwd/bwd/full), metric, unit, x_name,
+x_value, p50, p20, p80, device, timestamp, version.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+
+import fastsplit
+
+DEFAULT_CSV = os.path.join(os.path.dirname(__file__), "results.csv")
+
+
+@dataclass
+class Row:
+    op: str
+    provider: str
+    mode: str
+    metric: str
+    unit: str
+    x_name: str
+    x_value: str
+    p50: float
+    p20: float
+    p80: float
+    device: str = ""
+    timestamp: str = ""
+    version: str = fastsplit.__version__
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu:{platform.processor() or platform.machine()}x{os.cpu_count()}"
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    qs = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+    return statistics.median(xs), qs[1], qs[7]  # p50, p20, p80
+
+
+def measure_time(fn: Callable[[], object], *, device: str, warmup: int = 3, rep: int = 10,
+                 min_time_s: float = 0.0) -> tuple[float, float, float]:
+    """Milliseconds per call of ``fn`` as (p50, p20, p80): CUDA events on a GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < rep or time.perf_counter() - start < min_time_s:
+        if device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(times)
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def measure_peak_memory(fn: Callable[[], object], *, device: str) -> float:
+    """Extra peak memory (bytes) that one call of ``fn`` needs above what is allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset through
+    /proc/self/clear_refs just before the call (Linux), so inputs made beforehand do not count.
+    """
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _proc_status("VmRSS")
+    fn()
+    return float(_proc_status("VmHWM") - base)
+
+
+def time_row(op, provider, mode, x_name, x_value, fn, *, device, **kw) -> Row:
+    p50, p20, p80 = measure_time(fn, device=device, **kw)
+    return Row(op, provider, mode, "time", "ms", x_name, str(x_value), p50, p20, p80)
+
+
+def write_rows(rows: list[Row], path: str, *, device: str) -> None:
+    """Append rows to the long-format CSV at ``path`` (header written once)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    name = device_name(device)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        if new:
+            w.writeheader()
+        for r in rows:
+            r.device, r.timestamp = name, stamp
+            w.writerow(asdict(r))
+
+
+def print_rows(rows: list[Row], baseline: str | None = None) -> None:
+    """A readable table; with ``baseline`` each time row also shows its ratio to that provider."""
+    base = {(r.op, r.mode, r.metric, r.x_value): r.p50 for r in rows if r.provider == baseline}
+    for r in rows:
+        ratio = base.get((r.op, r.mode, r.metric, r.x_value))
+        extra = f"  x{r.p50 / ratio:.2f} vs {baseline}" if ratio else ""
+        print(f"{r.op:>16} {r.mode:>4} {r.provider:>18} {r.x_name}={r.x_value:<14} "
+              f"{r.metric}: {r.p50:10.4g} {r.unit} [p20 {r.p20:.4g}, p80 {r.p80:.4g}]{extra}")
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--csv", default=DEFAULT_CSV, help="long-format CSV to append to")
+    p.add_argument("--rep", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+    return p
