@@ -7,8 +7,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import native as _native
-from .nn import SteeredLinear
+from .nn import SplitLoss, SteeredLinear
 from .ops._backend import TRITON_VERSION as _TRITON_VERSION
+from .ops.split_loss import split_loss, split_loss_ref
 from .ops.steered_linear import steered_linear, steered_linear_ref
 
 
@@ -26,4 +27,5 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear"]
+__all__ = ["__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
+           "split_loss", "split_loss_ref", "SplitLoss"]

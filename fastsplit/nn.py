@@ -1,4 +1,4 @@
-"""Modules over the ops: ``SteeredLinear`` (drop-in for nn.Linear)."""
+"""Modules over the ops: ``SteeredLinear`` (drop-in for nn.Linear) and ``SplitLoss``."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from .ops._checks import Multiplier
+from .ops.split_loss import split_loss
 from .ops.steered_linear import steered_linear
 
 FORMS = ("vector", "lora", "local_weight")
 
-__all__ = ["SteeredLinear", "FORMS"]
+__all__ = ["SteeredLinear", "SplitLoss", "FORMS"]
 
 
 class SteeredLinear(nn.Module):
@@ -101,3 +102,38 @@ class SteeredLinear(nn.Module):
         if self.bias_multiplier is not None:
             s += f", bias_multiplier={self._describe(self.bias_multiplier)}"
         return s
+
+
+class SplitLoss(nn.Module):
+    """The SPLIT loss as a module holding its hyper-parameters; see :func:`fastsplit.split_loss`.
+
+    Example::
+
+        >>> crit = SplitLoss(gamma=5.0, theta=0.4, reduction="pair")
+        >>> loss = crit(h_pos, h_neg, model.lm_head.weight, labels_pos, labels_neg)
+    """
+
+    def __init__(self, *, lambda_p: float = 1.0, lambda_n: float = 0.5, gamma: float = 5.0, theta: float = 0.4,
+                 reduction: str = "batch", ignore_index: int = -100, shift: bool = True,
+                 logit_softcap: Optional[float] = None, backend: str = "auto") -> None:
+        super().__init__()
+        from .ops.split_loss import REDUCTIONS
+
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.lambda_p, self.lambda_n, self.gamma, self.theta = lambda_p, lambda_n, gamma, theta
+        self.reduction, self.ignore_index, self.shift = reduction, ignore_index, shift
+        self.logit_softcap, self.backend = logit_softcap, backend
+
+    def forward(self, hidden_pos: Tensor, hidden_neg: Tensor, lm_head_weight: Tensor, labels_pos: Tensor,
+                labels_neg: Tensor, *, lm_head_bias: Optional[Tensor] = None, return_parts: bool = False):
+        """``hidden_*`` [B, T*, H], ``lm_head_weight`` [V, H], ``labels_*`` [B, T*] -> loss (and parts)."""
+        return split_loss(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_neg,
+                          lambda_p=self.lambda_p, lambda_n=self.lambda_n, gamma=self.gamma, theta=self.theta,
+                          reduction=self.reduction, ignore_index=self.ignore_index, shift=self.shift,
+                          lm_head_bias=lm_head_bias, logit_softcap=self.logit_softcap,
+                          return_parts=return_parts, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"lambda_p={self.lambda_p}, lambda_n={self.lambda_n}, gamma={self.gamma}, theta={self.theta}, "
+                f"reduction={self.reduction}, logit_softcap={self.logit_softcap}")

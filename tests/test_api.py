@@ -7,6 +7,7 @@ import fastsplit
 def test_public_names():
     assert sorted(fastsplit.__all__) == sorted([
         "__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
+        "split_loss", "split_loss_ref", "SplitLoss",
     ])
     for name in fastsplit.__all__:
         assert hasattr(fastsplit, name), name
@@ -26,3 +27,13 @@ def test_build_info_keys():
     info = fastsplit.build_info()
     assert {"native_cpu", "native_cuda", "cuda_archs", "triton", "torch"} <= set(info)
     assert info["torch"] == __import__("torch").__version__
+
+
+def test_split_loss_signature():
+    sig = inspect.signature(fastsplit.split_loss)
+    assert list(sig.parameters) == ["hidden_pos", "hidden_neg", "lm_head_weight", "labels_pos", "labels_neg",
+                                    "lambda_p", "lambda_n", "gamma", "theta", "reduction", "ignore_index",
+                                    "shift", "lm_head_bias", "logit_softcap", "return_parts", "backend"]
+    d = {n: p.default for n, p in sig.parameters.items()}
+    assert (d["lambda_p"], d["lambda_n"], d["gamma"], d["theta"]) == (1.0, 0.5, 5.0, 0.4)
+    assert (d["reduction"], d["ignore_index"], d["shift"], d["backend"]) == ("batch", -100, True, "auto")

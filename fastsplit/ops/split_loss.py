@@ -1,0 +1,316 @@
+"""The SPLIT loss ``λp·L_pos + λn·L_neg + γ·ReLU(θ − (L_neg − L_pos))`` over an lm_head, fused.
+
+Flow per side: the unmasked token rows are gathered; a forward launcher returns per-token NLL,
+log-sum-exp and the *unscaled* gradient ``dH = (softmax − onehot)·W`` (computed in the forward,
+tile by tile, so the [tokens × vocab] logits never exist); ``_reduce`` turns the NLLs into the
+loss and each row's coefficient ``∂loss/∂NLL``; backward only rescales dH by it (dH is linear in
+the coefficient). A trainable lm_head gets its gradient from a chunked recompute in backward.
+
+``split_loss_ref`` is the naive full-logits reference (test oracle, benchmark baseline).
+``split_loss_fwd_torch`` is the chunked torch launcher (the CPU path).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend
+from ._checks import check_tensor
+
+__all__ = ["split_loss", "split_loss_ref", "SplitLossFunction", "REDUCTIONS"]
+
+REDUCTIONS = ("batch", "pair")
+_CHUNK_BYTES = 32 << 20  # per [chunk × V] fp32 buffer on the torch path
+
+
+def _targets(labels: Tensor, shift: bool, ignore_index: int) -> Tensor:
+    """[B, T] target per hidden position: labels[:, t+1] with shift (the last one ignored)."""
+    if not shift:
+        return labels
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def _acc_dtype(h: Tensor) -> torch.dtype:
+    """Accumulate in fp32, or fp64 when the inputs are fp64 (the oracle)."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+def split_loss_ref(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_neg, *, lambda_p=1.0,
+                   lambda_n=0.5, gamma=5.0, theta=0.4, reduction="batch", ignore_index=-100, shift=True,
+                   lm_head_bias=None, logit_softcap=None, return_parts=False):
+    """Naive SPLIT loss: full logits on both sides, ``F.cross_entropy``, hinge; autograd for gradients.
+
+    Same contract as :func:`split_loss`; computes in the inputs' dtype (use float64 as an oracle).
+    """
+    means = []
+    for h, lab in ((hidden_pos, labels_pos), (hidden_neg, labels_neg)):
+        z = F.linear(h, lm_head_weight, lm_head_bias)
+        if logit_softcap:
+            z = logit_softcap * torch.tanh(z / logit_softcap)
+        tgt = _targets(lab, shift, ignore_index)
+        nll = F.cross_entropy(z.flatten(0, 1), tgt.flatten(), ignore_index=ignore_index, reduction="none")
+        nll = nll.view(tgt.shape)
+        valid = (tgt != ignore_index).to(nll.dtype)
+        if reduction == "batch":
+            means.append(nll.sum() / valid.sum())
+        else:
+            means.append(nll.sum(1) / valid.sum(1))
+    pos, neg = means
+    pref = neg - pos
+    hinge = torch.relu(theta - pref)
+    per = lambda_p * pos + lambda_n * neg + gamma * hinge
+    loss = per if reduction == "batch" else per.mean()
+    if not return_parts:
+        return loss
+    return loss, {"pos": pos, "neg": neg, "pref_log_odds": pref, "hinge_active": theta - pref > 0}
+
+
+def split_loss_fwd_torch(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         softcap: Optional[float], need_dh: bool, chunk_rows: int = 0):
+    """Chunked torch launcher. ``h`` [N, H] (unmasked rows only), ``tgt`` [N] in [0, V).
+
+    Returns (nll [N] fp32, lse [N] fp32, dH [N, H] fp32 or an empty tensor), holding at most one
+    [chunk × V] block of logits at a time.
+    """
+    N, V = h.shape[0], weight.shape[0]
+    chunk = chunk_rows or max(1, _CHUNK_BYTES // (4 * V))
+    acc = _acc_dtype(h)
+    nll = torch.empty(N, device=h.device, dtype=acc)
+    lse = torch.empty(N, device=h.device, dtype=acc)
+    dh = torch.empty((N, h.shape[1]) if need_dh else (0,), device=h.device, dtype=acc)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        rows = torch.arange(e - s, device=h.device)
+        t = tgt[s:e]
+        z = F.linear(h[s:e], weight, bias).to(acc)
+        if softcap:
+            z = z.div_(softcap).tanh_()
+            cap_grad = 1.0 - z * z  # d(c·tanh(z/c))/dz, from the capped value
+            z = z.mul_(softcap)
+        lse[s:e] = torch.logsumexp(z, dim=1)
+        nll[s:e] = lse[s:e] - z[rows, t]
+        if need_dh:
+            p = z.sub_(lse[s:e, None]).exp_()  # softmax, in place over the logits buffer
+            p[rows, t] -= 1.0
+            if softcap:
+                p.mul_(cap_grad)
+            dh[s:e] = p.to(weight.dtype) @ weight
+    return nll, lse, dh
+
+
+def _weight_grad_torch(h, tgt, weight, bias, softcap, lse, coef, need_w, need_b, chunk_rows=0):
+    """dW = Σ coef·gᵀh and db = Σ coef·g, recomputing the logits chunk by chunk (trainable lm_head)."""
+    V = weight.shape[0]
+    chunk = chunk_rows or max(1, _CHUNK_BYTES // (4 * V))
+    acc = _acc_dtype(h)
+    dW = torch.zeros(weight.shape, device=h.device, dtype=acc) if need_w else None
+    db = torch.zeros(V, device=h.device, dtype=acc) if need_b else None
+    for s in range(0, h.shape[0], chunk):
+        e = min(h.shape[0], s + chunk)
+        rows = torch.arange(e - s, device=h.device)
+        z = F.linear(h[s:e], weight, bias).to(acc)
+        cap_grad = None
+        if softcap:
+            z = z.div_(softcap).tanh_()
+            cap_grad = 1.0 - z * z
+            z = z.mul_(softcap)
+        g = z.sub_(lse[s:e, None]).exp_()
+        g[rows, tgt[s:e]] -= 1.0
+        if cap_grad is not None:
+            g.mul_(cap_grad)
+        g.mul_(coef[s:e, None])
+        if need_w:
+            dW += g.t() @ h[s:e].to(acc)
+        if need_b:
+            db += g.sum(0)
+    return dW, db
+
+
+def _reduce(nll_p, rows_p, nll_n, rows_n, B: int, reduction: str, lp: float, ln: float, gamma: float,
+            theta: float):
+    """Loss, parts, and the per-token coefficients ∂loss/∂nll for each side."""
+    f32 = dict(device=nll_p.device, dtype=nll_p.dtype)
+    if reduction == "batch":
+        n_p, n_n = float(nll_p.numel()), float(nll_n.numel())
+        pos, neg = nll_p.sum() / n_p, nll_n.sum() / n_n
+        pref = neg - pos
+        active = theta - pref > 0
+        a = active.to(nll_p.dtype)
+        loss = lp * pos + ln * neg + gamma * torch.relu(theta - pref)
+        coef_p = ((lp + gamma * a) / n_p).expand(nll_p.shape)
+        coef_n = ((ln - gamma * a) / n_n).expand(nll_n.shape)
+    else:
+        cnt_p = torch.zeros(B, **f32).index_add_(0, rows_p, torch.ones_like(nll_p))
+        cnt_n = torch.zeros(B, **f32).index_add_(0, rows_n, torch.ones_like(nll_n))
+        pos = torch.zeros(B, **f32).index_add_(0, rows_p, nll_p) / cnt_p
+        neg = torch.zeros(B, **f32).index_add_(0, rows_n, nll_n) / cnt_n
+        pref = neg - pos
+        active = theta - pref > 0
+        a = active.to(nll_p.dtype)
+        loss = (lp * pos + ln * neg + gamma * torch.relu(theta - pref)).mean()
+        coef_p = ((lp + gamma * a) / (B * cnt_p))[rows_p]
+        coef_n = ((ln - gamma * a) / (B * cnt_n))[rows_n]
+    return loss, (pos, neg, pref, active), coef_p, coef_n
+
+
+def _launcher(backend: str):
+    if backend == "torch":
+        return split_loss_fwd_torch
+    if backend == "triton":
+        from ..kernels.split_loss import split_loss_fwd
+
+        return split_loss_fwd
+    from .. import native
+
+    return native.split_loss_fwd
+
+
+def _gather(hidden: Tensor, labels: Tensor, V: int, name: str, shift: bool, ignore_index: int):
+    """Unmasked rows of one side: (h [n, H], tgt [n], flat index [n], batch row [n])."""
+    tgt = _targets(labels, shift, ignore_index)
+    T = tgt.shape[1]
+    flat_t = tgt.reshape(-1)
+    valid = flat_t != ignore_index
+    bad = valid & ((flat_t < 0) | (flat_t >= V))
+    if not torch.compiler.is_compiling() and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        col = i % T + (1 if shift else 0)
+        raise ValueError(f"{name}[{i // T}, {col}] = {int(flat_t[i])} is outside [0, V={V}) and is not "
+                         f"ignore_index={ignore_index}")
+    idx = valid.nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1])[idx], flat_t[idx], idx, idx // T
+
+
+class SplitLossFunction(torch.autograd.Function):
+    """Autograd over a split-loss launcher. Returns (loss, pos, neg, pref, hinge_active); the parts are
+    detached diagnostics."""
+
+    @staticmethod
+    def forward(ctx, hidden_pos, hidden_neg, weight, bias, labels_pos, labels_neg, opts: dict):
+        B, V = hidden_pos.shape[0], weight.shape[0]
+        fwd = _launcher(opts["backend"])
+        need_dh = ctx.needs_input_grad[:2]
+        sides = []
+        for name, hid, lab, need in (("labels_pos", hidden_pos, labels_pos, need_dh[0]),
+                                     ("labels_neg", hidden_neg, labels_neg, need_dh[1])):
+            h, t, idx, rows = _gather(hid, lab, V, name, opts["shift"], opts["ignore_index"])
+            nll, lse, dh = fwd(h, t, weight, bias, opts["softcap"], need)
+            sides.append((h, t, idx, rows, nll, lse, dh))
+        (hp, tp, ip, rp, nll_p, lse_p, dh_p), (hn, tn, i_n, rn, nll_n, lse_n, dh_n) = sides
+        _check_counts(rp, rn, B, opts["reduction"])
+        loss, parts, coef_p, coef_n = _reduce(nll_p, rp, nll_n, rn, B, opts["reduction"], opts["lambda_p"],
+                                              opts["lambda_n"], opts["gamma"], opts["theta"])
+        ctx.need_w, ctx.need_b = ctx.needs_input_grad[2:4]
+        keep = (hp, tp, lse_p, hn, tn, lse_n) if (ctx.need_w or ctx.need_b) else ()
+        ctx.save_for_backward(dh_p, ip, coef_p, dh_n, i_n, coef_n, weight, bias, *keep)
+        ctx.shapes = (hidden_pos.shape, hidden_pos.dtype, hidden_neg.shape, hidden_neg.dtype)
+        ctx.softcap = opts["softcap"]
+        ctx.mark_non_differentiable(*parts)
+        return (loss, *parts)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        dh_p, ip, coef_p, dh_n, i_n, coef_n, weight, bias, *keep = ctx.saved_tensors
+        shp_p, dt_p, shp_n, dt_n = ctx.shapes
+        grads = [None] * 7
+        for slot, dh, idx, coef, shp, dt in ((0, dh_p, ip, coef_p, shp_p, dt_p), (1, dh_n, i_n, coef_n, shp_n, dt_n)):
+            if ctx.needs_input_grad[slot]:
+                full = torch.zeros((shp[0] * shp[1], shp[2]), device=dh.device, dtype=dt)
+                full[idx] = (dh * (coef * grad_loss)[:, None]).to(dt)
+                grads[slot] = full.view(shp)
+        if ctx.need_w or ctx.need_b:
+            hp, tp, lse_p, hn, tn, lse_n = keep
+            dW = db = None
+            for h, t, lse, coef in ((hp, tp, lse_p, coef_p), (hn, tn, lse_n, coef_n)):
+                w_, b_ = _weight_grad_torch(h, t, weight, bias, ctx.softcap, lse, coef * grad_loss,
+                                            ctx.need_w, ctx.need_b)
+                dW = w_ if dW is None else (dW + w_ if w_ is not None else dW)
+                db = b_ if db is None else (db + b_ if b_ is not None else db)
+            grads[2] = dW.to(weight.dtype) if ctx.need_w else None
+            grads[3] = db.to(bias.dtype) if ctx.need_b else None
+        return tuple(grads)
+
+
+def _check_counts(rows_p: Tensor, rows_n: Tensor, B: int, reduction: str) -> None:
+    for side, rows in (("positive", rows_p), ("negative", rows_n)):
+        if rows.numel() == 0:
+            raise ValueError(f"the {side} side has no unmasked target token in the batch")
+        if reduction == "pair" and not torch.compiler.is_compiling():
+            counts = torch.bincount(rows, minlength=B)
+            if bool((counts == 0).any()):
+                r = int((counts == 0).nonzero()[0, 0])
+                raise ValueError(f"row {r} has no unmasked target token on the {side} side "
+                                 "(reduction='pair' needs at least one per row and side)")
+
+
+def _validate(hidden_pos, hidden_neg, weight, labels_pos, labels_neg, bias, reduction, softcap):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_tensor("hidden_pos", hidden_pos, ndim=3)
+    check_tensor("hidden_neg", hidden_neg, ndim=3, like=hidden_pos)
+    if not hidden_pos.is_floating_point():
+        raise TypeError(f"hidden_pos must be a floating tensor, got dtype {hidden_pos.dtype}")
+    check_tensor("lm_head_weight", weight, ndim=2, like=hidden_pos)
+    B, _, H = hidden_pos.shape
+    if hidden_neg.shape[0] != B:
+        raise ValueError(f"hidden_pos has batch {B} (shape {tuple(hidden_pos.shape)}) but hidden_neg has "
+                         f"batch {hidden_neg.shape[0]} (shape {tuple(hidden_neg.shape)})")
+    if hidden_neg.shape[2] != H or weight.shape[1] != H:
+        raise ValueError(f"hidden sizes differ: hidden_pos {tuple(hidden_pos.shape)}, hidden_neg "
+                         f"{tuple(hidden_neg.shape)}, lm_head_weight {tuple(weight.shape)} = [V, H]")
+    for name, lab, hid in (("labels_pos", labels_pos, hidden_pos), ("labels_neg", labels_neg, hidden_neg)):
+        check_tensor(name, lab, shape=hid.shape[:2])
+        if lab.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor, got dtype {lab.dtype}")
+        if lab.device != hid.device:
+            raise ValueError(f"{name} is on {lab.device} but the hidden states are on {hid.device}")
+    if bias is not None:
+        check_tensor("lm_head_bias", bias, shape=(weight.shape[0],), like=hidden_pos)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"logit_softcap must be positive, got {softcap}")
+
+
+def split_loss(hidden_pos: Tensor, hidden_neg: Tensor, lm_head_weight: Tensor, labels_pos: Tensor,
+               labels_neg: Tensor, *, lambda_p: float = 1.0, lambda_n: float = 0.5, gamma: float = 5.0,
+               theta: float = 0.4, reduction: str = "batch", ignore_index: int = -100, shift: bool = True,
+               lm_head_bias: Optional[Tensor] = None, logit_softcap: Optional[float] = None,
+               return_parts: bool = False, backend: str = "auto"):
+    """SPLIT loss ``λp·L_pos + λn·L_neg + γ·ReLU(θ − (L_neg − L_pos))``, never materialising the logits.
+
+    Shapes: ``hidden_pos`` [B, Tp, H] and ``hidden_neg`` [B, Tn, H] (final hidden states, after the final
+    norm; Tp and Tn may differ), ``lm_head_weight`` [V, H], ``labels_*`` [B, T*] in the Hugging Face
+    convention (with ``shift=True`` hidden[:, t] predicts labels[:, t+1]; ``ignore_index`` masks prompt
+    and padding). ``logit_softcap`` c applies c·tanh(z/c) to the logits (Gemma-2).
+
+    ``reduction="batch"``: L_pos / L_neg are token means pooled over the batch and the hinge acts on them.
+    ``reduction="pair"``: each example has its own means, hinge and loss; the loss is their mean.
+
+    Returns the scalar loss, or ``(loss, parts)`` with ``return_parts=True``: ``parts`` holds "pos",
+    "neg", "pref_log_odds" (= neg − pos) and "hinge_active" (scalars for "batch", [B] for "pair"),
+    detached. Gradients reach both hidden tensors, and the lm_head weight/bias only if they require grad.
+
+    Example::
+
+        >>> H, V = 16, 50
+        >>> W = torch.randn(V, H)
+        >>> hp, hn = torch.randn(2, 6, H, requires_grad=True), torch.randn(2, 4, H, requires_grad=True)
+        >>> lp, ln = torch.randint(0, V, (2, 6)), torch.randint(0, V, (2, 4))
+        >>> lp[:, :3] = -100                      # mask the prompt
+        >>> loss, parts = split_loss(hp, hn, W, lp, ln, return_parts=True)
+        >>> loss.backward()
+    """
+    _validate(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_neg, lm_head_bias, reduction,
+              logit_softcap)
+    chosen = _backend.resolve(backend, hidden_pos.device)
+    opts = dict(lambda_p=float(lambda_p), lambda_n=float(lambda_n), gamma=float(gamma), theta=float(theta),
+                reduction=reduction, ignore_index=int(ignore_index), shift=bool(shift),
+                softcap=float(logit_softcap) if logit_softcap else None, backend=chosen)
+    loss, pos, neg, pref, active = SplitLossFunction.apply(hidden_pos, hidden_neg, lm_head_weight, lm_head_bias,
+                                                           labels_pos, labels_neg, opts)
+    if not return_parts:
+        return loss
+    return loss, {"pos": pos, "neg": neg, "pref_log_odds": pref, "hinge_active": active}
