@@ -91,10 +91,14 @@ def split_loss_fwd_torch(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[
             z = z.div_(softcap).tanh_()
             cap_grad = 1.0 - z * z  # d(c·tanh(z/c))/dz, from the capped value
             z = z.mul_(softcap)
-        lse[s:e] = torch.logsumexp(z, dim=1)
-        nll[s:e] = lse[s:e] - z[rows, t]
+        # log-sum-exp in place over the one logits buffer: no [chunk × V] temporaries.
+        z_t = z[rows, t]
+        top = z.max(dim=1).values
+        total = z.sub_(top[:, None]).exp_().sum(dim=1)
+        lse[s:e] = top + total.log()
+        nll[s:e] = lse[s:e] - z_t
         if need_dh:
-            p = z.sub_(lse[s:e, None]).exp_()  # softmax, in place over the logits buffer
+            p = z.div_(total[:, None])  # softmax
             p[rows, t] -= 1.0
             if softcap:
                 p.mul_(cap_grad)
