@@ -7,10 +7,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import native as _native
+from .data import Pair, demo_pairs, encode_pair, load_pairs, split_pairs
+from .generate import generate_sweep
+from .models import load_default_model
 from .nn import SplitLoss, SteeredLinear
 from .ops._backend import TRITON_VERSION as _TRITON_VERSION
 from .ops.split_loss import split_loss, split_loss_ref
 from .ops.steered_linear import steered_linear, steered_linear_ref
+from .steering import Steering, attach, load_steering
+from .train import train
 
 
 def build_info() -> dict:
@@ -28,4 +33,6 @@ def build_info() -> dict:
 
 
 __all__ = ["__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
-           "split_loss", "split_loss_ref", "SplitLoss"]
+           "split_loss", "split_loss_ref", "SplitLoss",
+           "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs",
+           "train", "generate_sweep", "load_default_model"]

@@ -1,0 +1,139 @@
+"""Polarity-paired data: ``Pair``, readers for the common formats, tokenisation, train/test split."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs", "chat_prompt_ids"]
+
+_PERSONA = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
+_AXBENCH = ("input", "winning_output", "losing_output")
+_CSV = ("question", "matching", "not_matching")
+DEMO_PATH = os.path.join(os.path.dirname(__file__), "_data", "optimism.jsonl")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One polarity-paired example: a prompt, a positive completion (shows the concept), a negative one."""
+
+    prompt: str
+    positive: str
+    negative: str
+
+
+def _row_to_pair(row: dict, fields: tuple, where: str) -> Pair:
+    values = []
+    for f in fields:
+        v = row.get(f)
+        if not isinstance(v, str):
+            raise ValueError(f"{where}: field {f!r} is missing or not a string")
+        if not v.strip():
+            raise ValueError(f"{where}: field {f!r} is empty")
+        values.append(v)
+    return Pair(*values)
+
+
+def _fields_for(row: dict, where: str, allowed=(_PERSONA, _AXBENCH)) -> tuple:
+    for fields in allowed:
+        if any(f in row for f in fields):
+            return fields
+    raise ValueError(f"{where}: expected the fields {_PERSONA} (persona) or {_AXBENCH} (AxBench), "
+                     f"got {sorted(row)}")
+
+
+def load_pairs(path: str) -> list[Pair]:
+    """Read pairs from JSONL (Anthropic persona / advanced-ai-risk: question, answer_matching_behavior,
+    answer_not_matching_behavior; or AxBench: input, winning_output, losing_output), CSV (question,
+    matching, not_matching) or parquet (AxBench). A bad row is an error naming the file and line.
+
+    Example::
+
+        >>> pairs = load_pairs("psychopathy.jsonl")
+        >>> pairs[0].positive
+        ' Yes'
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no pairs file at {path}")
+    ext = os.path.splitext(path)[1].lower()
+    pairs: list[Pair] = []
+    if ext in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                pairs.append(_row_to_pair(row, _fields_for(row, where), where))
+    elif ext == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in _CSV if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}:1: CSV header lacks the columns {missing} (needs {list(_CSV)})")
+            for n, row in enumerate(reader, 2):
+                pairs.append(_row_to_pair(row, _CSV, f"{path}:{n}"))
+    elif ext == ".parquet":
+        try:
+            import pandas as pd
+        except ImportError:
+            raise RuntimeError(f"reading {path} needs pandas and pyarrow (pip install pandas pyarrow)") from None
+        frame = pd.read_parquet(path)
+        for n, row in enumerate(frame.to_dict("records"), 1):
+            pairs.append(_row_to_pair(row, _fields_for(row, f"{path}: row {n}", (_AXBENCH,)), f"{path}: row {n}"))
+    else:
+        raise ValueError(f"{path}: unknown pairs format {ext!r} (use .jsonl, .csv or .parquet)")
+    if not pairs:
+        raise ValueError(f"{path} holds no pairs")
+    return pairs
+
+
+def demo_pairs() -> list[Pair]:
+    """fastsplit's built-in demo set: persona-format pairs on one concept (optimism)."""
+    return load_pairs(DEMO_PATH)
+
+
+def _ids(out) -> list[int]:
+    ids = out["input_ids"] if not isinstance(out, list) else out
+    return list(ids)
+
+
+def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of ``prompt`` as a user message under the chat template with the generation prompt."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; pass chat=False")
+        return _ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True))
+    return _ids(tokenizer(prompt))
+
+
+def encode_pair(tokenizer, pair: Pair, chat: bool = True) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, pos_ids, neg_ids). The prompt is the user message under the chat template with
+    ``add_generation_prompt=True``; completions are ``tokenizer(completion, add_special_tokens=False)``,
+    appended after the prompt with no re-tokenisation across the boundary."""
+    prompt = chat_prompt_ids(tokenizer, pair.prompt, chat)
+    pos = _ids(tokenizer(pair.positive, add_special_tokens=False))
+    neg = _ids(tokenizer(pair.negative, add_special_tokens=False))
+    if not pos or not neg:
+        raise ValueError(f"a completion tokenises to nothing: {pair!r}")
+    return prompt, pos, neg
+
+
+def split_pairs(pairs: Sequence[Pair], *, test_size: float | int = 0.2, seed: int = 0):
+    """Shuffle with ``seed`` and split into (train, test); ``test_size`` is a fraction or a count."""
+    n = len(pairs)
+    k = int(round(test_size * n)) if isinstance(test_size, float) else int(test_size)
+    if not 0 < k < n:
+        raise ValueError(f"test_size={test_size} leaves no train or no test pairs out of {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [pairs[i] for i in order[k:]], [pairs[i] for i in order[:k]]

@@ -1,0 +1,247 @@
+"""Attach a steering intervention to a Hugging Face causal LM, as a handle the user holds.
+
+``attach(model, layer, form)`` swaps layer L's ``mlp.down_proj`` for a :class:`SteeredLinear`
+(site="down_proj", the paper's placement) or hooks the decoder layer's output (site="residual").
+Nothing is patched globally: ``Steering.detach()`` restores the model exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import models
+from .nn import FORMS, SteeredLinear
+from .ops._checks import Multiplier, check_multiplier, expand_multiplier
+
+SITES = ("down_proj", "residual")
+_FORMAT = "fastsplit.steering/1"
+
+__all__ = ["Steering", "attach", "load_steering", "SITES"]
+
+
+class ResidualSteer(nn.Module):
+    """The update at the residual site: ``h + m1·(h·ΔWᵀ) + m2·Δb`` on a decoder layer's output [B, T, H]
+    (the unified form with W = I, b = 0)."""
+
+    def __init__(self, hidden: int, form: str, rank: int, *, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.form, self.rank = form, (rank if form == "lora" else None)
+        self.multiplier: Multiplier = 1.0
+        self.bias_multiplier: Optional[Multiplier] = None
+        self.delta_bias = nn.Parameter(torch.zeros(hidden, **kw))
+        self.delta_weight = self.lora_a = self.lora_b = None
+        if form == "lora":
+            self.lora_a = nn.Parameter(torch.empty(rank, hidden, **kw))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            self.lora_b = nn.Parameter(torch.zeros(hidden, rank, **kw))
+        elif form == "local_weight":
+            self.delta_weight = nn.Parameter(torch.zeros(hidden, hidden, **kw))
+
+    def forward(self, h: Tensor) -> Tensor:
+        lead = tuple(h.shape[:-1])
+        m1 = self.multiplier
+        m2 = m1 if self.bias_multiplier is None else self.bias_multiplier
+        check_multiplier("multiplier", m1, lead, h.device)
+        out = h + expand_multiplier(m2, lead, h.dtype) * self.delta_bias
+        if self.delta_weight is not None:
+            out = out + expand_multiplier(m1, lead, h.dtype) * nn.functional.linear(h, self.delta_weight)
+        elif self.lora_a is not None:
+            low = nn.functional.linear(nn.functional.linear(h, self.lora_a), self.lora_b)
+            out = out + expand_multiplier(m1, lead, h.dtype) * low
+        return out
+
+
+class Steering:
+    """A steering intervention attached to one layer of a model. Create it with :func:`attach`.
+
+    Example::
+
+        >>> steering = fastsplit.attach(model, layer=15, form="vector")
+        >>> with steering.multiplier(torch.tensor([0.0, 2.0])):   # one strength per row
+        ...     out = model(input_ids, attention_mask=mask)
+        >>> steering.detach()                                     # the model is as it was
+    """
+
+    def __init__(self, model: nn.Module, layer: int, form: str, *, rank: int, site: str, backend: str):
+        self.model, self.layer, self.form, self.site = model, layer, form, site
+        self.rank = rank if form == "lora" else None
+        target = models.decoder_layers(model)[layer]
+        self._handle = None
+        if site == "down_proj":
+            mlp = getattr(target, "mlp", None)
+            orig = getattr(mlp, "down_proj", None)
+            if isinstance(orig, SteeredLinear):
+                raise RuntimeError(f"layer {layer}'s mlp.down_proj is already steered; detach that Steering first")
+            if not isinstance(orig, nn.Linear):
+                raise TypeError(f"layer {layer} has no mlp.down_proj nn.Linear (found {type(orig).__name__})")
+            self._original = orig
+            self._flags = (orig.weight.requires_grad, orig.bias.requires_grad if orig.bias is not None else None)
+            self.module: nn.Module = SteeredLinear.from_linear(orig, form=form, rank=rank, backend=backend)
+            mlp.down_proj = self.module
+        else:
+            p = next(target.parameters())
+            self.module = ResidualSteer(model.config.hidden_size, form, rank, device=p.device, dtype=p.dtype)
+            self._handle = target.register_forward_hook(self._residual_hook)
+        self.module.multiplier = 1.0
+        self._attached = True
+
+    def _residual_hook(self, mod, args, output):
+        if isinstance(output, tuple):
+            return (self.module(output[0]), *output[1:])
+        return self.module(output)
+
+    # --- the handle --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def multiplier(self, m: Multiplier, m2: Optional[Multiplier] = None) -> Iterator["Steering"]:
+        """Within the block the intervention runs at strength ``m``: a float or a [B] tensor (one per row).
+        ``m2`` sets the bias factor separately (default: ``m``)."""
+        self._check_attached()
+        if isinstance(m, Tensor) and m.dim() > 2:
+            raise ValueError(f"multiplier must be a float, [B] or [B, T] tensor, got shape {tuple(m.shape)}")
+        old = (self.module.multiplier, self.module.bias_multiplier)
+        self.module.multiplier, self.module.bias_multiplier = m, m2
+        try:
+            yield self
+        finally:
+            self.module.multiplier, self.module.bias_multiplier = old
+
+    def set_multiplier(self, m: Multiplier) -> None:
+        """Set the strength used outside any ``multiplier`` block (1.0 after attach)."""
+        self.module.multiplier = m
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors of the intervention."""
+        return [p for _, p in self.named_parameters()]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters()
+                if n in ("delta_bias", "delta_weight", "lora_a", "lora_b")]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters()}
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        mine = dict(self.named_parameters())
+        if set(tensors) != set(mine):
+            raise ValueError(f"steering tensors {sorted(tensors)} do not match this {self.form} intervention's "
+                             f"{sorted(mine)}")
+        for n, t in tensors.items():
+            if tuple(t.shape) != tuple(mine[n].shape):
+                raise ValueError(f"steering tensor {n} has shape {tuple(t.shape)}, expected {tuple(mine[n].shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"steering tensor {n} holds NaN or inf values")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                mine[n].copy_(t)
+
+    def detach(self) -> None:
+        """Remove the intervention: the model is restored exactly (modules, hooks, requires_grad flags)."""
+        self._check_attached()
+        if self.site == "down_proj":
+            mlp = models.decoder_layers(self.model)[self.layer].mlp
+            mlp.down_proj = self._original
+            self._original.weight.requires_grad_(self._flags[0])
+            if self._original.bias is not None:
+                self._original.bias.requires_grad_(self._flags[1])
+        else:
+            self._handle.remove()
+        self._attached = False
+
+    def _check_attached(self):
+        if not self._attached:
+            raise RuntimeError("this Steering was detached")
+
+    def metadata(self) -> dict[str, str]:
+        cfg = self.model.config
+        return {"format": _FORMAT, "form": self.form, "layer": str(self.layer), "site": self.site,
+                "rank": str(self.rank or 0), "model": models.model_name(self.model),
+                "model_type": cfg.model_type, "hidden_size": str(cfg.hidden_size),
+                "intermediate_size": str(getattr(cfg, "intermediate_size", 0)),
+                "num_hidden_layers": str(cfg.num_hidden_layers)}
+
+    def save(self, path: str) -> None:
+        """Write the intervention to ``path`` as safetensors, with metadata checked by :func:`load_steering`."""
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous().cpu() for n, t in self.state_dict().items()}, path, metadata=self.metadata())
+
+    def __repr__(self) -> str:
+        rank = f", rank={self.rank}" if self.rank else ""
+        return f"Steering(layer={self.layer}, site={self.site}, form={self.form}{rank}, module={self.module!r})"
+
+
+def attach(model: nn.Module, layer: int, form: str, *, rank: int = 4, site: str = "down_proj",
+           backend: str = "auto") -> Steering:
+    """Attach a steering intervention of ``form`` ("vector", "lora", "local_weight") at decoder layer ``layer``.
+
+    ``site="down_proj"`` (the paper's placement) makes layer L's ``mlp.down_proj`` a SteeredLinear: on Llama,
+    Qwen2 and SmolLM the vector form there adds exactly m·v to the residual stream after layer L.
+    ``site="residual"`` adds the update to the decoder layer's output (differs on Gemma-2, whose MLP output
+    passes a post-feedforward norm). Every form starts as a no-op; train it with :func:`fastsplit.train`.
+    """
+    n = len(models.decoder_layers(model))
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+        raise ValueError(f"layer must be an int in [0, {n}) for this {n}-layer model, got {layer!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    if form == "lora" and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int for form='lora', got {rank!r}")
+    return Steering(model, layer % n, form, rank=rank, site=site, backend=backend)
+
+
+def read_steering_metadata(path: str) -> dict[str, str]:
+    """The metadata of a saved steering file, checked for the fields fastsplit writes."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no steering file at {path}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a fastsplit steering file (format {meta.get('format')!r}, "
+                         f"expected {_FORMAT!r})")
+    missing = [k for k in ("form", "layer", "site", "rank", "model", "hidden_size", "num_hidden_layers")
+               if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the metadata fields {missing}")
+    return meta
+
+
+def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_model_name: bool = True) -> Steering:
+    """Attach the intervention saved at ``path`` to ``model``, after checking its metadata against the model.
+
+    A different model (name, hidden sizes, layer count) is a clear error, never a silent wrong load.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_steering_metadata(path)
+    cfg = model.config
+    here = {"hidden_size": str(cfg.hidden_size), "num_hidden_layers": str(cfg.num_hidden_layers),
+            "intermediate_size": str(getattr(cfg, "intermediate_size", 0))}
+    if check_model_name:
+        here["model"] = models.model_name(model)
+    for key, value in here.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"{path} was saved for a model with {key}={meta[key]!r}, but this model has "
+                             f"{key}={value!r}" + (" (pass check_model_name=False to skip the name check)"
+                                                   if key == "model" else ""))
+    steering = attach(model, int(meta["layer"]), meta["form"], rank=int(meta["rank"]) or 4, site=meta["site"],
+                      backend=backend)
+    try:
+        p = steering.parameters()[0]
+        steering.load_state_dict({k: v.to(p.device, p.dtype) for k, v in load_file(path).items()})
+    except Exception:
+        steering.detach()
+        raise
+    return steering

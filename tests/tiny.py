@@ -1,0 +1,64 @@
+"""Tiny random Llama / Qwen2 / Gemma-2 models and a tiny BPE tokenizer with a chat template, for speed."""
+import functools
+
+import torch
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import fastsplit
+
+    texts = [p.prompt + " " + p.positive + " " + p.negative for p in fastsplit.demo_pairs()]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+ARCHS = ["llama", "qwen2", "gemma2"]
+
+
+def tiny_model(arch: str, *, layers: int = 4, seed: int = 0):
+    """A random causal LM of ``arch`` sized for unit tests (hidden 32), in fp32 and eval mode."""
+    import transformers as tf
+
+    vocab = len(tiny_tokenizer())
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=0, eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**common)
+        cls = tf.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common)
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "gemma2":
+        cfg = tf.Gemma2Config(**common, head_dim=8, sliding_window=8, final_logit_softcapping=30.0,
+                              attn_logit_softcapping=50.0, query_pre_attn_scalar=8)
+        cls = tf.Gemma2ForCausalLM
+    else:
+        raise ValueError(arch)
+    cfg._name_or_path = f"tiny-{arch}"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.config.name_or_path = f"tiny-{arch}"
+    return model
+
+
+def randomize(steering, scale=0.5, seed=1):
+    """Give a freshly attached (no-op) intervention random non-zero parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in steering.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
