@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 from . import native as _native
 from .data import Pair, demo_pairs, encode_pair, load_pairs, split_pairs
 from .generate import generate_sweep
-from .models import load_default_model
+from .analysis import Fit, Sweep, analyze, fit_curves, logodds_sweep, operating_point, plot_sweep
+from .models import load_default_model, load_model
 from .nn import SplitLoss, SteeredLinear
 from .ops._backend import TRITON_VERSION as _TRITON_VERSION
 from .ops.split_loss import split_loss, split_loss_ref
@@ -35,4 +36,5 @@ def build_info() -> dict:
 __all__ = ["__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
            "split_loss", "split_loss_ref", "SplitLoss",
            "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs",
-           "train", "generate_sweep", "load_default_model"]
+           "train", "generate_sweep", "load_default_model", "load_model",
+           "logodds_sweep", "Sweep", "fit_curves", "Fit", "operating_point", "analyze", "plot_sweep"]

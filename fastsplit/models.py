@@ -142,7 +142,8 @@ def _hidden_arg(args, kwargs):
 
 
 @torch.no_grad()
-def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor,
+                        position_ids: Tensor | None = None) -> Tensor:
     """The hidden states entering decoder layer ``layer`` [B, T, H]; layers >= ``layer`` are not run."""
     captured = {}
 
@@ -152,7 +153,7 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attenti
 
     handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     except _StopForward:
         pass
     finally:

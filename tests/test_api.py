@@ -8,6 +8,9 @@ def test_public_names():
     assert sorted(fastsplit.__all__) == sorted([
         "__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
         "split_loss", "split_loss_ref", "SplitLoss",
+        "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs",
+        "train", "generate_sweep", "load_default_model", "load_model",
+        "logodds_sweep", "Sweep", "fit_curves", "Fit", "operating_point", "analyze", "plot_sweep",
     ])
     for name in fastsplit.__all__:
         assert hasattr(fastsplit, name), name
@@ -37,3 +40,15 @@ def test_split_loss_signature():
     d = {n: p.default for n, p in sig.parameters.items()}
     assert (d["lambda_p"], d["lambda_n"], d["gamma"], d["theta"]) == (1.0, 0.5, 5.0, 0.4)
     assert (d["reduction"], d["ignore_index"], d["shift"], d["backend"]) == ("batch", -100, True, "auto")
+
+
+def test_workflow_signatures():
+    kw = lambda f: [n for n, p in inspect.signature(f).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert list(inspect.signature(fastsplit.attach).parameters) == ["model", "layer", "form", "rank", "site", "backend"]
+    assert kw(fastsplit.train)[:12] == ["loss", "lambda_p", "lambda_n", "gamma", "theta", "reduction",
+                                        "steering_factors", "lr", "epochs", "batch_size", "grad_accum", "seed"]
+    assert "pair_types" in kw(fastsplit.train)
+    assert kw(fastsplit.generate_sweep)[:2] == ["max_new_tokens", "do_sample"]
+    assert kw(fastsplit.logodds_sweep)[:2] == ["length_norm", "batch_size"]
+    assert list(inspect.signature(fastsplit.fit_curves).parameters)[:3] == ["multipliers", "values", "kind"]
+    assert kw(fastsplit.operating_point) == ["max_util_drop", "grid"]

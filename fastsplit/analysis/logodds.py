@@ -1,0 +1,207 @@
+"""Preference and utility log-odds over steering strength (arXiv 2602.02343, §3).
+
+From the summed NLLs L_p, L_n of the positive and negative completions under teacher forcing:
+  PrefOdds = L_n − L_p,   UtilOdds = log((e^−L_p + e^−L_n) / (1 − e^−L_p − e^−L_n)).
+
+``logodds_sweep`` is the fast path: the layers below the intervention run once per pair, all m ride
+in one batch with per-row m, the prompt runs once per m (its KV cache serves both completions), and
+logits are taken at completion positions only. ``logodds_naive`` is the plain loop (oracle, baseline).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import models
+from ..data import Pair, encode_pair
+from ..ops.split_loss import split_loss_fwd_torch
+from ..steering import Steering
+from ..train import pad_id_of
+
+__all__ = ["Sweep", "logodds_sweep", "logodds_naive", "util_odds"]
+
+_UTIL_EPS = 1e-6  # the utility denominator is floored at this probability mass
+
+
+def util_odds(nll_pos, nll_neg):
+    """UtilOdds from summed NLLs, computed stably; returns (values, clamped).
+
+    log(e^−Lp + e^−Ln) is a logaddexp; the denominator log(1 − e^a) is log1mexp. Where the two
+    "probabilities" reach a total of 1 (possible with length-normalised NLLs) the denominator would
+    be ≤ 0: there the value is clamped to the floor ``_UTIL_EPS`` and flagged, never NaN.
+    """
+    a = np.logaddexp(-np.asarray(nll_pos, dtype=np.float64), -np.asarray(nll_neg, dtype=np.float64))
+    cap = math.log1p(-_UTIL_EPS)
+    clamped = a > cap
+    a = np.minimum(a, cap)
+    log1mexp = np.where(a > -math.log(2.0), np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
+    return a - log1mexp, clamped
+
+
+@dataclass
+class Sweep:
+    """Log-odds of N pairs at M strengths. Arrays: ``multipliers`` [M]; ``nll_pos``, ``nll_neg``,
+    ``pref_odds``, ``util_odds``, ``util_clamped`` [N, M]."""
+
+    multipliers: np.ndarray
+    nll_pos: np.ndarray
+    nll_neg: np.ndarray
+    pref_odds: np.ndarray
+    util_odds: np.ndarray
+    util_clamped: np.ndarray
+    length_norm: bool = False
+
+    @classmethod
+    def from_nll(cls, multipliers, nll_pos, nll_neg, length_norm=False) -> "Sweep":
+        nll_pos, nll_neg = np.asarray(nll_pos, np.float64), np.asarray(nll_neg, np.float64)
+        util, clamped = util_odds(nll_pos, nll_neg)
+        return cls(np.asarray(multipliers, np.float64), nll_pos, nll_neg, nll_neg - nll_pos, util, clamped,
+                   length_norm)
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """Per-m mean and standard error of the preference and utility log-odds (arrays [M])."""
+        n = self.pref_odds.shape[0]
+        se = lambda x: x.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(x.shape[1])
+        return {"multiplier": self.multipliers, "pref_mean": self.pref_odds.mean(0), "pref_se": se(self.pref_odds),
+                "util_mean": self.util_odds.mean(0), "util_se": se(self.util_odds),
+                "util_clamped": self.util_clamped.sum(0)}
+
+    def to_csv(self, path: str) -> None:
+        """Long format: one row per (pair, multiplier)."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["pair", "multiplier", "nll_pos", "nll_neg", "pref_odds", "util_odds", "util_clamped"])
+            for i in range(self.nll_pos.shape[0]):
+                for j, m in enumerate(self.multipliers):
+                    w.writerow([i, f"{m:.6g}", f"{self.nll_pos[i, j]:.8g}", f"{self.nll_neg[i, j]:.8g}",
+                                f"{self.pref_odds[i, j]:.8g}", f"{self.util_odds[i, j]:.8g}",
+                                int(self.util_clamped[i, j])])
+
+
+def _check(pairs, multipliers):
+    if not pairs:
+        raise ValueError("pairs is empty")
+    ms = [float(m) for m in multipliers]
+    if not ms or any(not math.isfinite(m) for m in ms):
+        raise ValueError(f"multipliers must be a non-empty list of finite numbers, got {list(multipliers)}")
+    return ms
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def _alias_skipped(cache, layer: int) -> None:
+    """Point the cache slots of the pass-through layers below ``layer`` at a computed layer of the same kind,
+    so the model's mask and length look-ups (which read the first layer of each kind) see real lengths."""
+    slots = cache.layers
+    for i in range(layer):
+        kind = (type(slots[i]), getattr(slots[i], "is_sliding", False))
+        same = [j for j in range(layer, len(slots)) if (type(slots[j]), getattr(slots[j], "is_sliding", False)) == kind]
+        slots[i] = slots[same[0] if same else layer]
+
+
+def _decoder_pass(model, steering: Steering, m_rows, hidden_in, **kw):
+    dec = models.decoder(model)
+    with steering.multiplier(m_rows):
+        if hidden_in is None:
+            return dec(**kw).last_hidden_state
+        with models.from_layer(model, steering.layer, hidden_in):
+            return dec(**kw).last_hidden_state
+
+
+@torch.no_grad()
+def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
+                  length_norm: bool = False, batch_size: int | None = None, chat: bool = True,
+                  progress: bool = True) -> Sweep:
+    """Teacher-forced NLLs of every pair's two completions at every multiplier, fast; returns a :class:`Sweep`.
+
+    ``batch_size`` is the number of pairs per batch (each becomes M rows; default: about 256 rows).
+    With ``length_norm=True`` the NLLs are token means. Tokenisation is :func:`fastsplit.encode_pair`'s.
+
+    Example::
+
+        >>> sweep = logodds_sweep(model, tok, steering, test_pairs, np.linspace(-8, 8, 21))
+        >>> sweep.summary()["pref_mean"]
+    """
+    from transformers import DynamicCache
+    from tqdm.auto import tqdm
+
+    ms = _check(pairs, multipliers)
+    M = len(ms)
+    device = next(model.parameters()).device
+    mdtype = next(steering.module.parameters()).dtype
+    pad = pad_id_of(tokenizer)
+    head, softcap = models.lm_head(model), models.logit_softcap(model)
+    L = steering.layer
+    enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
+    per = batch_size or max(1, 256 // M)
+    nll = np.zeros((len(pairs), M, 2))
+    for s in tqdm(range(0, len(enc), per), desc="log-odds sweep", disable=not progress, leave=False):
+        chunk = enc[s:s + per]
+        b = len(chunk)
+        Tp = max(len(p) for p, _, _ in chunk)
+        Tc = max(max(len(c), len(n)) for _, c, n in chunk)
+        ids = torch.full((2 * b, Tp + Tc), pad, dtype=torch.long)
+        mask = torch.zeros((2 * b, Tp + Tc), dtype=torch.long)
+        for i, (p, c, n) in enumerate(chunk):  # prompts left-padded, completions right-padded after them
+            for row, comp in ((i, c), (b + i, n)):
+                ids[row, Tp - len(p):Tp + len(comp)] = torch.tensor(p + comp)
+                mask[row, Tp - len(p):Tp + len(comp)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = _positions(mask)
+        h_in = models.capture_layer_input(model, L, ids, mask, position_ids=pos) if L > 0 else None
+        # Prompt pass: every (pair, m) row once, pair-major.
+        m_rows = torch.tensor(ms, device=device, dtype=mdtype).repeat(b)
+        rep = lambda t: t[:b].repeat_interleave(M, 0)
+        cache = DynamicCache(config=model.config)
+        h_prompt = _decoder_pass(model, steering, m_rows, None if h_in is None else rep(h_in[:, :Tp]),
+                                 input_ids=rep(ids[:, :Tp]), attention_mask=rep(mask[:, :Tp]),
+                                 position_ids=rep(pos[:, :Tp]), past_key_values=cache, use_cache=True)
+        # Completion pass: the prompt cache serves both completions (rows interleaved pos, neg).
+        cache.batch_repeat_interleave(2)
+        if h_in is not None:
+            _alias_skipped(cache, L)
+        both = lambda t: torch.stack([t[:b], t[b:]], 1).repeat_interleave(M, 0).flatten(0, 1)  # [2bM, ...]
+        comp_ids, comp_mask = both(ids[:, Tp:]), both(mask[:, Tp:])
+        full_mask = torch.cat([rep(mask[:, :Tp]).repeat_interleave(2, 0), comp_mask], 1)
+        h_comp = _decoder_pass(model, steering, m_rows.repeat_interleave(2),
+                               None if h_in is None else both(h_in[:, Tp:]),
+                               input_ids=comp_ids, attention_mask=full_mask, position_ids=both(pos[:, Tp:]),
+                               past_key_values=cache, use_cache=True)
+        # Completion token t is predicted at t-1 (t = 0: the prompt's last position); logits there only.
+        h_pred = torch.cat([h_prompt[:, -1:].repeat_interleave(2, 0), h_comp[:, :-1]], 1)
+        valid = comp_mask.bool()
+        tok_nll, _, _ = split_loss_fwd_torch(h_pred[valid], comp_ids[valid], head.weight, head.bias, softcap, False)
+        row_nll = torch.zeros(valid.shape[0], device=device, dtype=tok_nll.dtype)
+        row_nll.index_add_(0, valid.nonzero()[:, 0], tok_nll)
+        if length_norm:
+            row_nll = row_nll / valid.sum(1)
+        nll[s:s + b] = row_nll.view(b, M, 2).double().cpu().numpy()
+    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm)
+
+
+@torch.no_grad()
+def logodds_naive(model, tokenizer, steering: Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
+                  length_norm: bool = False, chat: bool = True, progress: bool = True) -> Sweep:
+    """The plain loop: one full forward per (m, pair, completion), full-vocabulary logits. Oracle and baseline."""
+    from tqdm.auto import tqdm
+
+    ms = _check(pairs, multipliers)
+    device = next(model.parameters()).device
+    nll = np.zeros((len(pairs), len(ms), 2))
+    enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
+    for j, m in enumerate(tqdm(ms, desc="naive log-odds", disable=not progress, leave=False)):
+        with steering.multiplier(m):
+            for i, (p, c, n) in enumerate(enc):
+                for k, comp in enumerate((c, n)):
+                    ids = torch.tensor([p + comp], device=device)
+                    logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1:-1].float(), -1)
+                    tok = -logp.gather(1, torch.tensor(comp, device=device)[:, None]).squeeze(1)
+                    nll[i, j, k] = float(tok.mean() if length_norm else tok.sum())
+    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm)
