@@ -63,6 +63,8 @@ def main():
     p.add_argument("--shape", choices=["smollm2", "gemma2-9b", "qwen2.5-7b"], action="append")
     args = p.parse_args()
     dev = args.device
+    if dev == "cpu":
+        harness.pin_malloc_threshold()
     shapes = {"smollm2": (4, 512, 576, 49152), "gemma2-9b": (4, 1024, 3584, 256000),
               "qwen2.5-7b": (4, 1024, 3584, 152064)}
     names = args.shape or (["smollm2"] if dev == "cpu" else ["gemma2-9b", "qwen2.5-7b"])

@@ -59,7 +59,9 @@ def make(form, rows, seq, k, n, dtype, device, rank=16, grad=False):
 
 
 def providers(device):
-    comp = torch.compile(steered_linear_ref, dynamic=False)
+    # A fresh compiled callable per case: one shared one would hit dynamo's recompile limit and fall
+    # back to eager without saying so in the figures.
+    comp = torch.compile(lambda *a, **k: steered_linear_ref(*a, **k), dynamic=False)
     return {
         "gemm": lambda x, W, b, d, m: F.linear(x, W),
         "eager": lambda x, W, b, d, m: eager_steering(x, W, b, **d, m1=m),
@@ -81,10 +83,10 @@ def main():
         shapes = [("prefill", 4, 64, 576, 1536)] if args.quick else [("prefill", 8, 128, 576, 1536),
                                                                      ("decode", 16, 1, 1536, 576)]
     rows = []
-    provs = providers(dev)
     for form in ["vector", "lora", "local_weight"]:
         for mkind in ["scalar", "per_row"]:
             for tag, r, t, k, n in shapes:
+                provs = providers(dev)
                 x, W, b, d = make(form, r, t, k, n, dtype, dev)
                 m = 1.5 if mkind == "scalar" else torch.linspace(-2, 2, r, device=dev)
                 xv = f"{tag}:{r * t}x{k}->{n}"

@@ -26,6 +26,7 @@ import fastsplit  # noqa: E402
 from fastsplit import models  # noqa: E402
 from fastsplit.analysis import logodds_naive, logodds_sweep  # noqa: E402
 from fastsplit.data import encode_pair  # noqa: E402
+from fastsplit.train import pad_id_of, pad_rows  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-evals", "psychopathy.jsonl")
 PREAMBLE = ("You are taking part in a short survey about attitudes and personality. Each item shows one "
@@ -60,7 +61,7 @@ def easyedit_step(model, tok, vec, layer, batch, factors, opt, hp):
         losses = []
         for side in (1, 2):
             rows = [p + (c if side == 1 else n) for p, c, n in batch]
-            ids, mask = fastsplit.train.pad_rows(rows, fastsplit.train.pad_id_of(tok))
+            ids, mask = pad_rows(rows, pad_id_of(tok))
             labels = ids.clone()
             for i, (p, c, n) in enumerate(batch):
                 labels[i, :len(p)] = -100
@@ -106,8 +107,7 @@ def bench_train(model, tok, dev, rows, args, label):
 
 
 def bench_generate(model, tok, dev, rows, args, label):
-    prompts = [p.prompt.split("\n")[1].strip('"') for p in fastsplit.demo_pairs()[:8]]
-    prompts = [f"Tell me what you think about this: {p}" for p in prompts]
+    prompts = [p.prompt for p in fastsplit.demo_pairs()[:8]]
     ms = list(np.linspace(-10, 10, 21))
     s = fastsplit.attach(model, 15 if dev == "cpu" else 14, "vector")
     with torch.no_grad():

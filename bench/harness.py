@@ -83,11 +83,26 @@ def _proc_status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def pin_malloc_threshold() -> None:
+    """Re-exec this process with glibc's mmap threshold fixed at 128 KiB.
+
+    glibc raises its mmap threshold after large frees, so later allocations come from the heap and RSS
+    depends on what ran before; a fixed threshold maps and unmaps every large tensor, and VmHWM then
+    tracks live memory. Call it first thing in a CPU benchmark that measures memory.
+    """
+    import sys
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and platform.system() == "Linux":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
 def measure_peak_memory(fn: Callable[[], object], *, device: str) -> float:
     """Extra peak memory (bytes) that one call of ``fn`` needs above what is allocated before it.
 
     CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset through
-    /proc/self/clear_refs just before the call (Linux), so inputs made beforehand do not count.
+    /proc/self/clear_refs just before the call (Linux), so inputs made beforehand do not count; see
+    :func:`pin_malloc_threshold`.
     """
     gc.collect()
     if device.startswith("cuda"):

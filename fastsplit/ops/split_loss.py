@@ -206,8 +206,13 @@ class SplitLossFunction(torch.autograd.Function):
             sides.append((h, t, idx, rows, nll, lse, dh))
         (hp, tp, ip, rp, nll_p, lse_p, dh_p), (hn, tn, i_n, rn, nll_n, lse_n, dh_n) = sides
         _check_counts(rp, rn, B, opts["reduction"])
-        loss, parts, coef_p, coef_n = _reduce(nll_p, rp, nll_n, rn, B, opts["reduction"], opts["lambda_p"],
-                                              opts["lambda_n"], opts["gamma"], opts["theta"])
+        reduce = _reduce
+        if opts["backend"] == "native":
+            from .. import native
+
+            reduce = native.split_reduce
+        loss, parts, coef_p, coef_n = reduce(nll_p, rp, nll_n, rn, B, opts["reduction"], opts["lambda_p"],
+                                             opts["lambda_n"], opts["gamma"], opts["theta"])
         ctx.need_w, ctx.need_b = ctx.needs_input_grad[2:4]
         keep = (hp, tp, lse_p, hn, tn, lse_n) if (ctx.need_w or ctx.need_b) else ()
         ctx.save_for_backward(dh_p, ip, coef_p, dh_n, i_n, coef_n, weight, bias, *keep)

@@ -41,6 +41,37 @@ def steered_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return y
 
 
+def steered_linear_bwd_torch(grad: Tensor, x: Tensor, weight: Tensor, delta_weight: Optional[Tensor],
+                             lora_a: Optional[Tensor], lora_b: Optional[Tensor], m1_rows: Optional[Tensor],
+                             m2_rows: Optional[Tensor], m1: float, m2: float, needs: list) -> list:
+    """Backward in torch ops, same contract as the Triton launcher (``grad`` [M, N], ``x`` [M, K]):
+    dx = g·W + (m1⊙g)·ΔW, dW = gᵀx, dΔW = (m1⊙g)ᵀx, LoRA through the rank-r path, dΔb = Σ m2⊙g."""
+    need_x, need_w, need_b, need_dw, need_a, need_lb, need_db = needs
+    r1 = m1_rows[:, None].to(grad.dtype) if m1_rows is not None else m1
+    r2 = m2_rows[:, None].to(grad.dtype) if m2_rows is not None else m2
+    gm = grad * r1  # m1⊙g, [M, N]
+    out = [grad.new_empty(0) for _ in range(7)]
+    if need_x:
+        out[0] = grad @ weight
+        if delta_weight is not None:
+            out[0] = out[0] + gm @ delta_weight
+        elif lora_a is not None:
+            out[0] = out[0] + (gm @ lora_b) @ lora_a
+    if need_w:
+        out[1] = grad.t() @ x
+    if need_b:
+        out[2] = grad.sum(0)
+    if need_dw:
+        out[3] = gm.t() @ x
+    if need_a:
+        out[4] = (gm @ lora_b).t() @ x
+    if need_lb:
+        out[5] = gm.t() @ (x @ lora_a.t())
+    if need_db:
+        out[6] = (grad * r2).sum(0)
+    return out
+
+
 def _launchers(backend: str):
     if backend == "triton":
         from ..kernels import steered_linear as k

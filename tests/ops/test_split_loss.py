@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastsplit import SplitLoss, split_loss, split_loss_ref
+from fastsplit import native
 from tests.helpers import DEVICE, HAS_CUDA, TOL, assert_close
 
 B, TP, TN, H = 3, 11, 7, 40
@@ -12,7 +13,10 @@ def _backend_cases():
     cases = [pytest.param("torch", torch.float64, id="torch-f64"),
              pytest.param("torch", torch.float32, id="torch-f32"),
              pytest.param("triton", torch.float32, id="triton-f32")]
+    if native._C is not None:
+        cases += [pytest.param("native", torch.float32, id="native-f32")]
     if HAS_CUDA:
+        cases += [pytest.param("native", torch.bfloat16, id="native-bf16")] if native.cuda_built() else []
         cases += [pytest.param("triton", torch.bfloat16, id="triton-bf16")]
     return cases
 
@@ -151,3 +155,12 @@ def test_bad_input(case):
         ln = ln[:, :-1]
     with pytest.raises((ValueError, TypeError), match=message):
         split_loss(hp, hn, torch.randn(V, H), lp, ln, backend="torch", **kw)
+
+
+@pytest.mark.skipif(native._C is None, reason="extension not built")
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "softcap"])
+def test_native_opcheck(softcap):
+    h = torch.randn(9, H, device=DEVICE)
+    W = torch.randn(1000, H, device=DEVICE) * 0.4
+    tgt = torch.randint(0, 1000, (9,), device=DEVICE)
+    torch.library.opcheck(native.split_loss_fwd, (h, tgt, W, torch.randn(1000, device=DEVICE), softcap, True))

@@ -4,6 +4,7 @@ import torch
 
 from fastsplit import steered_linear, steered_linear_ref
 from fastsplit.ops import _backend
+from fastsplit import native
 from tests.helpers import DEVICE, HAS_CUDA, assert_close
 
 IN, OUT, R, B = 123, 77, 3, 2
@@ -14,7 +15,10 @@ def _backend_cases():
     cases = [pytest.param("torch", torch.float64, id="torch-f64"),
              pytest.param("torch", torch.float32, id="torch-f32"),
              pytest.param("triton", torch.float32, id="triton-f32")]
+    if native._C is not None:
+        cases += [pytest.param("native", torch.float32, id="native-f32")]
     if HAS_CUDA:
+        cases += [pytest.param("native", torch.bfloat16, id="native-bf16")] if native.cuda_built() else []
         cases += [pytest.param("triton", torch.float16, id="triton-f16"),
                   pytest.param("triton", torch.bfloat16, id="triton-bf16")]
     return cases
@@ -194,14 +198,39 @@ def test_bad_input_names_the_argument(case):
         steered_linear(args["x"], args["weight"], kwargs.pop("bias", None), **kwargs)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal message")
-def test_native_backend_refusal_is_clear():
-    from fastsplit import native
-
-    if native._C is not None:
-        pytest.skip("extension built")
-    with pytest.raises(RuntimeError, match="backend='native' is unavailable"):
+def test_unavailable_backend_refusal_is_clear(monkeypatch):
+    monkeypatch.setattr(native, "_C", None)
+    monkeypatch.setattr(native, "_IMPORT_ERROR", "it was not built")
+    with pytest.raises(RuntimeError, match=r"backend='native' is unavailable: .*it was not built"):
         steered_linear(torch.randn(2, IN), torch.randn(OUT, IN), backend="native")
+    assert _backend.resolve("auto", torch.device("cpu")) == "torch"  # auto never fails for want of one
+
+
+@pytest.mark.skipif(native._C is None, reason="extension not built")
+@pytest.mark.parametrize("rows", [1, 5, 64, 77], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("form", FORMS)
+def test_native_decode_shapes(form, rows):
+    """The skinny-GEMM path across row counts, including more rows than one block holds."""
+    t = make_inputs(form, 1, torch.float32)
+    x = torch.randn(rows, IN, device=DEVICE)
+    m1 = torch.randn(rows, device=DEVICE)
+    kw = {k: v.detach() for k, v in t.items() if k not in ("x", "weight", "bias") and v is not None}
+    y = steered_linear(x, t["weight"].detach(), t["bias"].detach(), **kw, m1=m1, m2=0.3, backend="native")
+    d64 = {k: v.double() for k, v in kw.items()}
+    ref = steered_linear_ref(x.double(), t["weight"].detach().double(), t["bias"].detach().double(), **d64,
+                             m1=m1.double(), m2=0.3)
+    assert_close(y, ref, torch.float32, "y")
+
+
+@pytest.mark.skipif(native._C is None, reason="extension not built")
+@pytest.mark.parametrize("form", FORMS)
+def test_native_opcheck(form):
+    t = {key: (v.detach() if v is not None else None) for key, v in make_inputs(form, 5, torch.float32).items()}
+    x = t["x"].reshape(-1, IN)
+    rows = torch.randn(x.shape[0], device=x.device)
+    torch.library.opcheck(native.steered_linear_fwd, (x, t["weight"], t["bias"], t.get("delta_weight"),
+                                                      t.get("lora_a"), t.get("lora_b"), t["delta_bias"], rows,
+                                                      None, 0.0, 0.5))
 
 
 @pytest.mark.gpu

@@ -1,0 +1,67 @@
+// Launcher declarations. Plain pointers, shapes, strides and a stream: no torch types, so one build of the
+// extension serves every torch version (see csrc/README.md).
+#pragma once
+
+#include <cstdint>
+
+namespace fastsplit {
+
+// y[M, N] = x·Wᵀ + m1⊙(x·ΔWᵀ | xa·Bᵀ) + b + m2⊙Δb. Rows of x, W, ΔW, B and y are contiguous; ld* are row
+// strides in elements. xa [M, R] fp32 is x·Aᵀ for LoRA (null otherwise). m1_rows/m2_rows fp32 [M] or null
+// (then the scalars m1/m2). bias/dbias [N] or null.
+struct SteeredArgs {
+  const void* x; int64_t ldx;
+  const void* w; int64_t ldw;
+  const void* dw; int64_t lddw;
+  const float* xa; const void* lb; int64_t ldlb; int64_t rank;
+  const void* bias; const void* dbias;
+  const float* m1_rows; const float* m2_rows; float m1; float m2;
+  void* y; int64_t ldy;
+  int64_t M, N, K;
+  int dtype;
+};
+
+// SPLIT epilogue over one logits chunk z [C, Vc] (row stride ldz) holding vocab columns [v0, v0 + Vc):
+// merge the chunk into the running (max, sumexp) of each row and record the target logit when it falls inside.
+struct LseArgs {
+  const void* z; int64_t ldz; int64_t C; int64_t Vc; int64_t v0;
+  const int64_t* tgt; float softcap;
+  float* run_max; float* run_sum; float* z_tgt;
+  int dtype;
+};
+
+// dlogits = (softmax - onehot)·cap'·scale written in place over z, given each row's final lse.
+struct GradArgs {
+  void* z; int64_t ldz; int64_t C; int64_t Vc; int64_t v0;
+  const int64_t* tgt; float softcap; const float* lse; const float* row_scale;
+  int dtype;
+};
+
+// Per-row (pair) or pooled (batch) means of token NLLs, the hinge, the loss and per-token coefficients.
+struct ReduceArgs {
+  const float* nll_pos; const int64_t* rows_pos; int64_t n_pos;
+  const float* nll_neg; const int64_t* rows_neg; int64_t n_neg;
+  int64_t B; bool pair;
+  float lambda_p, lambda_n, gamma, theta;
+  float* sums;       // workspace [4·B] zero-initialised: pos sum, pos count, neg sum, neg count per row
+  float* pos_mean;   // [B] (pair) or [1]
+  float* neg_mean;
+  uint8_t* active;
+  float* coef_pos;   // [n_pos]
+  float* coef_neg;   // [n_neg]
+  float* loss;       // [1]
+};
+
+void steered_gemv_cpu(const SteeredArgs& a);
+void split_lse_cpu(const LseArgs& a);
+void split_grad_cpu(const GradArgs& a);
+void split_reduce_cpu(const ReduceArgs& a);
+
+#ifdef FASTSPLIT_WITH_CUDA
+void steered_gemv_cuda(const SteeredArgs& a, void* stream);
+void split_lse_cuda(const LseArgs& a, void* stream);
+void split_grad_cuda(const GradArgs& a, void* stream);
+void split_reduce_cuda(const ReduceArgs& a, void* stream);
+#endif
+
+}  // namespace fastsplit
