@@ -5,6 +5,7 @@ Providers:
   eager      the usual steering way: W + m·ΔW materialised (per row when m varies), LoRA as separate matmuls
   compile    torch.compile of fastsplit.steered_linear_ref
   fastsplit  fastsplit.steered_linear (backend="auto": Triton on GPU, the torch path on CPU)
+  native     fastsplit.steered_linear(backend="native"): the csrc skinny GEMM, decode shapes only
 
 Run: python bench/bench_steered_linear.py [--quick] [--device cuda]
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
+import fastsplit  # noqa: E402
 from fastsplit import steered_linear, steered_linear_ref  # noqa: E402
 
 
@@ -67,6 +69,7 @@ def providers(device):
         "eager": lambda x, W, b, d, m: eager_steering(x, W, b, **d, m1=m),
         "compile": lambda x, W, b, d, m: comp(x, W, b, **d, m1=m),
         "fastsplit": lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m),
+        "native": lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m, backend="native"),
     }
 
 
@@ -77,7 +80,8 @@ def main():
     if dev == "cuda":
         dtype = torch.bfloat16
         shapes = [("prefill", 8, 512, 3584, 18944), ("prefill", 8, 512, 18944, 3584)]
-        shapes += [("decode", r, 1, 4096, 4096) for r in (1, 16, 64)]
+        shapes += [("decode", r, 1, k, n) for r in (1, 4, 16, 64)
+                   for k, n in ((3584, 18944), (18944, 3584), (4096, 4096))]
     else:
         dtype = torch.float32
         shapes = [("prefill", 4, 64, 576, 1536)] if args.quick else [("prefill", 8, 128, 576, 1536),
@@ -91,6 +95,8 @@ def main():
                 m = 1.5 if mkind == "scalar" else torch.linspace(-2, 2, r, device=dev)
                 xv = f"{tag}:{r * t}x{k}->{n}"
                 for name, fn in provs.items():
+                    if name == "native" and (tag != "decode" or not fastsplit.build_info()["native_cpu"]):
+                        continue
                     with torch.no_grad():
                         rows.append(harness.time_row(f"steered_linear[{form},{mkind}]", name, "fwd",
                                                      "shape", xv, lambda: fn(x, W, b, d, m),

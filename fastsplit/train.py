@@ -94,14 +94,94 @@ class _Rows:
         return ids.to(device), mask.to(device), labels.to(device), hidden
 
 
-def last_hidden(model, steering: Steering, ids: Tensor, mask: Tensor, hidden_in: Tensor | None) -> Tensor:
+class _Packed:
+    """One row per pair, ``[prompt | first | second]``: the second completion cannot see the first (a 4-D
+    mask) and its positions restart after the prompt, so the prompt runs once for both completions."""
+
+    def __init__(self, rows: _Rows, dtype: torch.dtype):
+        self.rows, self.dtype = rows, dtype
+        self.cache: dict[int, Tensor] | None = None
+
+    def length(self, i: int) -> int:
+        p, a, b = self.rows.enc[i]
+        return len(p) + len(a) + len(b)
+
+    def layout(self, idx: Sequence[int], device):
+        """ids, 4-D additive mask [N, 1, T, T], position ids, and the targets of the first and second
+        completion at the hidden positions that predict them [N, T] (-100 elsewhere)."""
+        T = max(self.length(i) for i in idx)
+        n = len(idx)
+        ids = torch.full((n, T), self.rows.pad, dtype=torch.long)
+        pos = torch.zeros((n, T), dtype=torch.long)
+        second = torch.zeros((n, T), dtype=torch.bool)
+        first_k = torch.zeros((n, T), dtype=torch.bool)
+        t1 = torch.full((n, T), -100, dtype=torch.long)
+        t2 = torch.full((n, T), -100, dtype=torch.long)
+        for j, i in enumerate(idx):
+            p, a, b = self.rows.enc[i]
+            P, A = len(p), len(a)
+            ids[j, : P + A + len(b)] = torch.tensor(p + a + b)
+            pos[j, : P + A] = torch.arange(P + A)
+            pos[j, P + A: P + A + len(b)] = torch.arange(P, P + len(b))
+            first_k[j, P: P + A] = True
+            second[j, P + A: P + A + len(b)] = True
+            t1[j, P - 1: P - 1 + A] = torch.tensor(a)  # hidden at P-1+t predicts first[t]
+            t2[j, P - 1] = b[0]  # the prompt's last position predicts both first tokens
+            if len(b) > 1:
+                t2[j, P + A: P + A + len(b) - 1] = torch.tensor(b[1:])
+        q = torch.arange(T)
+        allowed = (q[None, :] <= q[:, None])[None] & ~(second[:, :, None] & first_k[:, None, :])
+        mask = torch.zeros((n, 1, T, T), dtype=self.dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
+        return ids.to(device), mask.to(device), pos.to(device), t1.to(device), t2.to(device)
+
+    def build_cache(self, model, layer: int, device, batch: int = 16) -> None:
+        self.cache = {}
+        n = len(self.rows.enc)
+        for k in range(0, n, batch):
+            idx = list(range(k, min(n, k + batch)))
+            ids, mask, pos, _, _ = self.layout(idx, device)
+            h = models.capture_layer_input(model, layer, ids, mask, position_ids=pos)
+            for j, i in enumerate(idx):
+                self.cache[i] = h[j, : self.length(i)].cpu()
+
+    def cache_bytes(self, hidden: int) -> int:
+        return sum(self.length(i) for i in range(len(self.rows.enc))) * hidden * 4
+
+    def batch(self, idx: Sequence[int], device):
+        ids, mask, pos, t1, t2 = self.layout(idx, device)
+        hidden = None
+        if self.cache is not None:
+            first = self.cache[idx[0]]
+            hidden = first.new_zeros((len(idx), ids.shape[1], first.shape[-1]))
+            for j, i in enumerate(idx):
+                hidden[j, : self.cache[i].shape[0]] = self.cache[i]
+            hidden = hidden.to(device)
+        return ids, mask, pos, t1, t2, hidden
+
+
+def _packable(model, rows: _Rows) -> bool:
+    """Packing needs an attention that takes a 4-D additive mask, and no sliding window shorter than a row
+    (the given mask replaces the model's sliding-window mask)."""
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    longest = max(len(p) + len(a) + len(b) for p, a, b in rows.enc)
+    window = getattr(cfg, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
+    return not (sliding and window is not None and window < longest)
+
+
+def last_hidden(model, steering: Steering, ids: Tensor, mask: Tensor, hidden_in: Tensor | None,
+                position_ids: Tensor | None = None) -> Tensor:
     """Final hidden states [N, T, H] (after the final norm), starting at the intervention's layer when the
     layer's input is given."""
     dec = models.decoder(model)
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     if hidden_in is None:
-        return dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return dec(**kw).last_hidden_state
     with models.from_layer(model, steering.layer, hidden_in):
-        return dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return dec(**kw).last_hidden_state
 
 
 def _checkpoints(folder: str) -> list[str]:
@@ -114,12 +194,15 @@ def train(model, tokenizer, steering: Steering, pairs: Sequence[Pair], *, loss: 
           reduction: str = "batch", steering_factors: Sequence[float] = (1.0,), lr: float = 1e-2,
           epochs: int = 1, batch_size: int = 8, grad_accum: int = 1, seed: int = 0,
           pair_types: Sequence[str] = ("add",), chat: bool = True, cache_prefix: bool | str = "auto",
+          pack_pairs: bool | str = "auto",
           checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Train ``steering``'s parameters with SPLIT (``loss="split"``) or plain SFT on the positives (``"sft"``).
 
     Each pair gets a factor drawn from ``steering_factors`` and a type from ``pair_types``: "add" trains
     the positive completion at +m, "sub" swaps the completions and uses −m. AdamW (weight decay 0), linear
-    decay, gradient clipping at 1.0. With ``checkpoint_dir`` a checkpoint is written each epoch, and
+    decay, gradient clipping at 1.0. ``pack_pairs`` ("auto") puts a pair's prompt and both completions in one
+    row (the negative masked from the positive), so the prompt runs once; "auto" packs unless the model's
+    attention or a short sliding window forbids it. With ``checkpoint_dir`` a checkpoint is written each epoch, and
     ``resume=True`` continues from the newest one, giving the same final parameters as an uninterrupted run.
 
     Returns {"history": [per-epoch means of loss, pos, neg, pref_log_odds], "steps": optimizer steps}.
@@ -153,9 +236,13 @@ def train(model, tokenizer, steering: Steering, pairs: Sequence[Pair], *, loss: 
     for p in params:
         p.requires_grad_(True)
     H = model.config.hidden_size
+    packed = None
+    if pack_pairs is True or (pack_pairs == "auto" and _packable(model, rows)):
+        packed = _Packed(rows, next(model.parameters()).dtype)
+    layout = packed or rows
     if steering.layer > 0 and (cache_prefix is True or (cache_prefix == "auto"
-                                                        and rows.cache_bytes(H) <= _CACHE_BUDGET)):
-        rows.build_cache(model, steering.layer, device)
+                                                        and layout.cache_bytes(H) <= _CACHE_BUDGET)):
+        layout.build_cache(model, steering.layer, device)
     head = models.lm_head(model)
     n_batches = math.ceil(len(pairs) / batch_size)
     total_steps = max(1, math.ceil(n_batches / grad_accum) * epochs)
@@ -192,18 +279,27 @@ def train(model, tokenizer, steering: Steering, pairs: Sequence[Pair], *, loss: 
                 kinds = [rng.choice(list(pair_types)) for _ in idx]
                 factors = [float(rng.choice(list(steering_factors))) for _ in idx]
                 # "sub" swaps the completions and steers with -m.
-                pos_keys = [(i, 1 if k == "sub" else 0) for i, k in zip(idx, kinds)]
-                neg_keys = [(i, 0 if k == "sub" else 1) for i, k in zip(idx, kinds)]
                 m = torch.tensor([f if k == "add" else -f for f, k in zip(factors, kinds)], device=device)
-                keys = pos_keys + (neg_keys if loss == "split" else [])
-                ids, mask, labels, h_in = rows.batch(keys, device)
-                m_rows = torch.cat([m, m]) if loss == "split" else m
-                with steering.multiplier(m_rows.to(params[0].dtype)):
-                    h = last_hidden(model, steering, ids, mask, h_in)
-                nb = len(idx)
-                h_neg, lab_neg = (h[nb:], labels[nb:]) if loss == "split" else (h, labels)
-                value, parts = split_loss(h[:nb], h_neg, head.weight, labels[:nb], lab_neg, reduction=reduction,
-                                          lm_head_bias=head.bias, logit_softcap=softcap, return_parts=True, **hp)
+                m = m.to(params[0].dtype)
+                if packed is not None:
+                    ids, mask, pos, t1, t2, h_in = packed.batch(idx, device)
+                    sub = torch.tensor([k == "sub" for k in kinds], device=device)[:, None]
+                    lab_pos, lab_neg = torch.where(sub, t2, t1), torch.where(sub, t1, t2)
+                    with steering.multiplier(m):
+                        h = last_hidden(model, steering, ids, mask, h_in, position_ids=pos)
+                    h_pos = h_neg = h
+                else:
+                    pos_keys = [(i, 1 if k == "sub" else 0) for i, k in zip(idx, kinds)]
+                    neg_keys = [(i, 0 if k == "sub" else 1) for i, k in zip(idx, kinds)]
+                    ids, mask, labels, h_in = rows.batch(pos_keys + (neg_keys if loss == "split" else []), device)
+                    with steering.multiplier(torch.cat([m, m]) if loss == "split" else m):
+                        h = last_hidden(model, steering, ids, mask, h_in)
+                    nb = len(idx)
+                    h_pos, lab_pos = h[:nb], labels[:nb]
+                    h_neg, lab_neg = (h[nb:], labels[nb:]) if loss == "split" else (h_pos, lab_pos)
+                value, parts = split_loss(h_pos, h_neg, head.weight, lab_pos, lab_neg, reduction=reduction,
+                                          lm_head_bias=head.bias, logit_softcap=softcap, return_parts=True,
+                                          shift=packed is None, **hp)
                 (value / grad_accum).backward()
                 if (b + 1) % grad_accum == 0 or b + 1 == n_batches:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -97,3 +97,28 @@ def test_bad_options(kw, msg):
     s = fastsplit.attach(model, 1, "vector")
     with pytest.raises(ValueError, match=msg):
         _train(model, s, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_rows_train_like_separate_rows(arch):
+    """One row per pair (prompt once, the negative masked from the positive) gives the per-side result."""
+    results = []
+    for pack in (False, True):
+        model = tiny_model(arch)
+        s = fastsplit.attach(model, 2, "lora", rank=2)
+        torch.manual_seed(5)
+        torch.nn.init.normal_(s.module.lora_a)
+        out = _train(model, s, pack_pairs=pack, pair_types=("add", "sub"), reduction="pair")
+        results.append((s.state_dict(), out["history"]))
+    for k in results[0][0]:
+        torch.testing.assert_close(results[0][0][k], results[1][0][k], atol=1e-5, rtol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert abs(a["pref_log_odds"] - b["pref_log_odds"]) < 1e-4
+
+
+def test_short_sliding_window_turns_packing_off():
+    from fastsplit.train import _packable, _Rows
+
+    rows = _Rows(tiny_tokenizer(), PAIRS, chat=True)
+    assert not _packable(tiny_model("gemma2"), rows)  # window 8 is shorter than a packed row
+    assert _packable(tiny_model("llama"), rows)

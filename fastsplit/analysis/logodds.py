@@ -121,7 +121,9 @@ def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], m
                   progress: bool = True) -> Sweep:
     """Teacher-forced NLLs of every pair's two completions at every multiplier, fast; returns a :class:`Sweep`.
 
-    ``batch_size`` is the number of pairs per batch (each becomes M rows; default: about 256 rows).
+    ``batch_size`` is the number of pairs per batch (each becomes M rows). The default holds about 48 rows
+    on the CPU, where cache-sized GEMMs run fastest (measured: 2 pairs × 21 m took 0.55× the time of 8 × 21),
+    and about 512 on a GPU.
     With ``length_norm=True`` the NLLs are token means. Tokenisation is :func:`fastsplit.encode_pair`'s.
 
     Example::
@@ -140,7 +142,7 @@ def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], m
     head, softcap = models.lm_head(model), models.logit_softcap(model)
     L = steering.layer
     enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
-    per = batch_size or max(1, 256 // M)
+    per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
     nll = np.zeros((len(pairs), M, 2))
     for s in tqdm(range(0, len(enc), per), desc="log-odds sweep", disable=not progress, leave=False):
         chunk = enc[s:s + per]
