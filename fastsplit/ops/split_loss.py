@@ -39,6 +39,16 @@ def _acc_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
+def _capped_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float], acc: torch.dtype):
+    """Logits of one chunk in ``acc`` (soft-capped in place), and d(cap)/dz from the capped value, or None."""
+    z = F.linear(h, weight, bias).to(acc)
+    if not softcap:
+        return z, None
+    z = z.div_(softcap).tanh_()
+    cap_grad = 1.0 - z * z  # d(c·tanh(z/c))/dz
+    return z.mul_(softcap), cap_grad
+
+
 def split_loss_ref(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_neg, *, lambda_p=1.0,
                    lambda_n=0.5, gamma=5.0, theta=0.4, reduction="batch", ignore_index=-100, shift=True,
                    lm_head_bias=None, logit_softcap=None, return_parts=False):
@@ -86,11 +96,7 @@ def split_loss_fwd_torch(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[
         e = min(N, s + chunk)
         rows = torch.arange(e - s, device=h.device)
         t = tgt[s:e]
-        z = F.linear(h[s:e], weight, bias).to(acc)
-        if softcap:
-            z = z.div_(softcap).tanh_()
-            cap_grad = 1.0 - z * z  # d(c·tanh(z/c))/dz, from the capped value
-            z = z.mul_(softcap)
+        z, cap_grad = _capped_logits(h[s:e], weight, bias, softcap, acc)
         # log-sum-exp in place over the one logits buffer: no [chunk × V] temporaries.
         z_t = z[rows, t]
         top = z.max(dim=1).values
@@ -100,7 +106,7 @@ def split_loss_fwd_torch(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[
         if need_dh:
             p = z.div_(total[:, None])  # softmax
             p[rows, t] -= 1.0
-            if softcap:
+            if cap_grad is not None:
                 p.mul_(cap_grad)
             dh[s:e] = p.to(weight.dtype) @ weight
     return nll, lse, dh
@@ -116,12 +122,7 @@ def _weight_grad_torch(h, tgt, weight, bias, softcap, lse, coef, need_w, need_b,
     for s in range(0, h.shape[0], chunk):
         e = min(h.shape[0], s + chunk)
         rows = torch.arange(e - s, device=h.device)
-        z = F.linear(h[s:e], weight, bias).to(acc)
-        cap_grad = None
-        if softcap:
-            z = z.div_(softcap).tanh_()
-            cap_grad = 1.0 - z * z
-            z = z.mul_(softcap)
+        z, cap_grad = _capped_logits(h[s:e], weight, bias, softcap, acc)
         g = z.sub_(lse[s:e, None]).exp_()
         g[rows, tgt[s:e]] -= 1.0
         if cap_grad is not None:

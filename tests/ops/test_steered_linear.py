@@ -5,23 +5,10 @@ import torch
 from fastsplit import steered_linear, steered_linear_ref
 from fastsplit.ops import _backend
 from fastsplit import native
-from tests.helpers import DEVICE, HAS_CUDA, assert_close
+from tests.helpers import DEVICE, HAS_CUDA, assert_close, backend_cases
 
 IN, OUT, R, B = 123, 77, 3, 2
 FORMS = ["vector", "lora", "local_weight"]
-
-
-def _backend_cases():
-    cases = [pytest.param("torch", torch.float64, id="torch-f64"),
-             pytest.param("torch", torch.float32, id="torch-f32"),
-             pytest.param("triton", torch.float32, id="triton-f32")]
-    if native._C is not None:
-        cases += [pytest.param("native", torch.float32, id="native-f32")]
-    if HAS_CUDA:
-        cases += [pytest.param("native", torch.bfloat16, id="native-bf16")] if native.cuda_built() else []
-        cases += [pytest.param("triton", torch.float16, id="triton-f16"),
-                  pytest.param("triton", torch.bfloat16, id="triton-bf16")]
-    return cases
 
 
 def make_inputs(form, T, dtype, *, train_base=True, bias=True, device=DEVICE):
@@ -71,7 +58,7 @@ def check_against_reference(backend, dtype, form, T, m1, m2, **kw):
         assert_close(grads[k], gr, dtype, f"d{k}")
 
 
-@pytest.mark.parametrize("backend,dtype", _backend_cases())
+@pytest.mark.parametrize("backend,dtype", backend_cases())
 @pytest.mark.parametrize("T", [1, 63], ids=["T1", "T63"])
 @pytest.mark.parametrize("mkind", ["scalar", "per_row", "per_token"])
 @pytest.mark.parametrize("form", FORMS)
@@ -79,7 +66,7 @@ def test_matches_reference(backend, dtype, form, mkind, T):
     check_against_reference(backend, dtype, form, T, make_multiplier(mkind, T), None)
 
 
-@pytest.mark.parametrize("backend,dtype", _backend_cases())
+@pytest.mark.parametrize("backend,dtype", backend_cases())
 @pytest.mark.parametrize("m1kind,m2kind", [("per_row", "scalar"), ("scalar", "per_token"), ("zero", "per_row")],
                          ids=["m1row-m2scalar", "m1scalar-m2token", "m1zero-m2row"])
 @pytest.mark.parametrize("form", FORMS)
@@ -88,7 +75,7 @@ def test_separate_m2(backend, dtype, form, m1kind, m2kind):
     check_against_reference(backend, dtype, form, T, make_multiplier(m1kind, T), make_multiplier(m2kind, T))
 
 
-@pytest.mark.parametrize("backend,dtype", _backend_cases())
+@pytest.mark.parametrize("backend,dtype", backend_cases())
 @pytest.mark.parametrize("form", FORMS)
 def test_frozen_base_no_bias(backend, dtype, form):
     """The usual steering case: W frozen, no base bias; only x and the deltas get gradients."""
