@@ -51,6 +51,14 @@ def _labels(prompt_len: int, completion: list[int], T: int) -> list[int]:
     return lab + [-100] * (T - len(lab))
 
 
+def _pad_cached(parts: Sequence[Tensor], T: int, device) -> Tensor:
+    """Cached per-row layer inputs [t_i, H] right-padded into one batch [N, T, H] on ``device``."""
+    out = parts[0].new_zeros((len(parts), T, parts[0].shape[-1]))
+    for j, c in enumerate(parts):
+        out[j, : c.shape[0]] = c
+    return out.to(device)
+
+
 class _Rows:
     """Encoded pairs as per-side token rows, plus (optionally) cached layer-L inputs per row."""
 
@@ -83,14 +91,7 @@ class _Rows:
         ids, mask = pad_rows([r[0] for r in rows], self.pad)
         T = ids.shape[1]
         labels = torch.tensor([_labels(len(r[0]) - len(r[1]), r[1], T) for r in rows], dtype=torch.long)
-        hidden = None
-        if self.cache is not None:
-            first = self.cache[keys[0]]
-            hidden = first.new_zeros((len(keys), T, first.shape[-1]))
-            for j, key in enumerate(keys):
-                c = self.cache[key]
-                hidden[j, : c.shape[0]] = c
-            hidden = hidden.to(device)
+        hidden = _pad_cached([self.cache[k] for k in keys], T, device) if self.cache is not None else None
         return ids.to(device), mask.to(device), labels.to(device), hidden
 
 
@@ -150,13 +151,7 @@ class _Packed:
 
     def batch(self, idx: Sequence[int], device):
         ids, mask, pos, t1, t2 = self.layout(idx, device)
-        hidden = None
-        if self.cache is not None:
-            first = self.cache[idx[0]]
-            hidden = first.new_zeros((len(idx), ids.shape[1], first.shape[-1]))
-            for j, i in enumerate(idx):
-                hidden[j, : self.cache[i].shape[0]] = self.cache[i]
-            hidden = hidden.to(device)
+        hidden = _pad_cached([self.cache[i] for i in idx], ids.shape[1], device) if self.cache is not None else None
         return ids, mask, pos, t1, t2, hidden
 
 
@@ -172,16 +167,16 @@ def _packable(model, rows: _Rows) -> bool:
     return not (sliding and window is not None and window < longest)
 
 
-def last_hidden(model, steering: Steering, ids: Tensor, mask: Tensor, hidden_in: Tensor | None,
-                position_ids: Tensor | None = None) -> Tensor:
-    """Final hidden states [N, T, H] (after the final norm), starting at the intervention's layer when the
-    layer's input is given."""
+def last_hidden(model, steering: Steering, hidden_in: Tensor | None, **forward_kwargs) -> Tensor:
+    """Final hidden states [N, T, H] (after the final norm) of the decoder called with ``forward_kwargs``
+    (input_ids, attention_mask, ...; no KV cache unless given), starting at the intervention's layer when
+    that layer's input ``hidden_in`` is given."""
     dec = models.decoder(model)
-    kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    forward_kwargs.setdefault("use_cache", False)
     if hidden_in is None:
-        return dec(**kw).last_hidden_state
+        return dec(**forward_kwargs).last_hidden_state
     with models.from_layer(model, steering.layer, hidden_in):
-        return dec(**kw).last_hidden_state
+        return dec(**forward_kwargs).last_hidden_state
 
 
 def _checkpoints(folder: str) -> list[str]:
@@ -286,14 +281,14 @@ def train(model, tokenizer, steering: Steering, pairs: Sequence[Pair], *, loss: 
                     sub = torch.tensor([k == "sub" for k in kinds], device=device)[:, None]
                     lab_pos, lab_neg = torch.where(sub, t2, t1), torch.where(sub, t1, t2)
                     with steering.multiplier(m):
-                        h = last_hidden(model, steering, ids, mask, h_in, position_ids=pos)
+                        h = last_hidden(model, steering, h_in, input_ids=ids, attention_mask=mask, position_ids=pos)
                     h_pos = h_neg = h
                 else:
                     pos_keys = [(i, 1 if k == "sub" else 0) for i, k in zip(idx, kinds)]
                     neg_keys = [(i, 0 if k == "sub" else 1) for i, k in zip(idx, kinds)]
                     ids, mask, labels, h_in = rows.batch(pos_keys + (neg_keys if loss == "split" else []), device)
                     with steering.multiplier(torch.cat([m, m]) if loss == "split" else m):
-                        h = last_hidden(model, steering, ids, mask, h_in)
+                        h = last_hidden(model, steering, h_in, input_ids=ids, attention_mask=mask)
                     nb = len(idx)
                     h_pos, lab_pos = h[:nb], labels[:nb]
                     h_neg, lab_neg = (h[nb:], labels[nb:]) if loss == "split" else (h_pos, lab_pos)

@@ -21,7 +21,7 @@ from .. import models
 from ..data import Pair, encode_pair
 from ..ops.split_loss import split_loss_fwd_torch
 from ..steering import Steering
-from ..train import pad_id_of
+from ..train import last_hidden, pad_id_of
 
 __all__ = ["Sweep", "logodds_sweep", "logodds_naive", "util_odds"]
 
@@ -107,12 +107,8 @@ def _alias_skipped(cache, layer: int) -> None:
 
 
 def _decoder_pass(model, steering: Steering, m_rows, hidden_in, **kw):
-    dec = models.decoder(model)
     with steering.multiplier(m_rows):
-        if hidden_in is None:
-            return dec(**kw).last_hidden_state
-        with models.from_layer(model, steering.layer, hidden_in):
-            return dec(**kw).last_hidden_state
+        return last_hidden(model, steering, hidden_in, **kw)
 
 
 @torch.no_grad()
