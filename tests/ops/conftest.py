@@ -7,8 +7,11 @@ _empty, _empty_like = torch.empty, torch.empty_like
 
 
 def _poison(t):
+    # no_grad: torch internals (inductor's pattern tracing) also call torch.empty(..., requires_grad=True)
+    # while the patch is live, and an in-place fill on such a leaf is refused under autograd.
     if t.is_floating_point() and t.numel():
-        t.fill_(float("nan"))
+        with torch.no_grad():
+            t.fill_(float("nan"))
     return t
 
 
