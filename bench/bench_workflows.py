@@ -151,13 +151,18 @@ def bench_logodds(model, tok, dev, rows, args, label):
     s = fastsplit.attach(model, L, "vector")
     with torch.no_grad():
         s.module.delta_bias.normal_(0, 0.05)
-    t0 = time.perf_counter()
-    fast = logodds_sweep(model, tok, s, pairs, ms, progress=False)
-    ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    slow = logodds_naive(model, tok, s, pairs, ms, progress=False)
-    theirs = time.perf_counter() - t0
+    t_fast, t_naive, ratios = [], [], []
+    for _ in range(args.runs):  # interleaved, so a drift in the machine's speed hits both providers alike
+        t0 = time.perf_counter()
+        fast = logodds_sweep(model, tok, s, pairs, ms, progress=False)
+        t_fast.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        slow = logodds_naive(model, tok, s, pairs, ms, progress=False)
+        t_naive.append(time.perf_counter() - t0)
+        ratios.append(t_naive[-1] / t_fast[-1])
     s.detach()
+    ours, theirs = float(np.median(t_fast)), float(np.median(t_naive))
+    q = lambda v: (float(np.median(v)), float(np.percentile(v, 20)), float(np.percentile(v, 80)))
     err = max(np.abs(fast.nll_pos - slow.nll_pos).max(), np.abs(fast.nll_neg - slow.nll_neg).max())
     # FLOPs counted as 2·params per token and layer run (attention scores are small at ~130 tokens).
     cfg = model.config
@@ -165,21 +170,28 @@ def bench_logodds(model, tok, dev, rows, args, label):
     n_layers, P, M = cfg.num_hidden_layers, len(pairs), len(ms)
     comp = np.mean([len(encode_pair(tok, p)[1]) + len(encode_pair(tok, p)[2]) for p in pairs])  # both sides
     head = 2 * cfg.hidden_size * cfg.vocab_size
-    # fast: layers < L once per pair (pos and neg rows); layers >= L per m over the prompt once and both
-    # completions; lm_head at completion positions only.
-    flops_fast = (2 * per_layer * (L * P * (2 * tokens + comp) + (n_layers - L) * M * P * (tokens + comp))
+    # fast: layers <= L once per pair (the prompt once, both completions; the residual after L is r0 + m·d,
+    # so layer L runs once too); layers > L per m over the prompt once and both completions, except that the
+    # prompt's last layer only computes keys and values (its last token runs with each completion); lm_head at
+    # completion positions only.
+    attn0 = models.decoder_layers(model)[-1].self_attn
+    kv_frac = (attn0.k_proj.weight.numel() + attn0.v_proj.weight.numel()) / per_layer
+    above = n_layers - L - 1
+    flops_fast = (2 * per_layer * ((L + 1) * P * (tokens + comp + 1)
+                                   + M * P * ((tokens - 1) * (above - 1 + kv_frac) + (comp + 2) * above))
                   + head * M * P * comp)
     # naive: every (m, pair, side) is a full forward with full-vocabulary logits at every position.
     flops_naive = M * P * (2 * tokens + comp) * (2 * per_layer * n_layers + head)
     x = f"{label}:21m x {len(pairs)} pairs, prompt ~{tokens:.0f} tok, layer {L}/{n_layers}"
-    for prov, v, fl in (("fastsplit", ours, flops_fast), ("naive", theirs, flops_naive)):
-        rows.append(harness.Row("logodds_sweep", prov, "fwd", "time", "s", "setup", x, v, v, v))
+    for prov, ts, fl in (("fastsplit", t_fast, flops_fast), ("naive", t_naive, flops_naive)):
+        rows.append(harness.Row("logodds_sweep", prov, "fwd", "time", "s", "setup", x, *q(ts)))
         rows.append(harness.Row("logodds_sweep", prov, "fwd", "gflops", "GFLOP/s", "setup", x,
-                                fl / v / 1e9, fl / v / 1e9, fl / v / 1e9))
-    print(f"log-odds sweep ({x}): fastsplit {ours:.1f} s ({flops_fast / ours / 1e9:.0f} GFLOP/s), naive "
-          f"{theirs:.1f} s ({flops_naive / theirs / 1e9:.0f} GFLOP/s) -> {theirs / ours:.1f}x; "
-          f"FLOP ratio {flops_naive / flops_fast:.1f}x; max |ΔNLL| {err:.2e}")
-
+                                *q([fl / t / 1e9 for t in ts])))
+    rows.append(harness.Row("logodds_sweep", "fastsplit", "fwd", "speedup", "x naive", "setup", x, *q(ratios)))
+    print(f"log-odds sweep ({x}), {args.runs} run(s), medians: fastsplit {ours:.1f} s "
+          f"({flops_fast / ours / 1e9:.0f} GFLOP/s), naive {theirs:.1f} s ({flops_naive / theirs / 1e9:.0f} GFLOP/s) "
+          f"-> {np.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"FLOP ratio {flops_naive / flops_fast:.2f}x; max |ΔNLL| {err:.2e}")
 
 def main():
     p = harness.arg_parser(__doc__)
@@ -188,9 +200,10 @@ def main():
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--runs", type=int, default=3, help="interleaved runs of the log-odds sweep and its naive loop")
     args = p.parse_args()
     if args.quick:
-        args.steps, args.epochs, args.new_tokens, args.pairs = 2, 1, 4, 2
+        args.steps, args.epochs, args.new_tokens, args.pairs, args.runs = 2, 1, 4, 2, 1
     dev = args.device
     torch.manual_seed(0)
     model, tok, label = load_model(dev)

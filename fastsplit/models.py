@@ -143,8 +143,12 @@ def _hidden_arg(args, kwargs):
 
 @torch.no_grad()
 def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor,
-                        position_ids: Tensor | None = None) -> Tensor:
-    """The hidden states entering decoder layer ``layer`` [B, T, H]; layers >= ``layer`` are not run."""
+                        position_ids: Tensor | None = None, past_key_values=None) -> Tensor:
+    """The hidden states entering decoder layer ``layer`` [B, T, H]; layers >= ``layer`` are not run.
+
+    With ``past_key_values`` (a transformers cache) the layers below ``layer`` read and extend it, so a
+    prompt's cache can serve later calls on its continuations; ``attention_mask`` then spans cache + input.
+    """
     captured = {}
 
     def hook(mod, args, kwargs):
@@ -153,7 +157,8 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attenti
 
     handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=past_key_values, use_cache=past_key_values is not None)
     except _StopForward:
         pass
     finally:
@@ -197,3 +202,57 @@ def from_layer(model: nn.Module, layer: int, hidden: Tensor) -> Iterator[None]:
         handle.remove()
         for i, orig in enumerate(originals):
             layers[i] = orig
+
+
+class _KeysValuesOnly(nn.Module):
+    """Stands in for a decoder layer whose output is not needed: writes the layer's keys and values to the
+    KV cache (what later tokens attend to) and skips its queries, attention, output projection and MLP."""
+
+    def __init__(self, original: nn.Module, rope):
+        super().__init__()
+        self.original, self.rope = original, rope
+        if hasattr(original, "attention_type"):
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states, *args, position_embeddings=None, past_key_values=None, **kwargs):
+        attn = self.original.self_attn
+        x = self.original.input_layernorm(hidden_states)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        _, k = self.rope(k, k, cos, sin)  # the rotary helper rotates a (q, k) pair; only k is wanted
+        past_key_values.update(k, v, attn.layer_idx)
+        return hidden_states
+
+
+def _rope_of(layer: nn.Module):
+    """The modeling file's ``apply_rotary_pos_emb`` when ``layer`` has the plain Llama-style attention
+    (input norm, k/v projections, rotary keys, no key norm), else None."""
+    import sys
+
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not hasattr(layer, "input_layernorm") or hasattr(attn, "k_norm"):
+        return None
+    if not all(hasattr(attn, a) for a in ("k_proj", "v_proj", "head_dim", "layer_idx")):
+        return None
+    return getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+
+
+@contextlib.contextmanager
+def keys_values_only(model: nn.Module, layer: int) -> Iterator[bool]:
+    """Within the block, decoder layer ``layer`` only writes its keys and values to the KV cache and passes
+    its input through. For a prompt whose outputs at the last layer are never read (only later tokens'
+    are), this skips most of that layer. Yields False, and changes nothing, for an attention it does not
+    know (a key norm, no rotary helper): the caller's results are the same either way."""
+    layers = decoder_layers(model)
+    original = layers[layer]
+    rope = _rope_of(original)
+    if rope is None:
+        yield False
+        return
+    layers[layer] = _KeysValuesOnly(original, rope)
+    try:
+        yield True
+    finally:
+        layers[layer] = original

@@ -167,15 +167,16 @@ def _packable(model, rows: _Rows) -> bool:
     return not (sliding and window is not None and window < longest)
 
 
-def last_hidden(model, steering: Steering, hidden_in: Tensor | None, **forward_kwargs) -> Tensor:
+def last_hidden(model, steering: Steering, hidden_in: Tensor | None, *, start: int | None = None,
+                **forward_kwargs) -> Tensor:
     """Final hidden states [N, T, H] (after the final norm) of the decoder called with ``forward_kwargs``
-    (input_ids, attention_mask, ...; no KV cache unless given), starting at the intervention's layer when
-    that layer's input ``hidden_in`` is given."""
+    (input_ids, attention_mask, ...; no KV cache unless given), starting at layer ``start`` (default: the
+    intervention's layer) when that layer's input ``hidden_in`` is given."""
     dec = models.decoder(model)
     forward_kwargs.setdefault("use_cache", False)
     if hidden_in is None:
         return dec(**forward_kwargs).last_hidden_state
-    with models.from_layer(model, steering.layer, hidden_in):
+    with models.from_layer(model, steering.layer if start is None else start, hidden_in):
         return dec(**forward_kwargs).last_hidden_state
 
 

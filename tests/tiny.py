@@ -29,14 +29,18 @@ def tiny_tokenizer():
 ARCHS = ["llama", "qwen2", "gemma2"]
 
 
-def tiny_model(arch: str, *, layers: int = 4, seed: int = 0):
-    """A random causal LM of ``arch`` sized for unit tests (hidden 32), in fp32 and eval mode."""
+def tiny_model(arch: str, *, layers: int = 4, seed: int = 0, init_std: float = 0.02):
+    """A random causal LM of ``arch`` sized for unit tests (hidden 32), in fp32 and eval mode.
+
+    ``init_std`` is the weights' standard deviation: the default 0.02 gives near-uniform attention, so a
+    test whose subject is attention (a KV cache, masks, positions) should raise it to make errors show."""
     import transformers as tf
 
     vocab = len(tiny_tokenizer())
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  pad_token_id=0, eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
+                  pad_token_id=0, eos_token_id=2, bos_token_id=1, tie_word_embeddings=False,
+                  initializer_range=init_std)
     if arch == "llama":
         cfg = tf.LlamaConfig(**common)
         cls = tf.LlamaForCausalLM

@@ -3,9 +3,11 @@
 From the summed NLLs L_p, L_n of the positive and negative completions under teacher forcing:
   PrefOdds = L_n − L_p,   UtilOdds = log((e^−L_p + e^−L_n) / (1 − e^−L_p − e^−L_n)).
 
-``logodds_sweep`` is the fast path: the layers below the intervention run once per pair, all m ride
-in one batch with per-row m, the prompt runs once per m (its KV cache serves both completions), and
-logits are taken at completion positions only. ``logodds_naive`` is the plain loop (oracle, baseline).
+``logodds_sweep`` is the fast path: the layers below the intervention run once per pair (the prompt
+once for both completions), and so does the steered layer where its output is affine in m; all m ride in
+one batch with per-row m, the prompt runs once per m (its KV cache serves both completions; at the last
+layer it only writes keys and values), and logits are taken at completion positions only.
+``logodds_naive`` is the plain loop (oracle, baseline).
 """
 from __future__ import annotations
 
@@ -106,9 +108,47 @@ def _alias_skipped(cache, layer: int) -> None:
         slots[i] = slots[same[0] if same else layer]
 
 
-def _decoder_pass(model, steering: Steering, m_rows, hidden_in, **kw):
+def _decoder_pass(model, steering: Steering, m_rows, hidden_in, start, **kw):
     with steering.multiplier(m_rows):
-        return last_hidden(model, steering, hidden_in, **kw)
+        return last_hidden(model, steering, hidden_in, start=start, **kw)
+
+
+def _affine_in_m(model, steering: Steering) -> bool:
+    """Whether the residual stream after the steered layer is exactly r0 + m·d: the update enters it by
+    addition (the residual site; down_proj in a layer with no norm after its MLP, as in Llama and Qwen2, not
+    Gemma-2), and a layer follows it."""
+    layers = models.decoder_layers(model)
+    if steering.layer == len(layers) - 1:
+        return False
+    return steering.site == "residual" or not hasattr(layers[steering.layer], "post_feedforward_layernorm")
+
+
+def _capture(model, steering: Steering, start: int, ids, mask, pos, cache):
+    """The input of decoder layer ``start`` [N, T, H] and, when ``start`` is past the steered layer, its
+    derivative in m (else None): the input at m is ``h + m·d``, so layers <= L run once for all m."""
+    if start <= steering.layer:
+        return models.capture_layer_input(model, start, ids, mask, pos, cache), None
+    seen = {}
+
+    def hook(mod, args, out):
+        seen["x"], seen["y0"] = args[0], out
+
+    handle = steering.module.register_forward_hook(hook)
+    try:
+        with steering.multiplier(0.0):
+            h0 = models.capture_layer_input(model, start, ids, mask, pos, cache)
+    finally:
+        handle.remove()
+    with steering.multiplier(1.0):
+        d = steering.module(seen["x"]) - seen["y0"]  # ΔW·x + Δb, from the module itself (every form)
+    return h0, d
+
+
+def _at(h, d, m_rows):
+    """Layer inputs at per-row m: ``h + m·d`` [N, T, H] (``h`` itself when it does not depend on m)."""
+    if h is None or d is None:
+        return h
+    return torch.addcmul(h, m_rows.to(h.dtype)[:, None, None], d)
 
 
 @torch.no_grad()
@@ -140,42 +180,57 @@ def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], m
     enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
     per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
     nll = np.zeros((len(pairs), M, 2))
+    last = len(models.decoder_layers(model)) - 1
+    start = L + 1 if _affine_in_m(model, steering) else L  # the first layer whose input depends on m
     for s in tqdm(range(0, len(enc), per), desc="log-odds sweep", disable=not progress, leave=False):
         chunk = enc[s:s + per]
         b = len(chunk)
         Tp = max(len(p) for p, _, _ in chunk)
         Tc = max(max(len(c), len(n)) for _, c, n in chunk)
-        ids = torch.full((2 * b, Tp + Tc), pad, dtype=torch.long)
-        mask = torch.zeros((2 * b, Tp + Tc), dtype=torch.long)
+        ids = torch.full((b, 2, Tp + Tc), pad, dtype=torch.long)
+        mask = torch.zeros((b, 2, Tp + Tc), dtype=torch.long)
         for i, (p, c, n) in enumerate(chunk):  # prompts left-padded, completions right-padded after them
-            for row, comp in ((i, c), (b + i, n)):
-                ids[row, Tp - len(p):Tp + len(comp)] = torch.tensor(p + comp)
-                mask[row, Tp - len(p):Tp + len(comp)] = 1
+            for k, comp in enumerate((c, n)):
+                ids[i, k, Tp - len(p):Tp + len(comp)] = torch.tensor(p + comp)
+                mask[i, k, Tp - len(p):Tp + len(comp)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        pos = _positions(mask)
-        h_in = models.capture_layer_input(model, L, ids, mask, position_ids=pos) if L > 0 else None
-        # Prompt pass: every (pair, m) row once, pair-major.
+        pos = _positions(mask.flatten(0, 1)).view(b, 2, -1)
+        # Body: the prompt but its last token, shared by both sides and every m. Tail: the prompt's last
+        # token (it predicts the first completion token) and one completion; each side runs it on the body's
+        # KV cache. Only the tails' outputs are read, so the body's last layer need only write keys and values.
+        Tq = Tp - 1
+        body = lambda t: t[:, 0, :Tq]  # [b, Tq]
+        tail = lambda t: t[:, :, Tq:].flatten(0, 1)  # [2b, 1 + Tc], rows (pair, side)
+        h_body = d_body = h_tail = d_tail = None
+        if start > 0:  # the layers below the first m-dependent one: once per pair, whatever M is
+            below = DynamicCache(config=model.config)
+            if Tq:
+                h_body, d_body = _capture(model, steering, start, body(ids), body(mask), body(pos), below)
+                below.batch_repeat_interleave(2)
+            h_tail, d_tail = _capture(model, steering, start, tail(ids), mask.flatten(0, 1), tail(pos), below)
+        # Body pass: every (pair, m) row once, pair-major.
         m_rows = torch.tensor(ms, device=device, dtype=mdtype).repeat(b)
-        rep = lambda t: t[:b].repeat_interleave(M, 0)
+        rep = lambda t: None if t is None else t.repeat_interleave(M, 0)
         cache = DynamicCache(config=model.config)
-        h_prompt = _decoder_pass(model, steering, m_rows, None if h_in is None else rep(h_in[:, :Tp]),
-                                 input_ids=rep(ids[:, :Tp]), attention_mask=rep(mask[:, :Tp]),
-                                 position_ids=rep(pos[:, :Tp]), past_key_values=cache, use_cache=True)
-        # Completion pass: the prompt cache serves both completions (rows interleaved pos, neg).
-        cache.batch_repeat_interleave(2)
-        if h_in is not None:
-            _alias_skipped(cache, L)
-        both = lambda t: torch.stack([t[:b], t[b:]], 1).repeat_interleave(M, 0).flatten(0, 1)  # [2bM, ...]
-        comp_ids, comp_mask = both(ids[:, Tp:]), both(mask[:, Tp:])
-        full_mask = torch.cat([rep(mask[:, :Tp]).repeat_interleave(2, 0), comp_mask], 1)
-        h_comp = _decoder_pass(model, steering, m_rows.repeat_interleave(2),
-                               None if h_in is None else both(h_in[:, Tp:]),
-                               input_ids=comp_ids, attention_mask=full_mask, position_ids=both(pos[:, Tp:]),
-                               past_key_values=cache, use_cache=True)
-        # Completion token t is predicted at t-1 (t = 0: the prompt's last position); logits there only.
-        h_pred = torch.cat([h_prompt[:, -1:].repeat_interleave(2, 0), h_comp[:, :-1]], 1)
-        valid = comp_mask.bool()
-        tok_nll, _, _ = split_loss_fwd_torch(h_pred[valid], comp_ids[valid], head.weight, head.bias, softcap, False)
+        if Tq:
+            with models.keys_values_only(model, last):
+                _decoder_pass(model, steering, m_rows, _at(rep(h_body), rep(d_body), m_rows), start,
+                              input_ids=rep(body(ids)), attention_mask=rep(body(mask)), position_ids=rep(body(pos)),
+                              past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(2)
+            if start > 0:
+                _alias_skipped(cache, start)
+        # Tail pass: rows (pair, m, side); the body's cache serves both sides.
+        per_m = lambda t: (None if t is None else  # rows (pair, side) -> (pair, m, side)
+                           t.view(b, 1, 2, *t.shape[1:]).expand(b, M, 2, *t.shape[1:]).flatten(0, 2))
+        tail_ids, m_tail = per_m(tail(ids)), m_rows.repeat_interleave(2)
+        h_comp = _decoder_pass(model, steering, m_tail, _at(per_m(h_tail), per_m(d_tail), m_tail), start,
+                               input_ids=tail_ids, attention_mask=per_m(mask.flatten(0, 1)),
+                               position_ids=per_m(tail(pos)), past_key_values=cache, use_cache=True)
+        # Completion token t is predicted at tail position t (position 0 is the prompt's last token).
+        targets, valid = tail_ids[:, 1:], per_m(tail(mask))[:, 1:].bool()
+        h_pred = h_comp[:, :-1]
+        tok_nll, _, _ = split_loss_fwd_torch(h_pred[valid], targets[valid], head.weight, head.bias, softcap, False)
         row_nll = torch.zeros(valid.shape[0], device=device, dtype=tok_nll.dtype)
         row_nll.index_add_(0, valid.nonzero()[:, 0], tok_nll)
         if length_norm:

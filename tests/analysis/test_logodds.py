@@ -1,37 +1,78 @@
 """The fast log-odds sweep equals the naive loop; UtilOdds is stable at extreme values."""
+import contextlib
+
 import numpy as np
 import pytest
+import torch
 
 import fastsplit
+from fastsplit import models
 from fastsplit.analysis import Sweep, logodds_naive, logodds_sweep, util_odds
 from tests.tiny import ARCHS, randomize, tiny_model, tiny_tokenizer
 
 PAIRS = fastsplit.demo_pairs()[:4] + [fastsplit.Pair("Hi there", "Sure, I can help with that today", "No")]
 MS = [-3.0, -0.5, 0.0, 2.0]
+SHARP = 0.15  # weight std of the tiny models: attention far from uniform, so a wrong KV cache shows
+NLL_TOL = dict(atol=2e-4, rtol=0)  # summed fp32 NLLs of ~70 agree to ~2e-5 (measured); the issue allows 1e-3
 
 
-@pytest.mark.parametrize("layer", [0, 2], ids=["layer0", "layer2"])
+@pytest.mark.parametrize("layer", [0, 2, 3], ids=["layer0", "layer2", "last_layer"])
 @pytest.mark.parametrize("form", ["vector", "lora", "local_weight"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sweep_equals_naive_loop(arch, form, layer):
-    model, tok = tiny_model(arch), tiny_tokenizer()
+    model, tok = tiny_model(arch, init_std=SHARP), tiny_tokenizer()
     s = fastsplit.attach(model, layer, form, rank=2)
     randomize(s)
     fast = logodds_sweep(model, tok, s, PAIRS, MS, batch_size=2, progress=False)
     slow = logodds_naive(model, tok, s, PAIRS, MS, progress=False)
     assert fast.nll_pos.shape == (len(PAIRS), len(MS))
-    np.testing.assert_allclose(fast.nll_pos, slow.nll_pos, atol=1e-3, rtol=1e-4)
-    np.testing.assert_allclose(fast.nll_neg, slow.nll_neg, atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(fast.nll_pos, slow.nll_pos, **NLL_TOL)
+    np.testing.assert_allclose(fast.nll_neg, slow.nll_neg, **NLL_TOL)
     assert np.ptp(fast.pref_odds, axis=1).max() > 1e-3  # m really changes the NLLs
 
 
+@pytest.mark.parametrize("layer", [0, 2], ids=["layer0", "layer2"])
+def test_one_token_prompt(layer):
+    # No chat template: the prompt is one token, so the sweep has no prompt body to cache.
+    model, tok = tiny_model("llama", init_std=SHARP), tiny_tokenizer()
+    pairs = [fastsplit.Pair("a", "b c", "d"), fastsplit.Pair("e", "f", "g h i")]
+    assert all(len(tok(p.prompt, add_special_tokens=False)["input_ids"]) == 1 for p in pairs)
+    s = fastsplit.attach(model, layer, "vector")
+    randomize(s)
+    fast = logodds_sweep(model, tok, s, pairs, MS, chat=False, progress=False)
+    slow = logodds_naive(model, tok, s, pairs, MS, chat=False, progress=False)
+    np.testing.assert_allclose(fast.nll_pos, slow.nll_pos, **NLL_TOL)
+    np.testing.assert_allclose(fast.nll_neg, slow.nll_neg, **NLL_TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keys_values_only_writes_the_same_cache(arch):
+    from transformers import DynamicCache
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    last = model.config.num_hidden_layers - 1
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    caches = []
+    for skip in (False, True):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if skip:
+                assert stack.enter_context(models.keys_values_only(model, last))  # really swapped
+            models.decoder(model)(input_ids=ids, past_key_values=cache, use_cache=True)
+        caches.append(cache.layers[last])
+    assert models.decoder_layers(model)[last] is not None and type(models.decoder_layers(model)[last]).__name__ \
+        .endswith("DecoderLayer")  # restored
+    torch.testing.assert_close(caches[1].keys, caches[0].keys)
+    torch.testing.assert_close(caches[1].values, caches[0].values)
+
+
 def test_residual_site_and_length_norm():
-    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    model, tok = tiny_model("qwen2", init_std=SHARP), tiny_tokenizer()
     s = fastsplit.attach(model, 1, "vector", site="residual")
     randomize(s)
     fast = logodds_sweep(model, tok, s, PAIRS, MS, length_norm=True, progress=False)
     slow = logodds_naive(model, tok, s, PAIRS, MS, length_norm=True, progress=False)
-    np.testing.assert_allclose(fast.nll_pos, slow.nll_pos, atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(fast.nll_pos, slow.nll_pos, **NLL_TOL)
     assert fast.length_norm
 
 
