@@ -215,6 +215,9 @@ class _KeysValuesOnly(nn.Module):
             self.attention_type = original.attention_type
 
     def forward(self, hidden_states, *args, position_embeddings=None, past_key_values=None, **kwargs):
+        if past_key_values is None:
+            raise RuntimeError("keys_values_only: the model was called without a KV cache (past_key_values), "
+                               "so the layer's keys and values would be lost")
         attn = self.original.self_attn
         x = self.original.input_layernorm(hidden_states)
         shape = (*x.shape[:-1], -1, attn.head_dim)
