@@ -23,10 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
 import fastsplit  # noqa: E402
-from fastsplit import models  # noqa: E402
+from fastsplit import hf  # noqa: E402
 from fastsplit.analysis import logodds_naive, logodds_sweep  # noqa: E402
 from fastsplit.data import encode_pair  # noqa: E402
-from fastsplit.train import pad_id_of, pad_rows  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-evals", "psychopathy.jsonl")
 PREAMBLE = ("You are taking part in a short survey about attitudes and personality. Each item shows one "
@@ -56,12 +55,12 @@ def easyedit_step(model, tok, vec, layer, batch, factors, opt, hp):
 
     def hook(mod, args, out):
         return out + hook_m["m"][:, None, None] * vec
-    h = models.decoder_layers(model)[layer].register_forward_hook(hook)
+    h = hf.decoder_layers(model)[layer].register_forward_hook(hook)
     try:
         losses = []
         for side in (1, 2):
             rows = [p + (c if side == 1 else n) for p, c, n in batch]
-            ids, mask = pad_rows(rows, pad_id_of(tok))
+            ids, mask = hf.pad_rows(rows, hf.pad_id_of(tok))
             labels = ids.clone()
             for i, (p, c, n) in enumerate(batch):
                 labels[i, :len(p)] = -100
@@ -166,7 +165,7 @@ def bench_logodds(model, tok, dev, rows, args, label):
     err = max(np.abs(fast.nll_pos - slow.nll_pos).max(), np.abs(fast.nll_neg - slow.nll_neg).max())
     # FLOPs counted as 2·params per token and layer run (attention scores are small at ~130 tokens).
     cfg = model.config
-    per_layer = sum(p.numel() for p in models.decoder_layers(model)[0].parameters())
+    per_layer = sum(p.numel() for p in hf.decoder_layers(model)[0].parameters())
     n_layers, P, M = cfg.num_hidden_layers, len(pairs), len(ms)
     comp = np.mean([len(encode_pair(tok, p)[1]) + len(encode_pair(tok, p)[2]) for p in pairs])  # both sides
     head = 2 * cfg.hidden_size * cfg.vocab_size
@@ -174,7 +173,7 @@ def bench_logodds(model, tok, dev, rows, args, label):
     # so layer L runs once too); layers > L per m over the prompt once and both completions, except that the
     # prompt's last layer only computes keys and values (its last token runs with each completion); lm_head at
     # completion positions only.
-    attn0 = models.decoder_layers(model)[-1].self_attn
+    attn0 = hf.decoder_layers(model)[-1].self_attn
     kv_frac = (attn0.k_proj.weight.numel() + attn0.v_proj.weight.numel()) / per_layer
     above = n_layers - L - 1
     flops_fast = (2 * per_layer * ((L + 1) * P * (tokens + comp + 1)

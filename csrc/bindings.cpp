@@ -72,9 +72,9 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("split_lse",
-        [](bool on_cuda, int dtype, std::uintptr_t z, int64_t ldz, int64_t C, int64_t Vc, int64_t v0, std::uintptr_t tgt,
+        [](bool on_cuda, int dtype, std::uintptr_t z, int64_t ldz, int64_t C, int64_t Vc, std::uintptr_t tgt,
            float softcap, std::uintptr_t run_max, std::uintptr_t run_sum, std::uintptr_t z_tgt, std::uintptr_t stream) {
-          LseArgs a{ptr<const void*>(z), ldz, C, Vc, v0, ptr<const int64_t*>(tgt), softcap, ptr<float*>(run_max),
+          LseArgs a{ptr<const void*>(z), ldz, C, Vc, ptr<const int64_t*>(tgt), softcap, ptr<float*>(run_max),
                     ptr<float*>(run_sum), ptr<float*>(z_tgt), dtype};
           if (!on_cuda) return fastsplit::split_lse_cpu(a);
           need_cuda("split_lse");
@@ -84,10 +84,9 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("split_grad",
-        [](bool on_cuda, int dtype, std::uintptr_t z, int64_t ldz, int64_t C, int64_t Vc, int64_t v0, std::uintptr_t tgt,
-           float softcap, std::uintptr_t lse, std::uintptr_t row_scale, std::uintptr_t stream) {
-          GradArgs a{ptr<void*>(z), ldz, C, Vc, v0, ptr<const int64_t*>(tgt), softcap, ptr<const float*>(lse),
-                     ptr<const float*>(row_scale), dtype};
+        [](bool on_cuda, int dtype, std::uintptr_t z, int64_t ldz, int64_t C, int64_t Vc, std::uintptr_t tgt,
+           float softcap, std::uintptr_t lse, std::uintptr_t stream) {
+          GradArgs a{ptr<void*>(z), ldz, C, Vc, ptr<const int64_t*>(tgt), softcap, ptr<const float*>(lse), dtype};
           if (!on_cuda) return fastsplit::split_grad_cpu(a);
           need_cuda("split_grad");
 #ifdef FASTSPLIT_WITH_CUDA

@@ -7,33 +7,35 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import native as _native
+from ._env import set_debug
+from .analysis import Fit, Sweep, analyze, fit_curves, logodds_sweep, operating_point, plot_sweep
 from .data import Pair, demo_pairs, encode_pair, load_pairs, split_pairs
 from .generate import generate_sweep
-from .analysis import Fit, Sweep, analyze, fit_curves, logodds_sweep, operating_point, plot_sweep
-from .models import load_default_model, load_model
+from .hf import Steering, attach, load_default_model, load_model, load_steering
 from .nn import SplitLoss, SteeredLinear
 from .ops._backend import TRITON_VERSION as _TRITON_VERSION
 from .ops.split_loss import split_loss, split_loss_ref
 from .ops.steered_linear import steered_linear, steered_linear_ref
-from .steering import Steering, attach, load_steering
 from .train import train
 
 
 def build_info() -> dict:
-    """What this install can run: the compiled extension's CPU and CUDA builds, Triton, torch."""
+    """What this install can run: the compiled extension's CPU build and its CUDA kernels (compiled in or
+    not), whether a CUDA device is present, Triton and torch."""
     import torch
 
     return {
         "version": __version__,
         "native_cpu": _native._C is not None,
-        "native_cuda": _native.cuda_built(),
+        "cuda_kernels_compiled": _native.cuda_built(),
         "cuda_archs": _native.cuda_archs(),
+        "cuda_device_present": torch.cuda.is_available(),
         "triton": _TRITON_VERSION,
         "torch": torch.__version__,
     }
 
 
-__all__ = ["__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
+__all__ = ["__version__", "build_info", "set_debug", "steered_linear", "steered_linear_ref", "SteeredLinear",
            "split_loss", "split_loss_ref", "SplitLoss",
            "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs",
            "train", "generate_sweep", "load_default_model", "load_model",

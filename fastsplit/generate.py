@@ -1,19 +1,18 @@
 """Batched generation over many steering strengths: every (prompt, m) is a row with its own m."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
+from . import hf
 from .data import chat_prompt_ids
-from .steering import Steering
-from .train import pad_id_of, pad_rows
+from .ops._checks import check_strengths
 
 __all__ = ["generate_sweep"]
 
 
-def generate_sweep(model, tokenizer, steering: Steering, prompts: Sequence[str], multipliers: Sequence[float], *,
+def generate_sweep(model, tokenizer, steering: hf.Steering, prompts: Sequence[str], multipliers: Sequence[float], *,
                    max_new_tokens: int = 32, do_sample: bool = False, batch_size: int | None = None,
                    chat: bool = True, progress: bool = True, **generate_kwargs) -> list[list[str]]:
     """Generate for every prompt at every multiplier; returns texts indexed ``[prompt][multiplier]``.
@@ -30,12 +29,8 @@ def generate_sweep(model, tokenizer, steering: Steering, prompts: Sequence[str],
     """
     if not prompts:
         raise ValueError("prompts is empty")
-    if not multipliers:
-        raise ValueError("multipliers is empty")
-    ms = [float(m) for m in multipliers]
-    if any(not math.isfinite(m) for m in ms):
-        raise ValueError(f"multipliers must be finite, got {list(multipliers)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    ms = check_strengths("multipliers", multipliers)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     from tqdm.auto import tqdm
 
@@ -44,11 +39,11 @@ def generate_sweep(model, tokenizer, steering: Steering, prompts: Sequence[str],
     encoded = [chat_prompt_ids(tokenizer, p, chat) for p in prompts]
     rows = [(i, j) for i in range(len(prompts)) for j in range(len(ms))]
     size = batch_size or min(len(rows), 256)
-    pad = pad_id_of(tokenizer)
+    pad = hf.pad_id_of(tokenizer)
     out: list[list[str]] = [[""] * len(ms) for _ in prompts]
     for s in tqdm(range(0, len(rows), size), desc="generate", disable=not progress, leave=False):
         chunk = rows[s:s + size]
-        ids, mask = pad_rows([encoded[i] for i, _ in chunk], pad, left=True)
+        ids, mask = hf.pad_rows([encoded[i] for i, _ in chunk], pad, left=True)
         m = torch.tensor([ms[j] for _, j in chunk], device=device, dtype=dtype)
         with torch.no_grad(), steering.multiplier(m):
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),

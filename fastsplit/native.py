@@ -26,7 +26,7 @@ if importlib.util.find_spec("fastsplit._C") is None:
     _IMPORT_ERROR = "it was not built"
 else:
     try:
-        from . import _C  # type: ignore[attr-defined]
+        _C = importlib.import_module("fastsplit._C")
     except Exception as exc:  # pragma: no cover - depends on the build
         _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 if _C is None:
@@ -37,7 +37,6 @@ elif not _C.cuda_built() and os.environ.get("FASTSPLIT_QUIET_NATIVE") != "1":
                 "(backend='native' runs on CPU tensors only).")
 
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
 
 
 def cuda_built() -> bool:
@@ -107,23 +106,17 @@ def _(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_row
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def steered_linear_bwd(*args):
-    """Native backward: torch ops (cuBLAS on a GPU); the decode path is forward-only."""
-    from .ops.steered_linear import steered_linear_bwd_torch
-
-    return steered_linear_bwd_torch(*args)
-
-
 @torch.library.custom_op("fastsplit::split_loss_native_fwd", mutates_args=())
 def split_loss_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
-                   need_dh: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   need_dh: bool, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Native SPLIT launcher: logits chunks from torch.matmul (cuBLAS on a GPU), the epilogue in the extension.
-    Same contract as the torch and Triton launchers: (nll [N], lse [N], dH [N, H] or empty), fp32."""
+    Same contract as the torch and Triton launchers: (nll [N], lse [N], dH [N, H] or empty), fp32, holding
+    one [chunk_rows, V] logits block."""
     N, H = h.shape
     V = weight.shape[0]
     kd = _kernel_dtype(h)
     w = weight.to(kd)
-    chunk = max(1, min(N, _CHUNK_BYTES["cuda" if h.is_cuda else "cpu"] // (4 * V))) if N else 1
+    chunk = max(1, min(N, chunk_rows))
     dev, f32 = h.device, torch.float32
     nll = torch.empty(N, device=dev, dtype=f32)
     lse = torch.empty(N, device=dev, dtype=f32)
@@ -138,19 +131,19 @@ def split_loss_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor
         run_max = torch.full((e - s,), float("-inf"), device=dev, dtype=f32)
         run_sum = torch.zeros(e - s, device=dev, dtype=f32)
         z_t = torch.empty(e - s, device=dev, dtype=f32)
-        _C.split_lse(h.is_cuda, _CODES[kd], _p(z), z.stride(0), e - s, V, 0, _p(tgt[s:e]), cap, _p(run_max),
+        _C.split_lse(h.is_cuda, _CODES[kd], _p(z), z.stride(0), e - s, V, _p(tgt[s:e]), cap, _p(run_max),
                      _p(run_sum), _p(z_t), _stream(h))
         lse[s:e] = run_max + run_sum.log()
         nll[s:e] = lse[s:e] - z_t
         if need_dh:
-            _C.split_grad(h.is_cuda, _CODES[kd], _p(z), z.stride(0), e - s, V, 0, _p(tgt[s:e]), cap,
-                          _p(lse[s:e]), 0, _stream(h))
+            _C.split_grad(h.is_cuda, _CODES[kd], _p(z), z.stride(0), e - s, V, _p(tgt[s:e]), cap,
+                          _p(lse[s:e]), _stream(h))
             dh[s:e] = (z @ w).float()  # dlogits were written in place over the logits
     return nll, lse, dh
 
 
 @split_loss_fwd.register_fake
-def _(h, tgt, weight, bias, softcap, need_dh):
+def _(h, tgt, weight, bias, softcap, need_dh, chunk_rows):
     n = h.shape[0]
     f = dict(device=h.device, dtype=torch.float32)
     return (torch.empty(n, **f), torch.empty(n, **f),
@@ -159,7 +152,8 @@ def _(h, tgt, weight, bias, softcap, need_dh):
 
 def split_reduce(nll_p: Tensor, rows_p: Tensor, nll_n: Tensor, rows_n: Tensor, B: int, reduction: str,
                  lp: float, ln: float, gamma: float, theta: float):
-    """Native row reductions and hinge coefficients; same contract as ``ops.split_loss._reduce``."""
+    """Native row reductions and hinge coefficients; same contract as ``ops.split_loss._reduce``: ``rows_*``
+    [n] hold each token's batch row, or -1 for a masked token (not counted; coefficient 0)."""
     pair = reduction == "pair"
     nb = B if pair else 1
     dev, f32 = nll_p.device, torch.float32

@@ -13,7 +13,27 @@ from .ops.steered_linear import steered_linear
 
 FORMS = ("vector", "lora", "local_weight")
 
-__all__ = ["SteeredLinear", "SplitLoss", "FORMS"]
+__all__ = ["SteeredLinear", "SplitLoss", "FORMS", "init_steering_parameters"]
+
+
+def init_steering_parameters(module: nn.Module, in_features: int, out_features: int, form: str, rank: int,
+                             **factory) -> None:
+    """Register the trainable update of ``form`` on ``module``: ``delta_bias`` [out] (zeros) always, plus
+    ``lora_a`` [r, in] (peft's Kaiming init) and ``lora_b`` [out, r] (zeros), or ``delta_weight`` [out, in]
+    (zeros); the others are None. Every form starts as a no-op."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "lora" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int for form='lora', got {rank!r}")
+    module.form, module.rank = form, (rank if form == "lora" else None)
+    module.delta_bias = nn.Parameter(torch.zeros(out_features, **factory))
+    module.delta_weight = module.lora_a = module.lora_b = None
+    if form == "lora":
+        module.lora_a = nn.Parameter(torch.empty(rank, in_features, **factory))
+        nn.init.kaiming_uniform_(module.lora_a, a=math.sqrt(5))  # peft's default init for A
+        module.lora_b = nn.Parameter(torch.zeros(out_features, rank, **factory))
+    elif form == "local_weight":
+        module.delta_weight = nn.Parameter(torch.zeros(out_features, in_features, **factory))
 
 
 class SteeredLinear(nn.Module):
@@ -58,30 +78,18 @@ class SteeredLinear(nn.Module):
         return self
 
     def _setup(self, linear: nn.Linear, *, form, rank, multiplier, backend, freeze_base) -> None:
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if form == "lora" and (not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank must be a positive int for form='lora', got {rank!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.form, self.rank = form, (rank if form == "lora" else None)
         self.backend = backend
         self.multiplier: Multiplier = multiplier
         self.bias_multiplier: Optional[Multiplier] = None
         self.weight = linear.weight
         self.bias = linear.bias
+        init_steering_parameters(self, self.in_features, self.out_features, form, rank,
+                                 device=linear.weight.device, dtype=linear.weight.dtype)
         if freeze_base:
             self.weight.requires_grad_(False)
             if self.bias is not None:
                 self.bias.requires_grad_(False)
-        kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        self.delta_bias = nn.Parameter(torch.zeros(self.out_features, **kw))
-        self.delta_weight = self.lora_a = self.lora_b = None
-        if form == "lora":
-            self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **kw))
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # peft's default init for A
-            self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
-        elif form == "local_weight":
-            self.delta_weight = nn.Parameter(torch.zeros(self.out_features, self.in_features, **kw))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [..., in] -> [..., out]."""

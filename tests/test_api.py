@@ -6,7 +6,7 @@ import fastsplit
 
 def test_public_names():
     assert sorted(fastsplit.__all__) == sorted([
-        "__version__", "build_info", "steered_linear", "steered_linear_ref", "SteeredLinear",
+        "__version__", "build_info", "set_debug", "steered_linear", "steered_linear_ref", "SteeredLinear",
         "split_loss", "split_loss_ref", "SplitLoss",
         "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs",
         "train", "generate_sweep", "load_default_model", "load_model",
@@ -28,7 +28,7 @@ def test_steered_linear_signature():
 
 def test_build_info_keys():
     info = fastsplit.build_info()
-    assert {"native_cpu", "native_cuda", "cuda_archs", "triton", "torch"} <= set(info)
+    assert {"native_cpu", "cuda_kernels_compiled", "cuda_device_present", "cuda_archs", "triton", "torch"} <= set(info)
     assert info["torch"] == __import__("torch").__version__
 
 

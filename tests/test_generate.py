@@ -30,7 +30,7 @@ def test_sweep_equals_sequential_greedy(arch, form):
 def test_bad_arguments():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     s = fastsplit.attach(model, 1, "vector")
-    with pytest.raises(ValueError, match="multipliers is empty"):
+    with pytest.raises(ValueError, match="multipliers needs at least 1 value"):
         fastsplit.generate_sweep(model, tok, s, ["x"], [])
     with pytest.raises(ValueError, match="finite"):
         fastsplit.generate_sweep(model, tok, s, ["x"], [float("inf")])

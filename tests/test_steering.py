@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastsplit
-from fastsplit import models
+from fastsplit import hf
 from fastsplit.nn import SteeredLinear
 from tests.tiny import ARCHS, randomize, tiny_model, tiny_tokenizer
 
@@ -95,12 +95,12 @@ def test_detach_restores_exactly(arch, site):
     before_logits = _logits(model, ids, mask)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    down = models.decoder_layers(model)[2].mlp.down_proj
+    down = hf.decoder_layers(model)[2].mlp.down_proj
     steering = fastsplit.attach(model, 2, "local_weight", site=site)
     randomize(steering)
-    assert (type(models.decoder_layers(model)[2].mlp.down_proj) is SteeredLinear) == (site == "down_proj")
+    assert (type(hf.decoder_layers(model)[2].mlp.down_proj) is SteeredLinear) == (site == "down_proj")
     steering.detach()
-    assert models.decoder_layers(model)[2].mlp.down_proj is down
+    assert hf.decoder_layers(model)[2].mlp.down_proj is down
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
@@ -182,10 +182,10 @@ def test_cached_prefix_equals_full_forward(arch):
     mask[1, -2:] = 0
     s = fastsplit.attach(model, 2, "vector")
     randomize(s)
-    full = models.decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
-    h_in = models.capture_layer_input(model, 2, ids, mask)
-    with models.from_layer(model, 2, h_in):
-        part = models.decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    full = hf.decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    h_in = hf.capture_layer_input(model, 2, ids, mask)
+    with hf.from_layer(model, 2, h_in):
+        part = hf.decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     valid = mask.bool()
     torch.testing.assert_close(part[valid], full[valid], atol=1e-5, rtol=1e-5)
-    assert all(not isinstance(layer, models._PassThrough) for layer in models.decoder_layers(model))
+    assert all(not isinstance(layer, hf.runner._PassThrough) for layer in hf.decoder_layers(model))

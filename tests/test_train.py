@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastsplit
-from fastsplit import models
+from fastsplit import hf
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PAIRS = fastsplit.demo_pairs()[:12]
@@ -33,7 +33,7 @@ def test_one_forward_per_step_and_no_hf_logits():
     model = tiny_model("llama")
     s = fastsplit.attach(model, 1, "vector")
     calls = {"norm": 0}
-    h1 = models.decoder(model).norm.register_forward_hook(lambda *a: calls.__setitem__("norm", calls["norm"] + 1))
+    h1 = hf.decoder(model).norm.register_forward_hook(lambda *a: calls.__setitem__("norm", calls["norm"] + 1))
 
     def no_logits(*a):
         raise AssertionError("lm_head was called: training must not build HF logits")
@@ -117,8 +117,6 @@ def test_packed_rows_train_like_separate_rows(arch):
 
 
 def test_short_sliding_window_turns_packing_off():
-    from fastsplit.train import _packable, _Rows
-
-    rows = _Rows(tiny_tokenizer(), PAIRS, chat=True)
-    assert not _packable(tiny_model("gemma2"), rows)  # window 8 is shorter than a packed row
-    assert _packable(tiny_model("llama"), rows)
+    enc = [fastsplit.encode_pair(tiny_tokenizer(), p) for p in PAIRS]
+    assert not hf.packable(tiny_model("gemma2"), enc)  # window 8 is shorter than a packed row
+    assert hf.packable(tiny_model("llama"), enc)

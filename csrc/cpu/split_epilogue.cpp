@@ -16,7 +16,7 @@ void split_lse_cpu(const LseArgs& a) {
   for (int64_t c = 0; c < a.C; ++c) {
     LseState st{a.run_max[c], a.run_sum[c]};
     const float* row = z + c * a.ldz;
-    const int64_t t = a.tgt[c] - a.v0;
+    const int64_t t = a.tgt[c];
     for (int64_t v = 0; v < a.Vc; ++v) {
       const float zc = softcap(row[v], a.softcap);
       lse_push(st, zc);
@@ -32,10 +32,8 @@ void split_grad_cpu(const GradArgs& a) {
   float* z = static_cast<float*>(a.z);
   for (int64_t c = 0; c < a.C; ++c) {
     float* row = z + c * a.ldz;
-    const float scale = a.row_scale ? a.row_scale[c] : 1.0f;
-    const int64_t t = a.tgt[c] - a.v0;
-    for (int64_t v = 0; v < a.Vc; ++v)
-      row[v] = dlogit(softcap(row[v], a.softcap), a.lse[c], v == t, a.softcap) * scale;
+    const int64_t t = a.tgt[c];
+    for (int64_t v = 0; v < a.Vc; ++v) row[v] = dlogit(softcap(row[v], a.softcap), a.lse[c], v == t, a.softcap);
   }
 }
 
@@ -43,11 +41,13 @@ void split_reduce_cpu(const ReduceArgs& a) {
   float* s = a.sums;  // [4, B]: pos sum, pos count, neg sum, neg count
   const int64_t B = a.pair ? a.B : 1;
   for (int64_t i = 0; i < a.n_pos; ++i) {
+    if (a.rows_pos[i] < 0) continue;  // a masked token
     const int64_t r = a.pair ? a.rows_pos[i] : 0;
     s[r] += a.nll_pos[i];
     s[B + r] += 1.0f;
   }
   for (int64_t i = 0; i < a.n_neg; ++i) {
+    if (a.rows_neg[i] < 0) continue;
     const int64_t r = a.pair ? a.rows_neg[i] : 0;
     s[2 * B + r] += a.nll_neg[i];
     s[3 * B + r] += 1.0f;
@@ -64,8 +64,9 @@ void split_reduce_cpu(const ReduceArgs& a) {
     s[r] = cp / (s[B + r] * B);  // reuse the sum slots for the per-token coefficients of this row
     s[2 * B + r] = cn / (s[3 * B + r] * B);
   }
-  for (int64_t i = 0; i < a.n_pos; ++i) a.coef_pos[i] = s[a.pair ? a.rows_pos[i] : 0];
-  for (int64_t i = 0; i < a.n_neg; ++i) a.coef_neg[i] = s[2 * B + (a.pair ? a.rows_neg[i] : 0)];
+  for (int64_t i = 0; i < a.n_pos; ++i) a.coef_pos[i] = a.rows_pos[i] < 0 ? 0.0f : s[a.pair ? a.rows_pos[i] : 0];
+  for (int64_t i = 0; i < a.n_neg; ++i)
+    a.coef_neg[i] = a.rows_neg[i] < 0 ? 0.0f : s[2 * B + (a.pair ? a.rows_neg[i] : 0)];
   *a.loss = total / B;
 }
 

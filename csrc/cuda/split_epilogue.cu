@@ -29,7 +29,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) split_lse_kernel(LseArgs a) {
   const int64_t c = blockIdx.x;
   const T* row = static_cast<const T*>(a.z) + c * a.ldz;
-  const int64_t t = a.tgt[c] - a.v0;
+  const int64_t t = a.tgt[c];
   LseState s = lse_empty();
   for (int64_t v = threadIdx.x; v < a.Vc; v += kThreads) {
     const float zc = softcap(ld<T>(row + v), a.softcap);
@@ -62,8 +62,7 @@ __global__ void __launch_bounds__(kThreads) split_grad_kernel(GradArgs a) {
   const int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (v >= a.Vc) return;
   T* p = static_cast<T*>(a.z) + c * a.ldz + v;
-  const float scale = a.row_scale ? a.row_scale[c] : 1.0f;
-  st<T>(p, dlogit(softcap(ld<T>(p), a.softcap), a.lse[c], v == a.tgt[c] - a.v0, a.softcap) * scale);
+  st<T>(p, dlogit(softcap(ld<T>(p), a.softcap), a.lse[c], v == a.tgt[c], a.softcap));
 }
 
 // Phase 1: per-row sums and counts (atomics into the zeroed workspace). Phase 2 (one block): means, hinge,
@@ -74,7 +73,9 @@ __global__ void split_sums_kernel(ReduceArgs a) {
        i += int64_t(gridDim.x) * blockDim.x) {
     const bool pos = i < a.n_pos;
     const int64_t j = pos ? i : i - a.n_pos;
-    const int64_t r = a.pair ? (pos ? a.rows_pos[j] : a.rows_neg[j]) : 0;
+    const int64_t row = pos ? a.rows_pos[j] : a.rows_neg[j];
+    if (row < 0) continue;  // a masked token
+    const int64_t r = a.pair ? row : 0;
     atomicAdd(a.sums + (pos ? 0 : 2 * B) + r, pos ? a.nll_pos[j] : a.nll_neg[j]);
     atomicAdd(a.sums + (pos ? B : 3 * B) + r, 1.0f);
   }
@@ -105,10 +106,13 @@ __global__ void split_coef_kernel(ReduceArgs a) {
   const int64_t B = a.pair ? a.B : 1;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.n_pos + a.n_neg;
        i += int64_t(gridDim.x) * blockDim.x) {
-    if (i < a.n_pos)
-      a.coef_pos[i] = a.sums[a.pair ? a.rows_pos[i] : 0];
-    else
-      a.coef_neg[i - a.n_pos] = a.sums[2 * B + (a.pair ? a.rows_neg[i - a.n_pos] : 0)];
+    if (i < a.n_pos) {
+      const int64_t row = a.rows_pos[i];
+      a.coef_pos[i] = row < 0 ? 0.0f : a.sums[a.pair ? row : 0];
+    } else {
+      const int64_t row = a.rows_neg[i - a.n_pos];
+      a.coef_neg[i - a.n_pos] = row < 0 ? 0.0f : a.sums[2 * B + (a.pair ? row : 0)];
+    }
   }
 }
 

@@ -19,11 +19,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import models
+from .. import hf
 from ..data import Pair, encode_pair
+from ..ops._checks import check_strengths
 from ..ops.split_loss import split_loss_fwd_torch
-from ..steering import Steering
-from ..train import last_hidden, pad_id_of
 
 __all__ = ["Sweep", "logodds_sweep", "logodds_naive", "util_odds"]
 
@@ -88,46 +87,23 @@ class Sweep:
 def _check(pairs, multipliers):
     if not pairs:
         raise ValueError("pairs is empty")
-    ms = [float(m) for m in multipliers]
-    if not ms or any(not math.isfinite(m) for m in ms):
-        raise ValueError(f"multipliers must be a non-empty list of finite numbers, got {list(multipliers)}")
-    return ms
+    return check_strengths("multipliers", multipliers)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def _alias_skipped(cache, layer: int) -> None:
-    """Point the cache slots of the pass-through layers below ``layer`` at a computed layer of the same kind,
-    so the model's mask and length look-ups (which read the first layer of each kind) see real lengths."""
-    slots = cache.layers
-    for i in range(layer):
-        kind = (type(slots[i]), getattr(slots[i], "is_sliding", False))
-        same = [j for j in range(layer, len(slots)) if (type(slots[j]), getattr(slots[j], "is_sliding", False)) == kind]
-        slots[i] = slots[same[0] if same else layer]
-
-
-def _decoder_pass(model, steering: Steering, m_rows, hidden_in, start, **kw):
+def _decoder_pass(model, steering: hf.Steering, m_rows, hidden_in, start, **kw):
     with steering.multiplier(m_rows):
-        return last_hidden(model, steering, hidden_in, start=start, **kw)
+        return hf.last_hidden(model, hidden_in, start=start, **kw)
 
 
-def _affine_in_m(model, steering: Steering) -> bool:
-    """Whether the residual stream after the steered layer is exactly r0 + m·d: the update enters it by
-    addition (the residual site; down_proj in a layer with no norm after its MLP, as in Llama and Qwen2, not
-    Gemma-2), and a layer follows it."""
-    layers = models.decoder_layers(model)
-    if steering.layer == len(layers) - 1:
-        return False
-    return steering.site == "residual" or not hasattr(layers[steering.layer], "post_feedforward_layernorm")
-
-
-def _capture(model, steering: Steering, start: int, ids, mask, pos, cache):
+def _capture(model, steering: hf.Steering, start: int, ids, mask, pos, cache):
     """The input of decoder layer ``start`` [N, T, H] and, when ``start`` is past the steered layer, its
     derivative in m (else None): the input at m is ``h + m·d``, so layers <= L run once for all m."""
     if start <= steering.layer:
-        return models.capture_layer_input(model, start, ids, mask, pos, cache), None
+        return hf.capture_layer_input(model, start, ids, mask, pos, cache), None
     seen = {}
 
     def hook(mod, args, out):
@@ -136,7 +112,7 @@ def _capture(model, steering: Steering, start: int, ids, mask, pos, cache):
     handle = steering.module.register_forward_hook(hook)
     try:
         with steering.multiplier(0.0):
-            h0 = models.capture_layer_input(model, start, ids, mask, pos, cache)
+            h0 = hf.capture_layer_input(model, start, ids, mask, pos, cache)
     finally:
         handle.remove()
     with steering.multiplier(1.0):
@@ -152,7 +128,7 @@ def _at(h, d, m_rows):
 
 
 @torch.no_grad()
-def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
+def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
                   length_norm: bool = False, batch_size: int | None = None, chat: bool = True,
                   progress: bool = True) -> Sweep:
     """Teacher-forced NLLs of every pair's two completions at every multiplier, fast; returns a :class:`Sweep`.
@@ -167,33 +143,29 @@ def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], m
         >>> sweep = logodds_sweep(model, tok, steering, test_pairs, np.linspace(-8, 8, 21))
         >>> sweep.summary()["pref_mean"]
     """
-    from transformers import DynamicCache
     from tqdm.auto import tqdm
 
     ms = _check(pairs, multipliers)
     M = len(ms)
     device = next(model.parameters()).device
     mdtype = next(steering.module.parameters()).dtype
-    pad = pad_id_of(tokenizer)
-    head, softcap = models.lm_head(model), models.logit_softcap(model)
+    pad = hf.pad_id_of(tokenizer)
+    head, softcap = hf.lm_head(model), hf.logit_softcap(model)
     L = steering.layer
     enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
     per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
     nll = np.zeros((len(pairs), M, 2))
-    last = len(models.decoder_layers(model)) - 1
-    start = L + 1 if _affine_in_m(model, steering) else L  # the first layer whose input depends on m
+    last = len(hf.decoder_layers(model)) - 1
+    start = L + 1 if hf.affine_in_m(model, L, steering.site) else L  # the first layer whose input depends on m
     for s in tqdm(range(0, len(enc), per), desc="log-odds sweep", disable=not progress, leave=False):
         chunk = enc[s:s + per]
         b = len(chunk)
         Tp = max(len(p) for p, _, _ in chunk)
         Tc = max(max(len(c), len(n)) for _, c, n in chunk)
-        ids = torch.full((b, 2, Tp + Tc), pad, dtype=torch.long)
-        mask = torch.zeros((b, 2, Tp + Tc), dtype=torch.long)
-        for i, (p, c, n) in enumerate(chunk):  # prompts left-padded, completions right-padded after them
-            for k, comp in enumerate((c, n)):
-                ids[i, k, Tp - len(p):Tp + len(comp)] = torch.tensor(p + comp)
-                mask[i, k, Tp - len(p):Tp + len(comp)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        # Rows (pair, side): the prompt left-padded to Tp, then the completion right-padded to Tc.
+        prompts = hf.pad_rows([p for p, _, _ in chunk for _ in range(2)], pad, left=True, length=Tp)
+        comps = hf.pad_rows([comp for _, c, n in chunk for comp in (c, n)], pad, length=Tc)
+        ids, mask = (torch.cat([a, z], dim=1).view(b, 2, Tp + Tc).to(device) for a, z in zip(prompts, comps))
         pos = _positions(mask.flatten(0, 1)).view(b, 2, -1)
         # Body: the prompt but its last token, shared by both sides and every m. Tail: the prompt's last
         # token (it predicts the first completion token) and one completion; each side runs it on the body's
@@ -203,7 +175,7 @@ def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], m
         tail = lambda t: t[:, :, Tq:].flatten(0, 1)  # [2b, 1 + Tc], rows (pair, side)
         h_body = d_body = h_tail = d_tail = None
         if start > 0:  # the layers below the first m-dependent one: once per pair, whatever M is
-            below = DynamicCache(config=model.config)
+            below = hf.new_cache(model)
             if Tq:
                 h_body, d_body = _capture(model, steering, start, body(ids), body(mask), body(pos), below)
                 below.batch_repeat_interleave(2)
@@ -211,15 +183,15 @@ def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], m
         # Body pass: every (pair, m) row once, pair-major.
         m_rows = torch.tensor(ms, device=device, dtype=mdtype).repeat(b)
         rep = lambda t: None if t is None else t.repeat_interleave(M, 0)
-        cache = DynamicCache(config=model.config)
+        cache = hf.new_cache(model)
         if Tq:
-            with models.keys_values_only(model, last):
+            with hf.keys_values_only(model, last):
                 _decoder_pass(model, steering, m_rows, _at(rep(h_body), rep(d_body), m_rows), start,
                               input_ids=rep(body(ids)), attention_mask=rep(body(mask)), position_ids=rep(body(pos)),
                               past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(2)
             if start > 0:
-                _alias_skipped(cache, start)
+                hf.alias_skipped(cache, start)
         # Tail pass: rows (pair, m, side); the body's cache serves both sides.
         per_m = lambda t: (None if t is None else  # rows (pair, side) -> (pair, m, side)
                            t.view(b, 1, 2, *t.shape[1:]).expand(b, M, 2, *t.shape[1:]).flatten(0, 2))
@@ -240,7 +212,7 @@ def logodds_sweep(model, tokenizer, steering: Steering, pairs: Sequence[Pair], m
 
 
 @torch.no_grad()
-def logodds_naive(model, tokenizer, steering: Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
+def logodds_naive(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
                   length_norm: bool = False, chat: bool = True, progress: bool = True) -> Sweep:
     """The plain loop: one full forward per (m, pair, completion), full-vocabulary logits. Oracle and baseline."""
     from tqdm.auto import tqdm

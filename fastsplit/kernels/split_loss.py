@@ -1,6 +1,7 @@
 """Triton kernels for the SPLIT loss: per-token NLL and the unscaled dH, one chunk of tokens at a time.
 
-Per chunk of C unmasked token rows (C·V·4 bytes of workspace, the one tile the op holds):
+Per chunk of C token rows (C·V·4 bytes of workspace, the one tile the op holds; the op derives C from
+the device and the problem, ``fastsplit.ops._chunks``):
 
 * ``_split_loss_fwd_kernel`` (grid: row tiles × vocab tiles): z = softcap(h·Wᵀ + b) for its tile,
   stored to the fp32 workspace, plus the tile's row max and Σexp (online log-sum-exp partials)
@@ -20,29 +21,44 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ..ops._backend import triton_interpreting
+from .._env import triton_interpreting
+from ._common import bucket, elem_bytes, launch, pruner, use_fixed
 
 _INTERPRET = triton_interpreting()
-_CHUNK_BYTES = (8 << 20) if _INTERPRET else (512 << 20)
-
-
-def _configs(names, table):
-    keep = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
-    if _INTERPRET:
-        return [triton.Config(keep(dict(zip(names, (64, 64, 64)))))]
-    return [triton.Config(keep(dict(zip(names, t[:3]))), num_warps=t[3], num_stages=t[4]) for t in table]
-
 
 # BLOCK_V is fixed, not tuned: it sets how many log-sum-exp partials each row has.
 _FWD_BLOCK_V = 64 if _INTERPRET else 128
+# Row tile of both kernels' largest config: the op sizes its chunks in multiples of it.
+BLOCK_M_MAX = 128
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K", "_unused"),
-                                  [(128, 64, 0, 8, 3), (128, 64, 0, 4, 4), (64, 64, 0, 4, 4),
-                                   (128, 128, 0, 8, 3), (64, 128, 0, 4, 3)]),
-                 key=["C_BUCKET", "V", "H"])
+def _configs(names, table):
+    if _INTERPRET:
+        return [triton.Config(dict(zip(names, (64, 64, 64))))]
+    return [triton.Config(dict(zip(names, t[:len(names)])), num_warps=t[-2], num_stages=t[-1]) for t in table]
+
+
+def fwd_footprint(es: int):
+    """Logits kernel: pipelined h [BM, BK] and W [BK, BV] tiles."""
+    return lambda c: c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * _FWD_BLOCK_V) * es
+
+
+def bwd_footprint(es: int):
+    """dH kernel: pipelined fp32 logits [BM, BV] and W [BV, BK] tiles, plus the softmax tile as a dot operand."""
+    return lambda c: (c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_V"] * 4 + c["BLOCK_V"] * c["BLOCK_K"] * es)
+                      + c["BLOCK_M"] * c["BLOCK_V"] * es)
+
+
+FIXED_FWD = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+FIXED_BWD = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V": 64}, num_warps=4, num_stages=2)
+
+
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K"),
+                                  [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3),
+                                   (64, 128, 4, 3), (64, 64, 4, 2)]),
+                 key=["C_BUCKET", "V", "H"], prune_configs_by=pruner(lambda n, kw: fwd_footprint(elem_bytes(n["Hid"]))))
 @triton.jit
 def _split_loss_fwd_kernel(
     Hid, W, BIAS, TGT, Z, PMAX, PSUM, ZT,
@@ -92,8 +108,8 @@ def _split_loss_fwd_kernel(
 
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_V"),
                                   [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
-                                   (128, 64, 64, 4, 4), (64, 64, 128, 4, 4)]),
-                 key=["C_BUCKET", "V", "H"])
+                                   (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 64, 64, 4, 2)]),
+                 key=["C_BUCKET", "V", "H"], prune_configs_by=pruner(lambda n, kw: bwd_footprint(elem_bytes(n["W"]))))
 @triton.jit
 def _split_loss_bwd_kernel(
     Z, LSE, TGT, W, DH,
@@ -132,22 +148,17 @@ def _split_loss_bwd_kernel(
              mask=mask_m[:, None] & mask_k[None, :])
 
 
-def _bucket(c: int) -> int:
-    return min(triton.next_power_of_2(max(c, 1)), 4096)
-
-
 @triton_op("fastsplit::split_loss_fwd", mutates_args={})
 def split_loss_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
-                   need_dh: bool, chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton launcher. ``h`` [N, H] unmasked rows, ``tgt`` [N] in [0, V), ``weight`` [V, H].
+                   need_dh: bool, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton launcher. ``h`` [N, H] rows, ``tgt`` [N] in [0, V), ``weight`` [V, H].
 
-    Returns (nll [N], lse [N], dH [N, H] or empty), fp32. ``chunk_rows`` bounds the workspace
-    (0: as many rows as fit in the chunk budget).
+    Returns (nll [N], lse [N], dH [N, H] or empty), fp32, holding one [chunk_rows, V] fp32 logits
+    workspace (the op sizes it with ``fastsplit.ops._chunks.chunk_rows``).
     """
     N, H = h.shape
     V = weight.shape[0]
-    chunk = chunk_rows or max(16, _CHUNK_BYTES // (4 * V))
-    chunk = min(chunk, max(N, 1))
+    chunk = max(1, min(chunk_rows, N))
     dev = h.device
     nll = torch.empty(N, device=dev, dtype=torch.float32)
     lse = torch.empty(N, device=dev, dtype=torch.float32)
@@ -156,6 +167,7 @@ def split_loss_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor
     nvt = triton.cdiv(V, _FWD_BLOCK_V)
     ieee = h.dtype == torch.float32
     tgt32 = tgt.to(torch.int32)
+    fixed = use_fixed()
     for s in range(0, N, chunk):
         c = min(chunk, N - s)
         hs, ts = h[s:s + c], tgt32[s:s + c]
@@ -163,14 +175,12 @@ def split_loss_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor
         psum = torch.empty((c, nvt), device=dev, dtype=torch.float32)
         zt = torch.empty(c, device=dev, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(c, meta["BLOCK_M"]), nvt)
-        wrap_triton(_split_loss_fwd_kernel)[grid](
-            hs, weight, bias if bias is not None else weight, ts, z, pmax, psum, zt,
-            c, V, H, nvt,
-            hs.stride(0), hs.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
-            float(softcap or 1.0),
-            C_BUCKET=_bucket(c), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, IEEE=ieee,
-            BLOCK_V=_FWD_BLOCK_V,
-        )
+        launch(_split_loss_fwd_kernel, grid,
+               (hs, weight, bias if bias is not None else weight, ts, z, pmax, psum, zt, c, V, H, nvt,
+                hs.stride(0), hs.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
+                float(softcap or 1.0)),
+               dict(C_BUCKET=bucket(c), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, IEEE=ieee,
+                    BLOCK_V=_FWD_BLOCK_V), FIXED_FWD if fixed else None)
         top = pmax.max(dim=1).values
         row_lse = top + torch.log((psum * torch.exp(pmax - top[:, None])).sum(dim=1))
         lse[s:s + c] = row_lse
@@ -178,10 +188,9 @@ def split_loss_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor
         if need_dh:
             out = dh[s:s + c]
             grid = lambda meta: (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(H, meta["BLOCK_K"]))
-            wrap_triton(_split_loss_bwd_kernel)[grid](
-                z, lse[s:s + c], ts, weight, out, c, V, H,
-                z.stride(0), z.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-                1.0 / float(softcap or 1.0),
-                C_BUCKET=_bucket(c), SOFTCAP=softcap is not None, IEEE=ieee,
-            )
+            launch(_split_loss_bwd_kernel, grid,
+                   (z, lse[s:s + c], ts, weight, out, c, V, H,
+                    z.stride(0), z.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                    1.0 / float(softcap or 1.0)),
+                   dict(C_BUCKET=bucket(c), SOFTCAP=softcap is not None, IEEE=ieee), FIXED_BWD if fixed else None)
     return nll, lse, dh

@@ -3,7 +3,8 @@
 Two kernels:
 
 * ``_steered_linear_fwd_kernel`` computes ``Y = X·Wᵀ (+ m1⊙X·ΔWᵀ | + (m1⊙X·Aᵀ)·Bᵀ) + b + m2⊙Δb``
-  in one pass over K. It is also the ``dx`` kernel of the backward pass: with W, ΔW, A and B
+  in one pass over K; LoRA's skinny rank product m1⊙(X·Aᵀ) [M, r] is computed before the launch and
+  enters as one epilogue dot. It is also the ``dx`` kernel of the backward pass: with W, ΔW, A and B
   passed through transposed strides it computes ``dx = g·W + m1⊙g·ΔW`` or ``g·W + (m1⊙g·B)·A``.
 * ``_steered_linear_bwd_kernel`` computes the weight gradients ``dW = gᵀx`` and
   ``dΔW = (m1⊙g)ᵀx`` in one pass over the rows, reading g and x once for both.
@@ -20,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ..ops._backend import triton_interpreting
+from .._env import triton_interpreting
+from ._common import bucket, elem_bytes, launch, pruner, use_fixed
 
 _INTERPRET = triton_interpreting()
 
@@ -32,8 +34,9 @@ def _fwd_configs():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
     cfg = []
     for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                             (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
-                             (16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4)]:
+                             (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
+                             (128, 128, 32, 4, 3), (64, 64, 64, 4, 3),
+                             (16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 64, 4, 3)]:
         cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=w, num_stages=s))
     return cfg
@@ -44,16 +47,56 @@ def _bwd_configs():
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 64})]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w, num_stages=s)
             for bn, bk, bm, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                                     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]]
+                                     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3)]]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "N", "K", "R"])  # one config: no tuning run
+# One config per shape class under FASTSPLIT_FIXED_CONFIGS (tests): small enough to fit every budget in
+# fp32 with all operands (checked by tests/ops/test_configs.py), so correctness runs never autotune.
+FIXED_FWD = {"decode": triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                                     num_stages=2),
+             "prefill": triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                                      num_stages=2)}
+FIXED_BWD = {"any": triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2)}
+
+
+def fwd_footprint(es: int, *, has_dw: bool, has_lora: bool, block_r: int):
+    """Shared memory of the product kernel: pipelined x, W (and ΔW) tiles, plus the LoRA epilogue operands.
+    ΔW counts even when folded: its tile is loaded and pipelined like W's."""
+    n_b = 2 if has_dw else 1
+
+    def need(c):
+        main = c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + n_b * c["BLOCK_K"] * c["BLOCK_N"]) * es
+        epi = (c["BLOCK_M"] * block_r + block_r * c["BLOCK_N"]) * es if has_lora else 0
+        return main + epi
+
+    return need
+
+
+def bwd_footprint(es: int, *, per_row_dw: bool):
+    """Shared memory of the weight-gradient kernel: pipelined gᵀ and x tiles, plus the m1-scaled gᵀ operand."""
+
+    def need(c):
+        main = c["num_stages"] * (c["BLOCK_N"] * c["BLOCK_M"] + c["BLOCK_M"] * c["BLOCK_K"]) * es
+        return main + (c["BLOCK_N"] * c["BLOCK_M"] * es if per_row_dw else 0)
+
+    return need
+
+
+def _fwd_prune(named, kw):
+    return fwd_footprint(elem_bytes(named["X"]), has_dw=kw["HAS_DW"], has_lora=kw["HAS_LORA"], block_r=kw["BLOCK_R"])
+
+
+def _bwd_prune(named, kw):
+    return bwd_footprint(elem_bytes(named["X"]), per_row_dw=kw["NEED_DW"] and kw["M1_ROWS"])
+
+
+@triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "N", "K", "R"], prune_configs_by=pruner(_fwd_prune))
 @triton.jit
 def _steered_linear_fwd_kernel(
-    X, W, DW, LA, LB, BIAS, DBIAS, M1, M2, Y,
+    X, W, DW, XA, LB, BIAS, DBIAS, M1, M2, Y,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_dwn, stride_dwk,
-    stride_lar, stride_lak, stride_lbn, stride_lbr, stride_ym, stride_yn,
+    stride_xam, stride_xar, stride_lbn, stride_lbr, stride_ym, stride_yn,
     m1_scalar, m2_scalar,
     M_BUCKET: tl.constexpr,
     HAS_DW: tl.constexpr, FOLD_DW: tl.constexpr, HAS_LORA: tl.constexpr,
@@ -85,10 +128,6 @@ def _steered_linear_fwd_kernel(
         dw_ptrs = DW + offs_k[:, None] * stride_dwk + offs_n[None, :] * stride_dwn
         if not FOLD_DW:
             acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        la_ptrs = LA + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
-        acc_r = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -103,25 +142,26 @@ def _steered_linear_fwd_kernel(
                 acc_d = tl.dot(x, dw, acc_d, input_precision="ieee" if IEEE else None)
             dw_ptrs += BLOCK_K * stride_dwk
         acc = tl.dot(x, w, acc, input_precision="ieee" if IEEE else None)
-        if HAS_LORA:
-            # LoRA's r columns ride along the same K loop: x is loaded once for both.
-            la = tl.load(la_ptrs, mask=mask_k[:, None] & (offs_r < R)[None, :], other=0.0)
-            acc_r = tl.dot(x, la, acc_r, input_precision="ieee" if IEEE else None)
-            la_ptrs += BLOCK_K * stride_lak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    if M1_ROWS:
-        m1 = tl.load(M1 + offs_m, mask=mask_m, other=0.0)[:, None]
-    else:
-        m1 = m1_scalar
     if HAS_DW and not FOLD_DW:
+        if M1_ROWS:
+            m1 = tl.load(M1 + offs_m, mask=mask_m, other=0.0)[:, None]
+        else:
+            m1 = m1_scalar
         acc += m1 * acc_d
     if HAS_LORA:
+        # The rank-r product m1⊙(x·Aᵀ) [M, r] comes in precomputed (XA): a [BLOCK_K, BLOCK_R] rank tile
+        # inside the K loop, with BLOCK_R as small as 16, is the tl.dot operand that compute-sanitizer
+        # caught reading past its shared-memory buffer on an H100; here the rank tile is only the K side
+        # of one epilogue dot, a standard shape.
+        offs_r = tl.arange(0, BLOCK_R)
+        xa = tl.load(XA + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=mask_m[:, None] & (offs_r < R)[None, :], other=0.0)
         lb = tl.load(LB + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn,
                      mask=(offs_r < R)[:, None] & mask_n[None, :], other=0.0)
-        xa = (acc_r * m1).to(lb.dtype)
-        acc = tl.dot(xa, lb, acc, input_precision="ieee" if IEEE else None)
+        acc = tl.dot(xa.to(lb.dtype), lb, acc, input_precision="ieee" if IEEE else None)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_DBIAS:
@@ -135,7 +175,7 @@ def _steered_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_bwd_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_bwd_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by=pruner(_bwd_prune))
 @triton.jit
 def _steered_linear_bwd_kernel(
     G, X, M1, DW_OUT, DDW_OUT,
@@ -183,44 +223,42 @@ def _steered_linear_bwd_kernel(
                  acc_d.to(DDW_OUT.dtype.element_ty), mask=out_mask)
 
 
-def _bucket(m: int) -> int:
-    """Autotune key for the row count: powers of two up to 4096, so decode steps reuse a tuning."""
-    return min(triton.next_power_of_2(max(m, 1)), 4096)
-
-
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))  # tl.dot needs every dim >= 16
 
 
-def _launch_product(x, w, w_t, dw, la, la_t, lb, lb_t, bias, dbias, m1_rows, m2_rows, m1, m2, y):
+def _launch_product(x, w, w_t, dw, xa, lb, lb_t, bias, dbias, m1_rows, m2_rows, m1, m2, y):
     """Launch the fused product on ``x`` [M, K] -> ``y`` [M, N].
 
-    ``w``/``dw`` are read as [N, K] through ``w_t`` strides (``(s_n, s_k)``), ``la`` as [R, K]
-    and ``lb`` as [N, R]; passing transposed strides turns the forward into the dx kernel.
+    ``w``/``dw`` are read as [N, K] through ``w_t`` strides ``(s_n, s_k, ΔW s_n, ΔW s_k)``; ``xa`` is the
+    rank path m1⊙(x·Aᵀ) [M, r] (fp32) and ``lb`` is read as [N, r] through ``lb_t = (s_n, s_r)``. Passing
+    transposed strides turns the forward into the dx kernel.
     """
     M, K = x.shape
     N = y.shape[1]
-    has_lora = la is not None
-    R = la_t[2] if has_lora else 0
+    has_lora = xa is not None
+    R = xa.shape[1] if has_lora else 0
     dummy = y  # never read: the constexpr flags switch those loads off
+    flags = dict(M_BUCKET=bucket(M), HAS_DW=dw is not None, FOLD_DW=dw is not None and m1_rows is None,
+                 HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_DBIAS=dbias is not None,
+                 M1_ROWS=m1_rows is not None, M2_ROWS=m2_rows is not None,
+                 IEEE=x.dtype == torch.float32, BLOCK_R=_rank_block(R))
+    args = (x, w, dw if dw is not None else dummy, xa if has_lora else dummy, lb if has_lora else dummy,
+            bias if bias is not None else dummy, dbias if dbias is not None else dummy,
+            m1_rows if m1_rows is not None else dummy, m2_rows if m2_rows is not None else dummy, y,
+            M, N, K, R,
+            x.stride(0), x.stride(1), w_t[0], w_t[1], *(w_t[2:4] if dw is not None else (0, 0)),
+            *((xa.stride(0), xa.stride(1)) if has_lora else (0, 0)), *(lb_t if has_lora else (0, 0)),
+            y.stride(0), y.stride(1), float(m1), float(m2))
+    fixed = (FIXED_FWD["decode" if M <= 64 else "prefill"]) if use_fixed() else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    wrap_triton(_steered_linear_fwd_kernel)[grid](
-        x, w, dw if dw is not None else dummy, la if has_lora else dummy, lb if has_lora else dummy,
-        bias if bias is not None else dummy, dbias if dbias is not None else dummy,
-        m1_rows if m1_rows is not None else dummy, m2_rows if m2_rows is not None else dummy, y,
-        M, N, K, R,
-        x.stride(0), x.stride(1), w_t[0], w_t[1],
-        *(w_t[2:4] if dw is not None else (0, 0)),
-        *(la_t[0:2] if has_lora else (0, 0)), *(lb_t if has_lora else (0, 0)),
-        y.stride(0), y.stride(1),
-        float(m1), float(m2),
-        M_BUCKET=_bucket(M),
-        HAS_DW=dw is not None, FOLD_DW=dw is not None and m1_rows is None,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_DBIAS=dbias is not None,
-        M1_ROWS=m1_rows is not None, M2_ROWS=m2_rows is not None,
-        IEEE=x.dtype == torch.float32, BLOCK_R=_rank_block(R),
-    )
+    launch(_steered_linear_fwd_kernel, grid, args, flags, fixed)
     return y
+
+
+def _rank_rows(x: Tensor, a: Tensor, rows1) -> Tensor:
+    """m1⊙(x·aᵀ) in fp32 [M, r]: the skinny rank-r product, by cuBLAS (or torch on the CPU)."""
+    return (x @ a.t()).float() * rows1
 
 
 @triton_op("fastsplit::steered_linear_fwd", mutates_args={})
@@ -233,11 +271,12 @@ def steered_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_
     """
     y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
     dw = delta_weight
+    rows1 = m1_rows[:, None] if m1_rows is not None else m1
+    xa = _rank_rows(x, lora_a, rows1) if lora_a is not None else None
     return _launch_product(
         x, weight, (weight.stride(0), weight.stride(1), dw.stride(0) if dw is not None else 0,
                     dw.stride(1) if dw is not None else 0),
-        dw, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.shape[0]) if lora_a is not None else None,
-        lora_b, (lora_b.stride(0), lora_b.stride(1)) if lora_b is not None else None,
+        dw, xa, lora_b, (lora_b.stride(0), lora_b.stride(1)) if lora_b is not None else None,
         bias, delta_bias, m1_rows, m2_rows, m1, m2, y)
 
 
@@ -255,6 +294,7 @@ def steered_linear_bwd(grad: Tensor, x: Tensor, weight: Tensor, delta_weight: Op
     N = weight.shape[0]
     dx, dW, db, dDW, dA, dB, dDb = (grad.new_empty(0) for _ in range(7))  # distinct: outputs may not alias
     rows1 = m1_rows[:, None] if m1_rows is not None else m1  # [M, 1] or a float
+    gb = _rank_rows(grad, lora_b.t(), rows1) if lora_b is not None and (need_x or need_a) else None  # m1⊙g·B
 
     if need_x:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
@@ -262,32 +302,26 @@ def steered_linear_bwd(grad: Tensor, x: Tensor, weight: Tensor, delta_weight: Op
         _launch_product(
             grad, weight, (weight.stride(1), weight.stride(0), dw.stride(1) if dw is not None else 0,
                            dw.stride(0) if dw is not None else 0),
-            dw, lora_b, (lora_b.stride(1), lora_b.stride(0), lora_b.shape[1]) if lora_b is not None else None,
-            lora_a, (lora_a.stride(1), lora_a.stride(0)) if lora_a is not None else None,
+            dw, gb, lora_a, (lora_a.stride(1), lora_a.stride(0)) if lora_a is not None else None,
             None, None, m1_rows, None, m1, 0.0, dx)
     if need_w or need_dw:
         if need_w:
             dW = torch.empty_like(weight)
         if need_dw:
             dDW = torch.empty_like(delta_weight)
+        args = (grad, x, m1_rows if m1_rows is not None else grad, dW if need_w else grad,
+                dDW if need_dw else grad, M, N, K,
+                grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
+                dW.stride(0) if need_w else 0, dW.stride(1) if need_w else 0,
+                dDW.stride(0) if need_dw else 0, dDW.stride(1) if need_dw else 0, float(m1))
+        flags = dict(M_BUCKET=bucket(M), NEED_W=need_w, NEED_DW=need_dw, M1_ROWS=m1_rows is not None,
+                     IEEE=x.dtype == torch.float32)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
-        wrap_triton(_steered_linear_bwd_kernel)[grid](
-            grad, x, m1_rows if m1_rows is not None else grad, dW if need_w else grad,
-            dDW if need_dw else grad, M, N, K,
-            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
-            dW.stride(0) if need_w else 0, dW.stride(1) if need_w else 0,
-            dDW.stride(0) if need_dw else 0, dDW.stride(1) if need_dw else 0,
-            float(m1), M_BUCKET=_bucket(M), NEED_W=need_w, NEED_DW=need_dw,
-            M1_ROWS=m1_rows is not None, IEEE=x.dtype == torch.float32,
-        )
-    if need_a or need_lb:
-        # The rank-r path is skinny ([M, r]); cuBLAS handles these small products well.
-        if need_a:
-            gb = (grad @ lora_b).float() * rows1  # [M, r]
-            dA = gb.to(x.dtype).t() @ x
-        if need_lb:
-            xa = (x @ lora_a.t()).float() * rows1  # [M, r]
-            dB = grad.t() @ xa.to(grad.dtype)
+        launch(_steered_linear_bwd_kernel, grid, args, flags, FIXED_BWD["any"] if use_fixed() else None)
+    if need_a:
+        dA = gb.to(x.dtype).t() @ x  # the rank-r path is skinny ([M, r]): cuBLAS handles it well
+    if need_lb:
+        dB = grad.t() @ _rank_rows(x, lora_a, rows1).to(grad.dtype)
     if need_b:
         db = grad.sum(0, dtype=torch.float32).to(weight.dtype)
     if need_db:

@@ -1,9 +1,10 @@
 """The one place that chooses a backend (torch, triton, native) and explains a refusal."""
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .._env import triton_interpreting
+from . import _routing
 
 BACKENDS = ("auto", "torch", "triton", "native")
 
@@ -13,11 +14,6 @@ try:  # Triton is optional: the torch path works without it.
     TRITON_VERSION: str | None = triton.__version__
 except Exception:  # pragma: no cover - depends on the install
     TRITON_VERSION = None
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_refusal(device: torch.device) -> str | None:
@@ -39,20 +35,25 @@ def _native_refusal(device: torch.device) -> str | None:
     return native.refusal(device)
 
 
-def resolve(backend: str, device: torch.device, *, needs_autograd_m: bool = False) -> str:
+def resolve(backend: str, device: torch.device, *, needs_autograd_m: bool = False, op: str = "steered_linear",
+            form: str | None = None, mkind: str | None = None, rows: int | None = None) -> str:
     """Return the concrete backend for ``backend`` on ``device``.
 
-    An explicit backend that cannot run raises ``RuntimeError`` saying why; "auto" never fails:
-    it takes Triton on CUDA devices and the torch reference elsewhere.
+    An explicit backend that cannot run raises ``RuntimeError`` saying why. "auto" never fails: on a CUDA
+    device it follows the measured routing table (:mod:`fastsplit.ops._routing`, keyed by capability, op,
+    form, m kind and row class) when the routed backend can run, and takes the torch path otherwise.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if needs_autograd_m:
+        if needs_autograd_m or device.type != "cuda":
             return "torch"
-        if device.type == "cuda" and _triton_refusal(device) is None:
-            return "triton"
-        return "torch"
+        cap = torch.cuda.get_device_capability(device)
+        routed = _routing.route(tuple(cap), op, form, mkind, rows)
+        if routed == "torch":
+            return "torch"
+        refusal = _triton_refusal(device) if routed == "triton" else _native_refusal(device)
+        return routed if refusal is None else "torch"
     if backend == "torch":
         return backend
     if needs_autograd_m:

@@ -1,4 +1,8 @@
-"""Input checks shared by the ops: each error names the argument and its shape."""
+"""Input checks shared by the ops: each error names the argument and its shape.
+
+Metadata checks (type, shape, dtype, device) always run. Value checks read device data, so they
+synchronise with the host: they run only with ``fastsplit.set_debug(True)`` / ``FASTSPLIT_DEBUG=1``.
+"""
 from __future__ import annotations
 
 import math
@@ -7,14 +11,16 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .. import _env
+
 Multiplier = Union[float, int, Tensor]
 
 
-def _skip_sync_checks() -> bool:
-    """Value checks need a host sync: skip them while tracing or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def _value_checks() -> bool:
+    """Value checks need a host sync: on only in debug mode, and never while tracing or capturing a graph."""
+    if not _env.debug() or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, like: Tensor | None = None,
@@ -33,7 +39,8 @@ def check_tensor(name: str, t, *, ndim: int | None = None, like: Tensor | None =
 
 
 def check_finite(name: str, t: Tensor) -> None:
-    if not _skip_sync_checks() and not bool(torch.isfinite(t).all()):
+    """Debug mode only: ``t`` holds no NaN or inf."""
+    if _value_checks() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} holds NaN or inf values")
 
 
@@ -54,6 +61,21 @@ def check_multiplier(name: str, m: Multiplier, lead: tuple, device: torch.device
                          f"leading shape {tuple(lead)} (use [B] for one factor per sequence, "
                          f"[B, T] for one per token)")
     check_finite(name, m)
+
+
+def check_strengths(name: str, values, *, min_count: int = 1) -> list[float]:
+    """A list of steering strengths (workflows: sweeps, generation, training factors) as floats: at least
+    ``min_count`` of them, each a finite real number. Returns the list."""
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of numbers, got {values!r}") from None
+    if len(out) < min_count:
+        raise ValueError(f"{name} needs at least {min_count} value{'s' if min_count > 1 else ''}, got {len(out)}")
+    bad = [v for v in out if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{name} must be finite numbers, got {bad[0]} in {out}")
+    return out
 
 
 def expand_multiplier(m: Multiplier, lead: tuple, dtype: torch.dtype):

@@ -1,6 +1,9 @@
 """The SPLIT loss ``λp·L_pos + λn·L_neg + γ·ReLU(θ − (L_neg − L_pos))`` over an lm_head, fused.
 
-Flow per side: the unmasked token rows are gathered; a forward launcher returns per-token NLL,
+Flow per side: every token row goes to a forward launcher (masked rows take a dummy target and get a
+zero coefficient; gathering only the unmasked rows would give a data-dependent shape, which synchronises
+with the host: callers with many masked rows gather them themselves, as ``fastsplit.train`` does with
+``fastsplit.hf.completion_positions``); the launcher returns per-token NLL,
 log-sum-exp and the *unscaled* gradient ``dH = (softmax − onehot)·W`` (computed in the forward,
 tile by tile, so the [tokens × vocab] logits never exist); ``_reduce`` turns the NLLs into the
 loss and each row's coefficient ``∂loss/∂NLL``; backward only rescales dH by it (dH is linear in
@@ -17,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _env
 from . import _backend
 from ._checks import check_tensor
+from ._chunks import chunk_rows as _chunk_rows
+from ._chunks import spans
 
 __all__ = ["split_loss", "split_loss_ref", "SplitLossFunction", "REDUCTIONS"]
 
 REDUCTIONS = ("batch", "pair")
-_CHUNK_BYTES = 32 << 20  # per [chunk × V] fp32 buffer on the torch path
 
 
 def _targets(labels: Tensor, shift: bool, ignore_index: int) -> Tensor:
@@ -81,19 +86,18 @@ def split_loss_ref(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_ne
 
 def split_loss_fwd_torch(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tensor],
                          softcap: Optional[float], need_dh: bool, chunk_rows: int = 0):
-    """Chunked torch launcher. ``h`` [N, H] (unmasked rows only), ``tgt`` [N] in [0, V).
+    """Chunked torch launcher. ``h`` [N, H], ``tgt`` [N] in [0, V).
 
     Returns (nll [N] fp32, lse [N] fp32, dH [N, H] fp32 or an empty tensor), holding at most one
-    [chunk × V] block of logits at a time.
+    [chunk × V] block of logits at a time (``chunk_rows``; 0 derives it from the device).
     """
     N, V = h.shape[0], weight.shape[0]
-    chunk = chunk_rows or max(1, _CHUNK_BYTES // (4 * V))
+    chunk = chunk_rows or _chunk_rows(N, V, h.shape[1], h.device)
     acc = _acc_dtype(h)
     nll = torch.empty(N, device=h.device, dtype=acc)
     lse = torch.empty(N, device=h.device, dtype=acc)
     dh = torch.empty((N, h.shape[1]) if need_dh else (0,), device=h.device, dtype=acc)
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
+    for s, e in spans(N, chunk):
         rows = torch.arange(e - s, device=h.device)
         t = tgt[s:e]
         z, cap_grad = _capped_logits(h[s:e], weight, bias, softcap, acc)
@@ -115,12 +119,11 @@ def split_loss_fwd_torch(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[
 def _weight_grad_torch(h, tgt, weight, bias, softcap, lse, coef, need_w, need_b, chunk_rows=0):
     """dW = Σ coef·gᵀh and db = Σ coef·g, recomputing the logits chunk by chunk (trainable lm_head)."""
     V = weight.shape[0]
-    chunk = chunk_rows or max(1, _CHUNK_BYTES // (4 * V))
+    chunk = chunk_rows or _chunk_rows(h.shape[0], V, h.shape[1], h.device)
     acc = _acc_dtype(h)
     dW = torch.zeros(weight.shape, device=h.device, dtype=acc) if need_w else None
     db = torch.zeros(V, device=h.device, dtype=acc) if need_b else None
-    for s in range(0, h.shape[0], chunk):
-        e = min(h.shape[0], s + chunk)
+    for s, e in spans(h.shape[0], chunk):
         rows = torch.arange(e - s, device=h.device)
         z, cap_grad = _capped_logits(h[s:e], weight, bias, softcap, acc)
         g = z.sub_(lse[s:e, None]).exp_()
@@ -137,29 +140,35 @@ def _weight_grad_torch(h, tgt, weight, bias, softcap, lse, coef, need_w, need_b,
 
 def _reduce(nll_p, rows_p, nll_n, rows_n, B: int, reduction: str, lp: float, ln: float, gamma: float,
             theta: float):
-    """Loss, parts, and the per-token coefficients ∂loss/∂nll for each side."""
-    f32 = dict(device=nll_p.device, dtype=nll_p.dtype)
-    if reduction == "batch":
-        n_p, n_n = float(nll_p.numel()), float(nll_n.numel())
-        pos, neg = nll_p.sum() / n_p, nll_n.sum() / n_n
-        pref = neg - pos
-        active = theta - pref > 0
-        a = active.to(nll_p.dtype)
-        loss = lp * pos + ln * neg + gamma * torch.relu(theta - pref)
-        coef_p = ((lp + gamma * a) / n_p).expand(nll_p.shape)
-        coef_n = ((ln - gamma * a) / n_n).expand(nll_n.shape)
-    else:
-        cnt_p = torch.zeros(B, **f32).index_add_(0, rows_p, torch.ones_like(nll_p))
-        cnt_n = torch.zeros(B, **f32).index_add_(0, rows_n, torch.ones_like(nll_n))
-        pos = torch.zeros(B, **f32).index_add_(0, rows_p, nll_p) / cnt_p
-        neg = torch.zeros(B, **f32).index_add_(0, rows_n, nll_n) / cnt_n
-        pref = neg - pos
-        active = theta - pref > 0
-        a = active.to(nll_p.dtype)
-        loss = (lp * pos + ln * neg + gamma * torch.relu(theta - pref)).mean()
-        coef_p = ((lp + gamma * a) / (B * cnt_p))[rows_p]
-        coef_n = ((ln - gamma * a) / (B * cnt_n))[rows_n]
-    return loss, (pos, neg, pref, active), coef_p, coef_n
+    """Loss, parts, and the per-token coefficients ∂loss/∂nll for each side. ``rows_*`` [n] hold each token's
+    batch row, or -1 for a masked token (not counted; coefficient 0). No host sync: counts stay on the device."""
+    dt = nll_p.dtype
+    means, counts, valids = [], [], []
+    for nll, rows in ((nll_p, rows_p), (nll_n, rows_n)):
+        valid = rows >= 0
+        kept = torch.where(valid, nll, torch.zeros((), device=nll.device, dtype=dt))
+        if reduction == "batch":
+            cnt = valid.sum().to(dt)
+            means.append(kept.sum() / cnt)
+        else:
+            idx = rows.clamp(min=0)
+            cnt = torch.zeros(B, device=nll.device, dtype=dt).index_add_(0, idx, valid.to(dt))
+            means.append(torch.zeros(B, device=nll.device, dtype=dt).index_add_(0, idx, kept) / cnt)
+        counts.append(cnt)
+        valids.append(valid)
+    pos, neg = means
+    pref = neg - pos
+    active = theta - pref > 0
+    a = active.to(dt)
+    per = lp * pos + ln * neg + gamma * torch.relu(theta - pref)
+    n = 1 if reduction == "batch" else B
+    loss = per if reduction == "batch" else per.mean()
+    coefs = []
+    for lam, sign, cnt, rows, valid in ((lp, 1.0, counts[0], rows_p, valids[0]), (ln, -1.0, counts[1], rows_n, valids[1])):
+        c = (lam + sign * gamma * a) / (n * cnt)
+        c = c.expand(rows.shape) if reduction == "batch" else c[rows.clamp(min=0)]
+        coefs.append(torch.where(valid, c, torch.zeros((), device=c.device, dtype=dt)))
+    return loss, (pos, neg, pref, active), coefs[0], coefs[1]
 
 
 def _launcher(backend: str):
@@ -174,20 +183,24 @@ def _launcher(backend: str):
     return native.split_loss_fwd
 
 
-def _gather(hidden: Tensor, labels: Tensor, V: int, name: str, shift: bool, ignore_index: int):
-    """Unmasked rows of one side: (h [n, H], tgt [n], flat index [n], batch row [n])."""
+def _side(hidden: Tensor, labels: Tensor, V: int, name: str, shift: bool, ignore_index: int):
+    """Every token row of one side: (h [B·T, H], target [B·T] in [0, V), batch row [B·T] or -1 if masked).
+
+    A target outside [0, V) that is not ``ignore_index`` gives a NaN NLL (loud, and no host sync); with
+    ``fastsplit.set_debug(True)`` it is an error naming the position instead."""
     tgt = _targets(labels, shift, ignore_index)
-    T = tgt.shape[1]
-    flat_t = tgt.reshape(-1)
-    valid = flat_t != ignore_index
-    bad = valid & ((flat_t < 0) | (flat_t >= V))
-    if not torch.compiler.is_compiling() and bool(bad.any()):
+    B, T = tgt.shape
+    flat = tgt.reshape(-1)
+    masked = flat == ignore_index
+    bad = ~masked & ((flat < 0) | (flat >= V))
+    if _env.debug() and not torch.compiler.is_compiling() and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        col = i % T + (1 if shift else 0)
-        raise ValueError(f"{name}[{i // T}, {col}] = {int(flat_t[i])} is outside [0, V={V}) and is not "
-                         f"ignore_index={ignore_index}")
-    idx = valid.nonzero().squeeze(1)
-    return hidden.reshape(-1, hidden.shape[-1])[idx], flat_t[idx], idx, idx // T
+        raise ValueError(f"{name}[{i // T}, {i % T + (1 if shift else 0)}] = {int(flat[i])} is outside "
+                         f"[0, V={V}) and is not ignore_index={ignore_index}")
+    row = torch.arange(B * T, device=flat.device) // T
+    rows = torch.where(masked, torch.full_like(row, -1), row)
+    safe = torch.where(masked | bad, torch.zeros_like(flat), flat)
+    return hidden.reshape(-1, hidden.shape[-1]), safe, rows, bad
 
 
 class SplitLossFunction(torch.autograd.Function):
@@ -202,11 +215,14 @@ class SplitLossFunction(torch.autograd.Function):
         sides = []
         for name, hid, lab, need in (("labels_pos", hidden_pos, labels_pos, need_dh[0]),
                                      ("labels_neg", hidden_neg, labels_neg, need_dh[1])):
-            h, t, idx, rows = _gather(hid, lab, V, name, opts["shift"], opts["ignore_index"])
-            nll, lse, dh = fwd(h, t, weight, bias, opts["softcap"], need)
-            sides.append((h, t, idx, rows, nll, lse, dh))
-        (hp, tp, ip, rp, nll_p, lse_p, dh_p), (hn, tn, i_n, rn, nll_n, lse_n, dh_n) = sides
-        _check_counts(rp, rn, B, opts["reduction"])
+            h, t, rows, bad = _side(hid, lab, V, name, opts["shift"], opts["ignore_index"])
+            chunk = _chunk_rows(h.shape[0], V, h.shape[1], h.device)
+            nll, lse, dh = fwd(h, t, weight, bias, opts["softcap"], need, chunk)
+            nll = torch.where(bad, torch.full((), float("nan"), device=nll.device, dtype=nll.dtype), nll)
+            sides.append((h, t, rows, nll, lse, dh))
+        (hp, tp, rp, nll_p, lse_p, dh_p), (hn, tn, rn, nll_n, lse_n, dh_n) = sides
+        if _env.debug():
+            _check_counts(rp, rn, B, opts["reduction"])
         reduce = _reduce
         if opts["backend"] == "native":
             from .. import native
@@ -216,7 +232,7 @@ class SplitLossFunction(torch.autograd.Function):
                                              opts["lambda_n"], opts["gamma"], opts["theta"])
         ctx.need_w, ctx.need_b = ctx.needs_input_grad[2:4]
         keep = (hp, tp, lse_p, hn, tn, lse_n) if (ctx.need_w or ctx.need_b) else ()
-        ctx.save_for_backward(dh_p, ip, coef_p, dh_n, i_n, coef_n, weight, bias, *keep)
+        ctx.save_for_backward(dh_p, coef_p, dh_n, coef_n, weight, bias, *keep)
         ctx.shapes = (hidden_pos.shape, hidden_pos.dtype, hidden_neg.shape, hidden_neg.dtype)
         ctx.softcap = opts["softcap"]
         ctx.mark_non_differentiable(*parts)
@@ -224,14 +240,14 @@ class SplitLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        dh_p, ip, coef_p, dh_n, i_n, coef_n, weight, bias, *keep = ctx.saved_tensors
+        dh_p, coef_p, dh_n, coef_n, weight, bias, *keep = ctx.saved_tensors
         shp_p, dt_p, shp_n, dt_n = ctx.shapes
         grads = [None] * 7
-        for slot, dh, idx, coef, shp, dt in ((0, dh_p, ip, coef_p, shp_p, dt_p), (1, dh_n, i_n, coef_n, shp_n, dt_n)):
+        for slot, dh, coef, shp, dt in ((0, dh_p, coef_p, shp_p, dt_p), (1, dh_n, coef_n, shp_n, dt_n)):
             if ctx.needs_input_grad[slot]:
-                full = torch.zeros((shp[0] * shp[1], shp[2]), device=dh.device, dtype=dt)
-                full[idx] = (dh * (coef * grad_loss)[:, None]).to(dt)
-                grads[slot] = full.view(shp)
+                # where, not a product: a masked row's dH may be anything (padding), its gradient is 0.
+                scaled = torch.where((coef != 0)[:, None], dh * (coef * grad_loss)[:, None], 0.0)
+                grads[slot] = scaled.to(dt).view(shp)
         if ctx.need_w or ctx.need_b:
             hp, tp, lse_p, hn, tn, lse_n = keep
             dW = db = None
@@ -246,11 +262,14 @@ class SplitLossFunction(torch.autograd.Function):
 
 
 def _check_counts(rows_p: Tensor, rows_n: Tensor, B: int, reduction: str) -> None:
+    """Debug-only (host sync): every side, and with reduction='pair' every row, has a target token."""
+    if torch.compiler.is_compiling():
+        return
     for side, rows in (("positive", rows_p), ("negative", rows_n)):
-        if rows.numel() == 0:
+        if not bool((rows >= 0).any()):
             raise ValueError(f"the {side} side has no unmasked target token in the batch")
-        if reduction == "pair" and not torch.compiler.is_compiling():
-            counts = torch.bincount(rows, minlength=B)
+        if reduction == "pair":
+            counts = torch.bincount(rows[rows >= 0], minlength=B)
             if bool((counts == 0).any()):
                 r = int((counts == 0).nonzero()[0, 0])
                 raise ValueError(f"row {r} has no unmasked target token on the {side} side "
@@ -315,7 +334,7 @@ def split_loss(hidden_pos: Tensor, hidden_neg: Tensor, lm_head_weight: Tensor, l
     """
     _validate(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_neg, lm_head_bias, reduction,
               logit_softcap)
-    chosen = _backend.resolve(backend, hidden_pos.device)
+    chosen = _backend.resolve(backend, hidden_pos.device, op="split_loss")
     opts = dict(lambda_p=float(lambda_p), lambda_n=float(lambda_n), gamma=float(gamma), theta=float(theta),
                 reduction=reduction, ignore_index=int(ignore_index), shift=bool(shift),
                 softcap=float(logit_softcap) if logit_softcap else None, backend=chosen)

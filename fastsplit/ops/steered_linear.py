@@ -21,17 +21,21 @@ from ._checks import (Multiplier, check_multiplier, check_tensor, expand_multipl
 __all__ = ["steered_linear", "steered_linear_ref", "SteeredLinearFunction"]
 
 
-def steered_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+def steered_linear_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *,
                        delta_weight: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
                        lora_b: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                        m1: Multiplier = 1.0, m2: Optional[Multiplier] = None) -> Tensor:
     """Pure-torch reference of :func:`steered_linear` (no input checks; any float dtype).
 
-    It never forms ``W + m1·ΔW``: the update is added as ``m1·(x·ΔWᵀ)``.
+    It never forms ``W + m1·ΔW``: the update is added as ``m1·(x·ΔWᵀ)``. ``weight=None`` means no base
+    layer: only the update ``m1·ΔW·x + m2·Δb``.
     """
     m2 = m1 if m2 is None else m2
     lead = tuple(x.shape[:-1])
-    y = F.linear(x, weight, bias)
+    if weight is None:
+        y = x.new_zeros(lead + (_out_features(None, delta_weight, lora_b, delta_bias),))
+    else:
+        y = F.linear(x, weight, bias)
     if delta_weight is not None:
         y = y + expand_multiplier(m1, lead, y.dtype) * F.linear(x, delta_weight)
     elif lora_a is not None:
@@ -72,6 +76,13 @@ def steered_linear_bwd_torch(grad: Tensor, x: Tensor, weight: Tensor, delta_weig
     return out
 
 
+def _out_features(weight, delta_weight, lora_b, delta_bias) -> int:
+    for t in (weight, delta_weight, lora_b):
+        if t is not None:
+            return t.shape[0]
+    return delta_bias.shape[0]
+
+
 def _launchers(backend: str):
     if backend == "triton":
         from ..kernels import steered_linear as k
@@ -79,7 +90,8 @@ def _launchers(backend: str):
         return k.steered_linear_fwd, k.steered_linear_bwd
     from .. import native
 
-    return native.steered_linear_fwd, native.steered_linear_bwd
+    # The native extension is a forward (decode) kernel; its backward is the torch one (cuBLAS on a GPU).
+    return native.steered_linear_fwd, steered_linear_bwd_torch
 
 
 class SteeredLinearFunction(torch.autograd.Function):
@@ -111,11 +123,18 @@ def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
         raise ValueError("x must have at least one dimension [..., in]")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
-    check_tensor("weight", weight, ndim=2, like=x)
-    out_f, in_f = weight.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but weight "
-                         f"has shape {tuple(weight.shape)} = [out, in] with in={in_f}")
+    if weight is None:
+        if bias is not None:
+            raise ValueError("bias was given without weight: weight=None means no base layer")
+        if delta_weight is None and lora_b is None and delta_bias is None:
+            raise ValueError("weight=None (no base layer) needs an update: delta_weight, lora_a/lora_b or delta_bias")
+        out_f, in_f = _out_features(None, delta_weight, lora_b, delta_bias), x.shape[-1]
+    else:
+        check_tensor("weight", weight, ndim=2, like=x)
+        out_f, in_f = weight.shape
+        if x.shape[-1] != in_f:
+            raise ValueError(f"x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but weight "
+                             f"has shape {tuple(weight.shape)} = [out, in] with in={in_f}")
     if bias is not None:
         check_tensor("bias", bias, shape=(out_f,), like=x)
     if delta_bias is not None:
@@ -140,7 +159,7 @@ def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
         check_multiplier("m2", m2, lead, x.device)
 
 
-def steered_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+def steered_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *,
                    delta_weight: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
                    lora_b: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                    m1: Multiplier = 1.0, m2: Optional[Multiplier] = None, backend: str = "auto") -> Tensor:
@@ -153,7 +172,13 @@ def steered_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
 
     ``m1``/``m2`` are floats or tensors whose shape is a prefix of ``x.shape[:-1]`` ([B] one factor per
     sequence, [B, T] one per token); ``m2=None`` means ``m2 = m1``. The factors are constants for
-    autograd, except on ``backend="torch"``. ``backend`` is "torch", "triton", "native" or "auto".
+    autograd, except on ``backend="torch"``. ``backend`` is "torch", "triton", "native" or "auto"
+    ("auto" follows the measured routing table, ``fastsplit.ops._routing``).
+
+    ``weight=None`` means no base layer, only the update ``m1·ΔW·x + m2·Δb`` (the residual-stream site
+    adds it to the stream itself); it runs on the torch backend.
+
+    No host synchronisation: value checks (NaN/inf multipliers) run only with ``fastsplit.set_debug(True)``.
 
     Returns [..., out]. Differentiable in ``x`` and every tensor argument that requires grad.
 
@@ -168,8 +193,18 @@ def steered_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     """
     _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
     m_grad = any(isinstance(m, Tensor) and m.requires_grad for m in (m1, m2))
-    chosen = _backend.resolve(backend, x.device, needs_autograd_m=m_grad)
-    if not isinstance(m1, Tensor) and m1 == 0 and (m2 is None or (not isinstance(m2, Tensor) and m2 == 0)):
+    form = "local_weight" if delta_weight is not None else "lora" if lora_a is not None else "vector"
+    mkind = "scalar" if not isinstance(m1, Tensor) else "per_row" if m1.dim() <= 1 else "per_token"
+    rows = x.numel() // max(x.shape[-1], 1)
+    if weight is None:
+        if backend not in ("auto", "torch"):
+            _backend.resolve(backend, x.device)  # an unknown or unavailable name still gets its own error
+            raise ValueError(f"weight=None (no base layer) runs on the torch backend, not backend={backend!r}")
+        chosen = "torch"
+    else:
+        chosen = _backend.resolve(backend, x.device, needs_autograd_m=m_grad, form=form, mkind=mkind, rows=rows)
+    if weight is not None and not isinstance(m1, Tensor) and m1 == 0 and \
+            (m2 is None or (not isinstance(m2, Tensor) and m2 == 0)):
         # m = 0 is exactly the base layer, on every backend.
         deltas = (delta_weight, lora_a, lora_b, delta_bias)
         if not (torch.is_grad_enabled() and any(d is not None and d.requires_grad for d in deltas)):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastsplit
-from fastsplit import models
+from fastsplit import hf
 from fastsplit.analysis import Sweep, logodds_naive, logodds_sweep, util_odds
 from tests.tiny import ARCHS, randomize, tiny_model, tiny_tokenizer
 
@@ -51,21 +51,21 @@ def test_keys_values_only_writes_the_same_cache(arch):
 
     model = tiny_model(arch)
     last = model.config.num_hidden_layers - 1
-    original = models.decoder_layers(model)[last]
+    original = hf.decoder_layers(model)[last]
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     caches = []
     for skip in (False, True):
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if skip:
-                assert stack.enter_context(models.keys_values_only(model, last))  # really swapped
-            models.decoder(model)(input_ids=ids, past_key_values=cache, use_cache=True)
+                assert stack.enter_context(hf.keys_values_only(model, last))  # really swapped
+            hf.decoder(model)(input_ids=ids, past_key_values=cache, use_cache=True)
         caches.append(cache.layers[last])
-    assert models.decoder_layers(model)[last] is original  # restored
+    assert hf.decoder_layers(model)[last] is original  # restored
     torch.testing.assert_close(caches[1].keys, caches[0].keys)
     torch.testing.assert_close(caches[1].values, caches[0].values)
-    with models.keys_values_only(model, last), pytest.raises(RuntimeError, match="without a KV cache"):
-        models.decoder(model)(input_ids=ids, use_cache=False)
+    with hf.keys_values_only(model, last), pytest.raises(RuntimeError, match="without a KV cache"):
+        hf.decoder(model)(input_ids=ids, use_cache=False)
 
 
 def test_residual_site_and_length_norm():

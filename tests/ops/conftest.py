@@ -19,3 +19,13 @@ def _poison(t):
 def nan_poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def debug_mode():
+    """fastsplit.set_debug(True) for one test: value checks (which sync with the host) on."""
+    import fastsplit
+
+    fastsplit.set_debug(True)
+    yield
+    fastsplit.set_debug(None)

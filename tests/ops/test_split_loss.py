@@ -116,6 +116,9 @@ def test_ce_parts_match_cut_cross_entropy():
         torch.testing.assert_close(parts[side], per_row, **TOL[torch.float32])
 
 
+# Value errors (the first three) read device data, so they need fastsplit.set_debug(True); the others are
+# metadata checks and always run.
+DATA_ERRORS = ("pair-empty-row", "batch-empty-side", "label-range")
 BAD = {
     "pair-empty-row": (dict(mask_row=1), dict(reduction="pair"), "row 1 has no unmasked target token"),
     "batch-empty-side": (dict(mask_all_neg=True), {}, "negative side has no unmasked target"),
@@ -127,8 +130,7 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-def test_bad_input(case):
+def _bad_case(case):
     change, kw, message = BAD[case]
     V = 1000
     hp, hn = torch.randn(B, TP, H), torch.randn(change.get("neg_batch", B), TN, change.get("neg_hidden", H))
@@ -141,8 +143,22 @@ def test_bad_input(case):
         lp[0, 5] = 5000
     if change.get("short_labels"):
         ln = ln[:, :-1]
+    return (hp, hn, torch.randn(V, H), lp, ln), kw, message
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input(case, debug_mode):
+    args, kw, message = _bad_case(case)
     with pytest.raises((ValueError, TypeError), match=message):
-        split_loss(hp, hn, torch.randn(V, H), lp, ln, backend="torch", **kw)
+        split_loss(*args, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_bad_values_without_debug_give_nan_not_a_number(case):
+    """Without the debug switch a value error is never silent: the loss is NaN (and nothing synchronised)."""
+    args, kw, _ = _bad_case(case)
+    loss = split_loss(*args, backend="torch", **kw)
+    assert torch.isnan(loss)
 
 
 @pytest.mark.skipif(native._C is None, reason="extension not built")
@@ -151,4 +167,4 @@ def test_native_opcheck(softcap):
     h = torch.randn(9, H, device=DEVICE)
     W = torch.randn(1000, H, device=DEVICE) * 0.4
     tgt = torch.randint(0, 1000, (9,), device=DEVICE)
-    torch.library.opcheck(native.split_loss_fwd, (h, tgt, W, torch.randn(1000, device=DEVICE), softcap, True))
+    torch.library.opcheck(native.split_loss_fwd, (h, tgt, W, torch.randn(1000, device=DEVICE), softcap, True, 4))

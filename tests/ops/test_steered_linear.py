@@ -164,7 +164,8 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-def test_bad_input_names_the_argument(case):
+def test_bad_input_names_the_argument(case, debug_mode):
+    """Every bad input is an error naming the argument ("m-nan-tensor" reads values: debug mode)."""
     spec, message = BAD[case]
     r = lambda *s: torch.randn(*s)
     args = dict(x=r(2, 5, IN), weight=r(OUT, IN))

@@ -21,23 +21,24 @@ struct SteeredArgs {
   int dtype;
 };
 
-// SPLIT epilogue over one logits chunk z [C, Vc] (row stride ldz) holding vocab columns [v0, v0 + Vc):
-// merge the chunk into the running (max, sumexp) of each row and record the target logit when it falls inside.
+// SPLIT epilogue over one logits chunk z [C, V] (row stride ldz): merge the chunk into the running
+// (max, sumexp) of each row and record the target logit.
 struct LseArgs {
-  const void* z; int64_t ldz; int64_t C; int64_t Vc; int64_t v0;
+  const void* z; int64_t ldz; int64_t C; int64_t Vc;
   const int64_t* tgt; float softcap;
   float* run_max; float* run_sum; float* z_tgt;
   int dtype;
 };
 
-// dlogits = (softmax - onehot)·cap'·scale written in place over z, given each row's final lse.
+// dlogits = (softmax - onehot)·cap' written in place over z, given each row's final lse.
 struct GradArgs {
-  void* z; int64_t ldz; int64_t C; int64_t Vc; int64_t v0;
-  const int64_t* tgt; float softcap; const float* lse; const float* row_scale;
+  void* z; int64_t ldz; int64_t C; int64_t Vc;
+  const int64_t* tgt; float softcap; const float* lse;
   int dtype;
 };
 
 // Per-row (pair) or pooled (batch) means of token NLLs, the hinge, the loss and per-token coefficients.
+// rows_* [n] give each token's batch row, or -1 for a masked token: it is not counted and its coefficient is 0.
 struct ReduceArgs {
   const float* nll_pos; const int64_t* rows_pos; int64_t n_pos;
   const float* nll_neg; const int64_t* rows_neg; int64_t n_neg;

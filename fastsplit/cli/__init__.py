@@ -10,40 +10,7 @@ import logging
 import os
 import sys
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return vals
-
-
-def _pairs(spec: str):
-    import fastsplit
-
-    return fastsplit.demo_pairs() if spec == "demo" else fastsplit.load_pairs(spec)
-
-
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith("{"):
-                    row = json.loads(line)
-                    if not isinstance(row.get("prompt"), str):
-                        raise ValueError(f"{args.prompts}:{n}: a JSON line needs a string field 'prompt'")
-                    line = row["prompt"]
-                prompts.append(line)
-    if not prompts:
-        raise ValueError("give at least one --prompt or a --prompts file")
-    return prompts
+from ._common import floats, read_pairs, read_prompts
 
 
 def _cmd_info(args) -> int:
@@ -55,10 +22,10 @@ def _cmd_info(args) -> int:
 
 def _cmd_train(args) -> int:
     import fastsplit
-    from fastsplit.models import load_model
+    from fastsplit.hf import load_model
 
     model, tok = load_model(args.model)
-    pairs = _pairs(args.data)
+    pairs = read_pairs(args.data)
     train_pairs, test_pairs = fastsplit.split_pairs(pairs, test_size=args.test_size, seed=args.seed)
     steering = fastsplit.attach(model, args.layer, args.form, rank=args.rank, site=args.site)
     os.makedirs(args.out, exist_ok=True)
@@ -82,11 +49,11 @@ def _cmd_train(args) -> int:
 
 def _cmd_generate(args) -> int:
     import fastsplit
-    from fastsplit.models import load_model
+    from fastsplit.hf import load_model
 
     model, tok = load_model(args.model)
     steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
-    prompts = _read_prompts(args)
+    prompts = read_prompts(args)
     texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
                                      max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     rows = [{"prompt": p, "multiplier": m, "text": texts[i][j]}
@@ -113,7 +80,7 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--factors", type=_floats, default=[1.0], help="steering factors to draw from, e.g. 0.5,1,2")
+    p.add_argument("--factors", type=floats, default=[1.0], help="steering factors to draw from, e.g. 0.5,1,2")
     p.add_argument("--pair-types", default="add", help="'add', 'sub' or 'add,sub'")
     p.add_argument("--loss", choices=["split", "sft"], default="split")
     p.add_argument("--lambda-p", type=float, default=1.0)
@@ -125,7 +92,7 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import analysis_cli
+    from . import analysis
 
     p = argparse.ArgumentParser(prog="fastsplit", description="Fused kernels and workflows for steering language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steering", required=True, help="a steering.safetensors written by 'fastsplit train'")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a 'prompt' field")
-    g.add_argument("--multipliers", type=_floats, default=[-4.0, -2.0, 0.0, 2.0, 4.0],
+    g.add_argument("--multipliers", type=floats, default=[-4.0, -2.0, 0.0, 2.0, 4.0],
                    help="comma-separated; write --multipliers=-4,0,4 when the list starts with '-'")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--out", help="JSONL output (default: stdout)")
@@ -149,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=_cmd_generate)
 
-    analysis_cli.add_commands(sub, _common_train_args)
+    analysis.add_commands(sub)
 
     i = sub.add_parser("info", help="print what this install can run (build_info) as JSON")
     i.set_defaults(func=_cmd_info)

@@ -7,54 +7,21 @@ Nothing is patched globally: ``Steering.detach()`` restores the model exactly.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import models
-from .nn import FORMS, SteeredLinear
-from .ops._checks import Multiplier, check_multiplier, expand_multiplier
+from ...nn import FORMS
+from ...ops._checks import Multiplier
+from .. import runner
+from .layer import ResidualSteer, SteeredLinear
 
 SITES = ("down_proj", "residual")
 _FORMAT = "fastsplit.steering/1"
 
 __all__ = ["Steering", "attach", "load_steering", "SITES"]
-
-
-class ResidualSteer(nn.Module):
-    """The update at the residual site: ``h + m1·(h·ΔWᵀ) + m2·Δb`` on a decoder layer's output [B, T, H]
-    (the unified form with W = I, b = 0)."""
-
-    def __init__(self, hidden: int, form: str, rank: int, *, device=None, dtype=None):
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.form, self.rank = form, (rank if form == "lora" else None)
-        self.multiplier: Multiplier = 1.0
-        self.bias_multiplier: Optional[Multiplier] = None
-        self.delta_bias = nn.Parameter(torch.zeros(hidden, **kw))
-        self.delta_weight = self.lora_a = self.lora_b = None
-        if form == "lora":
-            self.lora_a = nn.Parameter(torch.empty(rank, hidden, **kw))
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-            self.lora_b = nn.Parameter(torch.zeros(hidden, rank, **kw))
-        elif form == "local_weight":
-            self.delta_weight = nn.Parameter(torch.zeros(hidden, hidden, **kw))
-
-    def forward(self, h: Tensor) -> Tensor:
-        lead = tuple(h.shape[:-1])
-        m1 = self.multiplier
-        m2 = m1 if self.bias_multiplier is None else self.bias_multiplier
-        check_multiplier("multiplier", m1, lead, h.device)
-        out = h + expand_multiplier(m2, lead, h.dtype) * self.delta_bias
-        if self.delta_weight is not None:
-            out = out + expand_multiplier(m1, lead, h.dtype) * nn.functional.linear(h, self.delta_weight)
-        elif self.lora_a is not None:
-            low = nn.functional.linear(nn.functional.linear(h, self.lora_a), self.lora_b)
-            out = out + expand_multiplier(m1, lead, h.dtype) * low
-        return out
 
 
 class Steering:
@@ -71,7 +38,7 @@ class Steering:
     def __init__(self, model: nn.Module, layer: int, form: str, *, rank: int, site: str, backend: str):
         self.model, self.layer, self.form, self.site = model, layer, form, site
         self.rank = rank if form == "lora" else None
-        target = models.decoder_layers(model)[layer]
+        target = runner.decoder_layers(model)[layer]
         self._handle = None
         if site == "down_proj":
             mlp = getattr(target, "mlp", None)
@@ -86,7 +53,8 @@ class Steering:
             mlp.down_proj = self.module
         else:
             p = next(target.parameters())
-            self.module = ResidualSteer(model.config.hidden_size, form, rank, device=p.device, dtype=p.dtype)
+            self.module = ResidualSteer(model.config.hidden_size, form, rank, backend=backend, device=p.device,
+                                        dtype=p.dtype)
             self._handle = target.register_forward_hook(self._residual_hook)
         self.module.multiplier = 1.0
         self._attached = True
@@ -144,7 +112,7 @@ class Steering:
         """Remove the intervention: the model is restored exactly (modules, hooks, requires_grad flags)."""
         self._check_attached()
         if self.site == "down_proj":
-            mlp = models.decoder_layers(self.model)[self.layer].mlp
+            mlp = runner.decoder_layers(self.model)[self.layer].mlp
             mlp.down_proj = self._original
             self._original.weight.requires_grad_(self._flags[0])
             if self._original.bias is not None:
@@ -160,7 +128,7 @@ class Steering:
     def metadata(self) -> dict[str, str]:
         cfg = self.model.config
         return {"format": _FORMAT, "form": self.form, "layer": str(self.layer), "site": self.site,
-                "rank": str(self.rank or 0), "model": models.model_name(self.model),
+                "rank": str(self.rank or 0), "model": runner.model_name(self.model),
                 "model_type": cfg.model_type, "hidden_size": str(cfg.hidden_size),
                 "intermediate_size": str(getattr(cfg, "intermediate_size", 0)),
                 "num_hidden_layers": str(cfg.num_hidden_layers)}
@@ -185,7 +153,7 @@ def attach(model: nn.Module, layer: int, form: str, *, rank: int = 4, site: str 
     ``site="residual"`` adds the update to the decoder layer's output (differs on Gemma-2, whose MLP output
     passes a post-feedforward norm). Every form starts as a no-op; train it with :func:`fastsplit.train`.
     """
-    n = len(models.decoder_layers(model))
+    n = len(runner.decoder_layers(model))
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
         raise ValueError(f"layer must be an int in [0, {n}) for this {n}-layer model, got {layer!r}")
     if form not in FORMS:
@@ -230,7 +198,7 @@ def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_m
     here = {"hidden_size": str(cfg.hidden_size), "num_hidden_layers": str(cfg.num_hidden_layers),
             "intermediate_size": str(getattr(cfg, "intermediate_size", 0))}
     if check_model_name:
-        here["model"] = models.model_name(model)
+        here["model"] = runner.model_name(model)
     for key, value in here.items():
         if key in meta and meta[key] != value:
             raise ValueError(f"{path} was saved for a model with {key}={meta[key]!r}, but this model has "

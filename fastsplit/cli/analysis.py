@@ -7,12 +7,14 @@ import time
 
 import numpy as np
 
+from ._common import floats, read_pairs
+
 DEMO_PROMPTS = ["How do you feel about the coming year?", "Describe your plans for the weekend.",
                 "What do you think will happen to the economy?"]
 
 
 def _write_analysis(sweep, result: dict, out: str, title: str) -> dict:
-    from .analysis import plot_sweep
+    from fastsplit.analysis import plot_sweep
 
     os.makedirs(out, exist_ok=True)
     sweep.to_csv(os.path.join(out, "sweep.csv"))
@@ -39,13 +41,12 @@ def _print_summary(report: dict) -> None:
 def _cmd_sweep(args) -> int:
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
-    from fastsplit.models import load_model
+    from fastsplit.hf import load_model
 
-    from .cli import _pairs
 
     model, tok = load_model(args.model)
     steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
-    pairs = _pairs(args.data)
+    pairs = read_pairs(args.data)
     if args.max_pairs:
         pairs = pairs[: args.max_pairs]
     sweep = logodds_sweep(model, tok, steering, pairs, args.multipliers, length_norm=args.length_norm,
@@ -64,7 +65,7 @@ def _cmd_demo(args) -> int:
     t0 = time.time()
     print("fastsplit demo: SPLIT-train a steering vector on SmolLM2-135M-Instruct, sweep m, fit, plot")
     model, tok = fastsplit.load_model(args.model)
-    pairs = fastsplit.load_pairs(args.data) if args.data != "demo" else fastsplit.demo_pairs()
+    pairs = read_pairs(args.data)
     train_pairs, test_pairs = fastsplit.split_pairs(pairs, test_size=args.test_pairs, seed=args.seed)
     steering = fastsplit.attach(model, args.layer, args.form, rank=args.rank)
     print(f"[{time.time() - t0:5.0f}s] training a {args.form} at layer {args.layer} on {len(train_pairs)} pairs")
@@ -92,15 +93,14 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def add_commands(sub, common_train_args) -> None:
-    from .cli import _floats
+def add_commands(sub) -> None:
 
     default_ms = ",".join(f"{v:g}" for v in np.linspace(-10, 10, 21))
     s = sub.add_parser("sweep", help="log-odds sweep over m of a saved steering, curve fits, plot")
     s.add_argument("--model", default="default")
     s.add_argument("--steering", required=True)
     s.add_argument("--data", default="demo", help="pairs file or 'demo'")
-    s.add_argument("--multipliers", type=_floats, default=_floats(default_ms),
+    s.add_argument("--multipliers", type=floats, default=floats(default_ms),
                    help="comma-separated; write --multipliers=-4,0,4 when the list starts with '-'")
     s.add_argument("--max-pairs", type=int, default=0, help="use only the first N pairs (0: all)")
     s.add_argument("--length-norm", action="store_true", help="token-mean NLLs instead of sums")
@@ -120,11 +120,11 @@ def add_commands(sub, common_train_args) -> None:
     d.add_argument("--epochs", type=int, default=2)
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--lr", type=float, default=2e-2)
-    d.add_argument("--factors", type=_floats, default=[1.0])
+    d.add_argument("--factors", type=floats, default=[1.0])
     d.add_argument("--theta", type=float, default=2.0, help="SPLIT hinge margin")
     d.add_argument("--pair-types", default="add,sub")
     d.add_argument("--test-pairs", type=int, default=40)
-    d.add_argument("--multipliers", type=_floats, default=_floats(default_ms))
+    d.add_argument("--multipliers", type=floats, default=floats(default_ms))
     d.add_argument("--max-util-drop", type=float, default=1.0)
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--seed", type=int, default=0)

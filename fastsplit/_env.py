@@ -1,0 +1,46 @@
+"""Process-wide switches, read by every layer; this module imports nothing from fastsplit.
+
+* ``FASTSPLIT_DEBUG=1`` (or :func:`set_debug`): the ops also check tensor *values* (NaN/inf multipliers,
+  out-of-range targets, a pair row without targets). Those checks read device data, so they synchronise
+  with the host; off by default, so no hot path synchronises. Shape, dtype and device checks read only
+  metadata and always run.
+* ``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through Triton's interpreter (tests only).
+* ``FASTSPLIT_FIXED_CONFIGS=1``: every Triton kernel takes one fixed launch config per shape class
+  instead of autotuning (the test suite sets it, so a GPU run does not tune for every test shape; users
+  and benchmarks autotune).
+"""
+from __future__ import annotations
+
+import os
+
+_debug: bool | None = None
+
+
+def debug() -> bool:
+    """Whether the value checks that synchronise with the host are on (see the module docstring)."""
+    if _debug is not None:
+        return _debug
+    return os.environ.get("FASTSPLIT_DEBUG", "0") == "1"
+
+
+def set_debug(enabled: bool | None) -> None:
+    """Turn the value checks on or off for this process; ``None`` defers to ``FASTSPLIT_DEBUG`` again.
+
+    Example::
+
+        >>> fastsplit.set_debug(True)      # while hunting a NaN; costs a host sync per checked tensor
+    """
+    global _debug
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    _debug = enabled
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fixed_configs() -> bool:
+    """True when Triton kernels take one fixed config per shape class (``FASTSPLIT_FIXED_CONFIGS=1``)."""
+    return os.environ.get("FASTSPLIT_FIXED_CONFIGS", "0") == "1"

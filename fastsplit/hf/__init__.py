@@ -1,0 +1,20 @@
+"""The only code that knows transformers internals (as peft's tuners do): attaching steering to a model,
+running a model from layer L on cached inputs, KV-cache tricks, packing masks, padding, and loading models.
+
+Layout after peft's ``tuners/<method>/{layer,model}.py``: ``steer/layer.py`` (the modules that stand in a
+model), ``steer/model.py`` (attach, the ``Steering`` handle, save/load). Every internal relied on is listed
+in ``internals.py`` with the transformers versions it was tested on.
+"""
+from .kv import affine_in_m, alias_skipped, keys_values_only, new_cache
+from .loading import DEFAULT_MODEL_NAME, cache_dir, load_default_model, load_model
+from .packing import PackedRows, SideRows, packable
+from .runner import (capture_layer_input, completion_positions, decoder, decoder_layers, from_layer, last_hidden,
+                     lm_head, logit_softcap, model_name, pad, pad_id_of, pad_rows)
+from .steer.layer import ResidualSteer
+from .steer.model import SITES, Steering, attach, load_steering, read_steering_metadata
+
+__all__ = ["attach", "Steering", "load_steering", "read_steering_metadata", "ResidualSteer", "SITES",
+           "load_default_model", "load_model", "cache_dir", "DEFAULT_MODEL_NAME",
+           "decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",
+           "from_layer", "last_hidden", "pad", "pad_rows", "pad_id_of", "completion_positions",
+           "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "SideRows", "PackedRows", "packable"]

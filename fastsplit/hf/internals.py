@@ -1,0 +1,48 @@
+"""Every transformers internal that fastsplit relies on, in one place, with the versions it was tested on.
+
+fastsplit steers models through handles and context managers; it never patches a transformers class.
+What it does lean on is listed here, so a transformers upgrade is checked in one place:
+``tests/test_hf_internals.py`` pins every entry on each supported architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TESTED_TRANSFORMERS = ("5.17.0", "5.23.0")
+ARCHITECTURES = ("llama", "qwen2", "gemma2", "mistral", "phi3")
+
+
+@dataclass(frozen=True)
+class Internal:
+    what: str  # the internal relied on
+    used_by: str  # where, in fastsplit.hf
+    why: str
+
+
+INTERNALS = (
+    Internal("model.model.layers: an nn.ModuleList the decoder iterates in order, each layer taking "
+             "hidden_states first (positional or keyword)", "runner.decoder, from_layer, capture_layer_input",
+             "skip the frozen layers below L by swapping in pass-through modules and feeding a cached input"),
+    Internal("decoder layer .attention_type (Gemma-2: sliding or full)", "runner._PassThrough, kv._KeysValuesOnly",
+             "stand-in layers keep the attribute the decoder reads to pick each layer's mask"),
+    Internal("decoder layer .mlp.down_proj is an nn.Linear", "steer.model.Steering",
+             "the paper's site: the MLP output projection becomes a SteeredLinear (restored on detach)"),
+    Internal("decoder layer .post_feedforward_layernorm present only where a norm follows the MLP (Gemma-2)",
+             "kv.affine_in_m", "the stream after layer L is r0 + m·d only when the update enters it by addition"),
+    Internal("self_attn.{k_proj, v_proj, head_dim, layer_idx}, layer.input_layernorm, no self_attn.k_norm, and "
+             "apply_rotary_pos_emb(q, k, cos, sin) in the attention's modeling module; position_embeddings and "
+             "past_key_values passed to the layer as keywords", "kv.keys_values_only",
+             "the prompt's last layer writes keys and values only (falls back to the full layer otherwise)"),
+    Internal("DynamicCache(config=...), .layers slots with .is_sliding, batch_repeat_interleave, update(k, v, idx)",
+             "kv.alias_skipped, workflows' sweeps", "one prompt cache shared by both completions and every m"),
+    Internal("config._attn_implementation in ('sdpa', 'eager') accepts a 4-D additive mask; config.sliding_window "
+             "and config.layer_types", "packing.packable", "one packed row per pair with a mask of our own"),
+    Internal("config.final_logit_softcapping (Gemma-2)", "runner.logit_softcap", "the SPLIT loss caps logits as the model does"),
+)
+
+
+def describe() -> str:
+    """The list above as text (for docs and bug reports)."""
+    lines = [f"transformers tested: {', '.join(TESTED_TRANSFORMERS)}; architectures: {', '.join(ARCHITECTURES)}"]
+    lines += [f"- {i.what}  [{i.used_by}]: {i.why}" for i in INTERNALS]
+    return "\n".join(lines)

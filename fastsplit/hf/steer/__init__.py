@@ -1,0 +1,1 @@
+"""Steering a model: the modules (layer.py) and the handle (model.py)."""

@@ -1,0 +1,83 @@
+"""What the Triton kernels share: autotune keys, shared-memory estimates, config pruning and fixed configs.
+
+Why estimate shared memory ourselves: an autotune config whose pipelined tiles exceed the device's
+per-block shared memory fails to compile with ``OutOfResources`` (seen on an H100: 245,760 bytes asked
+for local_weight per-row in bf16, against 232,448). Each kernel states its footprint as
+``stages × (bytes of the operand tiles loaded per K step) + bytes of epilogue operands``, which is what
+Triton's software pipeliner allocates; the autotuner's ``early_config_prune`` drops every config over
+the device's budget before anything compiles, so a user never meets ``OutOfResources``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import torch
+import triton
+
+from .._env import fixed_configs, triton_interpreting
+
+# Per-block shared memory a kernel may opt into (bytes).
+HOPPER_SMEM = 227 * 1024  # H100 / H200 (sm_90)
+CONSUMER_SMEM = 99 * 1024  # Ada and consumer Ampere (sm_86, sm_89)
+
+
+def bucket(n: int) -> int:
+    """Autotune key for a row count: powers of two up to 4096, so decode steps of any length reuse one tuning."""
+    return min(triton.next_power_of_2(max(n, 1)), 4096)
+
+
+@functools.lru_cache(maxsize=None)
+def smem_budget(device_index: int) -> int:
+    """The opt-in shared memory per block of CUDA device ``device_index`` (bytes)."""
+    props = torch.cuda.get_device_properties(device_index)
+    for name in ("shared_memory_per_block_optin", "max_shared_memory_per_block_optin"):
+        if getattr(props, name, 0):
+            return int(getattr(props, name))
+    return CONSUMER_SMEM  # the smaller budget when torch does not say: every config kept then fits anywhere
+
+
+def config_meta(cfg: triton.Config) -> dict:
+    return {**cfg.kwargs, "num_stages": cfg.num_stages, "num_warps": cfg.num_warps}
+
+
+def fits(configs: Sequence[triton.Config], footprint: Callable[[dict], int], budget: int) -> list[triton.Config]:
+    """The configs whose estimated shared memory fits ``budget``; never empty (the smallest one stays, so a
+    launch on a tiny device fails loudly in Triton rather than with an empty autotune list)."""
+    sized = [(footprint(config_meta(c)), c) for c in configs]
+    keep = [c for need, c in sized if need <= budget]
+    return keep or [min(sized, key=lambda s: s[0])[1]]
+
+
+def pruner(footprint_of: Callable[[dict, dict], Callable[[dict], int]]):
+    """An ``early_config_prune`` for ``triton.autotune``: ``footprint_of(named_args, constexprs)`` returns the
+    footprint function of this launch (dtype and flags decide it); configs over the device's budget go."""
+
+    def prune(configs, named_args, **kwargs):
+        first = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        if first.device.type != "cuda":
+            return list(configs)
+        return fits(configs, footprint_of(named_args, kwargs), smem_budget(first.device.index or 0))
+
+    return {"early_config_prune": prune}
+
+
+def elem_bytes(t: torch.Tensor) -> int:
+    return t.element_size()
+
+
+def use_fixed() -> bool:
+    """One fixed config per shape class (tests), instead of the autotuner; never under the interpreter,
+    whose own single config is already fixed."""
+    return fixed_configs() and not triton_interpreting()
+
+
+def launch(kernel, grid, args: tuple, constexprs: dict, fixed: triton.Config | None):
+    """Launch ``kernel`` (an autotuned Triton kernel) through ``wrap_triton``; with ``fixed`` the autotuner is
+    bypassed and that config's block sizes, warps and stages are passed directly."""
+    from torch.library import wrap_triton
+
+    if fixed is None:
+        return wrap_triton(kernel)[grid](*args, **constexprs)
+    return wrap_triton(kernel.fn)[grid](*args, **constexprs, **fixed.kwargs, num_warps=fixed.num_warps,
+                                        num_stages=fixed.num_stages)

@@ -1,0 +1,73 @@
+"""The one chunked-logits helper: how many token rows a [rows × V] logits block may hold, and the spans.
+
+Every path that forms logits (the torch, Triton and native SPLIT launchers, the lm_head gradient, the
+log-odds sweep) holds one [C × V] fp32 block at a time, so extra memory never grows with the number of
+rows, and C is derived from the device and the problem rather than from a fixed byte budget:
+
+* **CUDA.** The dH pass splits its output [C, H] into row tiles × ``ceil(H / 128)`` column tiles; C is the
+  fewest rows that give two full waves of tiles on every SM (more rows only add memory, fewer leave SMs
+  idle), rounded up to the kernels' largest row tile. It depends on the SM count and H, not on V.
+* **CPU.** The block is read back at once (max, exp, sum), so C keeps it within the last-level cache.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Iterator
+
+import torch
+
+ROW_TILE = 128  # the largest BLOCK_M of the Triton SPLIT kernels
+COL_TILE = 128  # the dH kernel's largest BLOCK_K
+WAVES = 2
+_CPU_CACHE_DEFAULT = 32 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_cache_bytes() -> int:
+    """Size of the largest CPU cache this machine reports (sysfs), else 32 MiB."""
+    best = 0
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(root):
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return best or _CPU_CACHE_DEFAULT
+
+
+def cuda_rows(sm_count: int, hidden: int) -> int:
+    """Rows per chunk on a GPU with ``sm_count`` SMs: two waves of the dH pass's [ROW_TILE, COL_TILE] tiles."""
+    col_tiles = -(-hidden // COL_TILE)
+    row_tiles = -(-(WAVES * sm_count) // col_tiles)
+    return row_tiles * ROW_TILE
+
+
+def chunk_rows(n: int, vocab: int, hidden: int, device: torch.device) -> int:
+    """Token rows per logits block for ``n`` rows, a ``vocab``-sized head and ``hidden`` size on ``device``.
+
+    Example::
+
+        >>> chunk_rows(8192, 152064, 3584, torch.device("cuda"))   # H100, 132 SMs: 10 row tiles
+        1280
+    """
+    if device.type == "cuda":
+        rows = cuda_rows(_sm_count(device.index if device.index is not None else torch.cuda.current_device()),
+                         hidden)
+    else:
+        rows = cpu_cache_bytes() // (4 * max(vocab, 1))
+    return max(1, min(n, rows))
+
+
+def spans(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each chunk of ``n`` rows."""
+    for s in range(0, n, chunk):
+        yield s, min(n, s + chunk)

@@ -1,0 +1,41 @@
+"""Where ``backend="auto"`` sends a call: a table filled from measurements, never from hope.
+
+Keyed by the CUDA device's compute capability, then by (op, form, m kind, row class). A route names the
+backend that measured fastest on that device *and* passed the GPU suite and compute-sanitizer there.
+Anything not in the table takes the torch path (cuBLAS compositions on a GPU), which is correct on every
+device and never slower than eager steering code, because it is eager code.
+
+To add a route: run ``bench/gpu_check.sh`` on the device, read the ``auto`` rows of bench/RESULTS.md,
+and enter the winner here with the device, date and commit it was measured at.
+"""
+from __future__ import annotations
+
+ROW_CLASSES = ("decode", "prefill")  # decode: at most DECODE_ROWS rows in the call
+DECODE_ROWS = 64
+
+
+def row_class(rows: int) -> str:
+    return "decode" if rows <= DECODE_ROWS else "prefill"
+
+
+# capability -> {"measured": where the figures come from, "routes": {(op, form, mkind, row class): backend}}
+TABLE: dict[tuple[int, int], dict] = {
+    (9, 0): {
+        "measured": "NVIDIA H100 80GB HBM3, 2026-11-22, commit 2b44776 (../shared/gpu-h100/README.md)",
+        # Empty on purpose: there the Triton kernels crashed on the LoRA path (an out-of-bounds shared-memory
+        # read) and on local_weight per-row (configs over the shared-memory budget), and lost to cuBLAS
+        # compositions in every prefill row; the native decode kernel lost to eager at every row count.
+        # The fixes since have not yet run on a GPU, so nothing leaves the torch path until they do.
+        "routes": {},
+    },
+}
+
+
+def route(capability: tuple[int, int] | None, op: str, form: str | None, mkind: str | None,
+          rows: int | None) -> str:
+    """The measured backend for this call, or "torch" where nothing was measured."""
+    entry = TABLE.get(capability) if capability is not None else None
+    if entry is None:
+        return "torch"
+    key = (op, form, mkind, row_class(rows) if rows is not None else None)
+    return entry["routes"].get(key, "torch")
