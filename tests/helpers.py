@@ -26,6 +26,31 @@ def assert_close(actual, expected, dtype, name=""):
     torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
 
 
+# flash-attention's rule for a kernel in a low precision: its error against the float64 reference is at most
+# FA_FACTOR times the error of the torch path computed in the same dtype, plus a floor relative to the
+# reference's scale (so exact-zero torch errors on tiny cases do not demand bit-exactness).
+FA_FACTOR = 3.0
+FA_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def fa_excess(actual, expected, torch_same):
+    """(kernel error, allowed error) under the rule above, as floats."""
+    ref = expected.double()
+    err = float((actual.double() - ref).abs().max()) if ref.numel() else 0.0
+    base = float((torch_same.double() - ref).abs().max()) if ref.numel() else 0.0
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    return err, FA_FACTOR * base + FA_FLOOR[actual.dtype if actual.dtype in FA_FLOOR else torch.float32] * scale
+
+
+def assert_close_fa(actual, expected, torch_same, name=""):
+    """A kernel's result against the float64 reference, judged by the torch path's own error in its dtype."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values (an unwritten NaN-poisoned element?)"
+    err, allowed = fa_excess(actual, expected, torch_same)
+    assert err <= allowed, (f"{name}: max error {err:.3g} against float64 exceeds {FA_FACTOR:g}x the torch path's "
+                            f"own error in {actual.dtype} plus the floor ({allowed:.3g})")
+
+
 def backend_cases(gpu_triton_dtypes=(torch.float16, torch.bfloat16)):
     """(backend, dtype) pairs every op test runs: torch in f64/f32, Triton in f32 (the interpreter on the CPU),
     the native extension in f32 when built; on a GPU also Triton and native in half precision."""

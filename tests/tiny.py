@@ -26,7 +26,8 @@ def tiny_tokenizer():
     return tok
 
 
-ARCHS = ["llama", "qwen2", "gemma2"]
+ARCHS = ["llama", "qwen2", "gemma2"]  # every workflow test runs on these
+MORE_ARCHS = ["mistral", "phi3"]  # pinned by tests/test_hf_internals.py
 
 
 def tiny_model(arch: str, *, layers: int = 4, seed: int = 0, init_std: float = 0.02):
@@ -47,6 +48,12 @@ def tiny_model(arch: str, *, layers: int = 4, seed: int = 0, init_std: float = 0
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**common)
         cls = tf.Qwen2ForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**common, head_dim=8, sliding_window=None)
+        cls = tf.MistralForCausalLM
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(**common)
+        cls = tf.Phi3ForCausalLM
     elif arch == "gemma2":
         cfg = tf.Gemma2Config(**common, head_dim=8, sliding_window=8, final_logit_softcapping=30.0,
                               attn_logit_softcapping=50.0, query_pre_attn_scalar=8)

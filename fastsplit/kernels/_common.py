@@ -54,7 +54,7 @@ def pruner(footprint_of: Callable[[dict, dict], Callable[[dict], int]]):
     footprint function of this launch (dtype and flags decide it); configs over the device's budget go."""
 
     def prune(configs, named_args, **kwargs):
-        first = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        first = next(v for v in named_args.values() if hasattr(v, "device") and hasattr(v, "data_ptr"))
         if first.device.type != "cuda":
             return list(configs)
         return fits(configs, footprint_of(named_args, kwargs), smem_budget(first.device.index or 0))

@@ -29,20 +29,29 @@ from ._common import bucket, elem_bytes, launch, pruner, use_fixed
 _INTERPRET = triton_interpreting()
 
 # BLOCK_V is fixed, not tuned: it sets how many log-sum-exp partials each row has.
-_FWD_BLOCK_V = 64 if _INTERPRET else 128
+GPU_BLOCK_V = 128
+_FWD_BLOCK_V = 64 if _INTERPRET else GPU_BLOCK_V
 # Row tile of both kernels' largest config: the op sizes its chunks in multiples of it.
 BLOCK_M_MAX = 128
 
 
-def _configs(names, table):
-    if _INTERPRET:
+def _configs(names, table, *, interpret=None):
+    if _INTERPRET if interpret is None else interpret:
         return [triton.Config(dict(zip(names, (64, 64, 64))))]
     return [triton.Config(dict(zip(names, t[:len(names)])), num_warps=t[-2], num_stages=t[-1]) for t in table]
 
 
-def fwd_footprint(es: int):
+# (block sizes..., warps, stages): the autotune spaces on a GPU, pruned per launch by shared memory.
+FWD_NAMES, FWD_TABLE = ("BLOCK_M", "BLOCK_K"), [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3),
+                                                (64, 128, 4, 3), (64, 64, 4, 2)]
+BWD_NAMES, BWD_TABLE = ("BLOCK_M", "BLOCK_K", "BLOCK_V"), [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+                                                           (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+                                                           (64, 64, 128, 4, 4), (64, 64, 64, 4, 2)]
+
+
+def fwd_footprint(es: int, block_v: int = _FWD_BLOCK_V):
     """Logits kernel: pipelined h [BM, BK] and W [BK, BV] tiles."""
-    return lambda c: c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * _FWD_BLOCK_V) * es
+    return lambda c: c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * block_v) * es
 
 
 def bwd_footprint(es: int):
@@ -55,9 +64,7 @@ FIXED_FWD = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stage
 FIXED_BWD = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V": 64}, num_warps=4, num_stages=2)
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K"),
-                                  [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3),
-                                   (64, 128, 4, 3), (64, 64, 4, 2)]),
+@triton.autotune(configs=_configs(FWD_NAMES, FWD_TABLE),
                  key=["C_BUCKET", "V", "H"], prune_configs_by=pruner(lambda n, kw: fwd_footprint(elem_bytes(n["Hid"]))))
 @triton.jit
 def _split_loss_fwd_kernel(
@@ -106,9 +113,7 @@ def _split_loss_fwd_kernel(
     tl.store(ZT + offs_m, zt, mask=mask_m & in_tile)
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_V"),
-                                  [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
-                                   (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 64, 64, 4, 2)]),
+@triton.autotune(configs=_configs(BWD_NAMES, BWD_TABLE),
                  key=["C_BUCKET", "V", "H"], prune_configs_by=pruner(lambda n, kw: bwd_footprint(elem_bytes(n["W"]))))
 @triton.jit
 def _split_loss_bwd_kernel(

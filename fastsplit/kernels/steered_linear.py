@@ -29,25 +29,33 @@ from ._common import bucket, elem_bytes, launch, pruner, use_fixed
 _INTERPRET = triton_interpreting()
 
 
+def gpu_fwd_configs() -> list[triton.Config]:
+    """The product kernel's autotune space on a GPU (pruned per launch by shared memory)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                                     (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
+                                     (128, 128, 32, 4, 3), (64, 64, 64, 4, 3),
+                                     (16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
+                                     (16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 32, 4, 2)]]
+
+
+def gpu_bwd_configs() -> list[triton.Config]:
+    """The weight-gradient kernel's autotune space on a GPU."""
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+            for bn, bk, bm, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+                                     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3)]]
+
+
 def _fwd_configs():
     if _INTERPRET:  # big tiles keep the interpreter's Python loop short
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
-    cfg = []
-    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                             (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
-                             (128, 128, 32, 4, 3), (64, 64, 64, 4, 3),
-                             (16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 64, 4, 3)]:
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=w, num_stages=s))
-    return cfg
+    return gpu_fwd_configs()
 
 
 def _bwd_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 64})]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bn, bk, bm, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                                     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3)]]
+    return gpu_bwd_configs()
 
 
 # One config per shape class under FASTSPLIT_FIXED_CONFIGS (tests): small enough to fit every budget in

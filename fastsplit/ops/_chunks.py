@@ -11,7 +11,6 @@ rows, and C is derived from the device and the problem rather than from a fixed 
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Iterator
 
@@ -23,12 +22,10 @@ WAVES = 2
 _CPU_CACHE_DEFAULT = 32 << 20
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)  # torch caches the properties
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_cache_bytes() -> int:
     """Size of the largest CPU cache this machine reports (sysfs), else 32 MiB."""
     best = 0
@@ -42,6 +39,9 @@ def cpu_cache_bytes() -> int:
     except (OSError, ValueError):
         pass
     return best or _CPU_CACHE_DEFAULT
+
+
+CPU_CACHE_BYTES = cpu_cache_bytes()  # read once, at import: nothing to trace when the op is compiled
 
 
 def cuda_rows(sm_count: int, hidden: int) -> int:
@@ -63,7 +63,7 @@ def chunk_rows(n: int, vocab: int, hidden: int, device: torch.device) -> int:
         rows = cuda_rows(_sm_count(device.index if device.index is not None else torch.cuda.current_device()),
                          hidden)
     else:
-        rows = cpu_cache_bytes() // (4 * max(vocab, 1))
+        rows = CPU_CACHE_BYTES // (4 * max(vocab, 1))
     return max(1, min(n, rows))
 
 

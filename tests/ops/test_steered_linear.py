@@ -5,7 +5,7 @@ import torch
 from fastsplit import steered_linear, steered_linear_ref
 from fastsplit.ops import _backend
 from fastsplit import native
-from tests.helpers import DEVICE, HAS_CUDA, assert_close, backend_cases
+from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_close_fa, backend_cases
 
 IN, OUT, R, B = 123, 77, 3, 2
 FORMS = ["vector", "lora", "local_weight"]
@@ -33,29 +33,38 @@ def make_multiplier(kind, T, device=DEVICE):
     return m.to(device) if isinstance(m, torch.Tensor) else m
 
 
-def _run(fn, t, m1, m2):
+def _run(fn, t, m1, m2, grad_out=None):
     tensors = {k: v for k, v in t.items() if v is not None}
     y = fn(**tensors, m1=m1, m2=m2)
-    grad_out = torch.randn_like(y)
+    grad_out = torch.randn_like(y) if grad_out is None else grad_out
     leaves = [k for k, v in tensors.items() if v.requires_grad]
     grads = torch.autograd.grad(y, [tensors[k] for k in leaves], grad_out)
     return y, dict(zip(leaves, grads)), grad_out
 
 
+def _fresh(t, dtype=None):
+    """The same values as new leaves (optionally in another dtype)."""
+    return {k: (v.detach().to(dtype or v.dtype).requires_grad_(v.requires_grad) if v is not None else None)
+            for k, v in t.items()}
+
+
 def check_against_reference(backend, dtype, form, T, m1, m2, **kw):
+    """Forward and every gradient against float64; a kernel in a low precision is judged by flash-attention's
+    rule (at most 3x the torch path's own error in that dtype); the torch path itself by TOL."""
     t = make_inputs(form, T, dtype, **kw)
     y, grads, grad_out = _run(lambda **a: steered_linear(**a, backend=backend), t, m1, m2)
-    t64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
-           for k, v in t.items()}
     d64 = lambda m: m.double() if isinstance(m, torch.Tensor) else m
-    tensors = {k: v for k, v in t64.items() if v is not None}
-    y_ref = steered_linear_ref(**tensors, m1=d64(m1), m2=d64(m2))
-    leaves = [k for k, v in tensors.items() if v.requires_grad]
-    ref_grads = torch.autograd.grad(y_ref, [tensors[k] for k in leaves], grad_out.double())
-    assert_close(y, y_ref, dtype, "y")
-    assert set(grads) == set(leaves)
-    for k, gr in zip(leaves, ref_grads):
-        assert_close(grads[k], gr, dtype, f"d{k}")
+    y_ref, ref_grads, _ = _run(steered_linear_ref, _fresh(t, torch.float64), d64(m1), d64(m2), grad_out.double())
+    same = None
+    if backend != "torch":
+        same = _run(lambda **a: steered_linear(**a, backend="torch"), _fresh(t), m1, m2, grad_out)
+    assert set(grads) == set(ref_grads)
+    for name, got, ref, base in [("y", y, y_ref, same and same[0])] + \
+            [(f"d{k}", grads[k], ref_grads[k], same and same[1][k]) for k in ref_grads]:
+        if same is None:
+            assert_close(got, ref, dtype, name)
+        else:
+            assert_close_fa(got, ref, base, name)
 
 
 @pytest.mark.parametrize("backend,dtype", backend_cases())
@@ -242,3 +251,18 @@ def test_triton_opcheck(form):
     needs = [True, True, True, form == "local_weight", form == "lora", form == "lora", True]
     torch.library.opcheck(k.steered_linear_bwd, (grad, x, t["weight"], t.get("delta_weight"), t.get("lora_a"),
                                                  t.get("lora_b"), rows, None, 0.0, 0.5, needs))
+
+
+@pytest.mark.parametrize("backend", ["triton"] + (["native"] if native._C is not None else []))
+def test_planted_bug_fails_the_new_tolerance(backend, monkeypatch):
+    """A mutation the old fixed tolerance (atol = rtol = 2e-4) let through on 5 of 5 seeds: the per-row factors
+    reach the kernel scaled by 1 + 2e-5. The flash-attention rule catches it; the clean run passes."""
+    from fastsplit.ops import steered_linear as op
+
+    m = make_multiplier("per_row", 7)
+    check_against_reference(backend, torch.float32, "local_weight", 7, m, None)  # clean: passes
+    real = op.multiplier_rows
+    monkeypatch.setattr(op, "multiplier_rows", lambda mm, lead: None if real(mm, lead) is None
+                        else real(mm, lead) * (1 + 2e-5))
+    with pytest.raises(AssertionError, match="exceeds 3x the torch path"):
+        check_against_reference(backend, torch.float32, "local_weight", 7, m, None)
