@@ -5,8 +5,10 @@ log-odds sweep) holds one [C × V] fp32 block at a time, so extra memory never g
 rows, and C is derived from the device and the problem rather than from a fixed byte budget:
 
 * **CUDA.** The dH pass splits its output [C, H] into row tiles × ``ceil(H / 128)`` column tiles; C is the
-  fewest rows that give two full waves of tiles on every SM (more rows only add memory, fewer leave SMs
-  idle), rounded up to the kernels' largest row tile. It depends on the SM count and H, not on V.
+  fewest rows that give two full waves of tiles on every SM (fewer leave SMs idle), rounded up to the
+  kernels' largest row tile, but the block stays within ``L2_BLOCKS`` × the L2 cache (past a few L2s the
+  block's write and re-read are HBM round trips anyway, so more rows only cost memory). Measured choice
+  of both constants waits for a GPU session (issue: SPLIT loss on the GPU).
 * **CPU.** The block is read back at once (max, exp, sum), so C keeps it within the last-level cache.
 """
 from __future__ import annotations
@@ -19,11 +21,16 @@ import torch
 ROW_TILE = 128  # the largest BLOCK_M of the Triton SPLIT kernels
 COL_TILE = 128  # the dH kernel's largest BLOCK_K
 WAVES = 2
+L2_BLOCKS = 4
 _CPU_CACHE_DEFAULT = 32 << 20
 
 
 def _sm_count(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)  # torch caches the properties
+
+
+def _l2_bytes(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0)) or 50 << 20
 
 
 def cpu_cache_bytes() -> int:
@@ -51,17 +58,22 @@ def cuda_rows(sm_count: int, hidden: int) -> int:
     return row_tiles * ROW_TILE
 
 
+def l2_rows(l2_bytes: int, vocab: int) -> int:
+    """The most rows whose fp32 [rows × vocab] block fits in ``L2_BLOCKS`` L2 caches (at least one row tile)."""
+    return max(ROW_TILE, (L2_BLOCKS * l2_bytes // (4 * max(vocab, 1))) // ROW_TILE * ROW_TILE)
+
+
 def chunk_rows(n: int, vocab: int, hidden: int, device: torch.device) -> int:
     """Token rows per logits block for ``n`` rows, a ``vocab``-sized head and ``hidden`` size on ``device``.
 
     Example::
 
-        >>> chunk_rows(8192, 152064, 3584, torch.device("cuda"))   # H100, 132 SMs: 10 row tiles
-        1280
+        >>> chunk_rows(8192, 152064, 3584, torch.device("cuda"))   # H100: 132 SMs, 50 MiB L2 (the L2 bound)
+        256
     """
     if device.type == "cuda":
-        rows = cuda_rows(_sm_count(device.index if device.index is not None else torch.cuda.current_device()),
-                         hidden)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        rows = min(cuda_rows(_sm_count(index), hidden), l2_rows(_l2_bytes(index), vocab))
     else:
         rows = CPU_CACHE_BYTES // (4 * max(vocab, 1))
     return max(1, min(n, rows))
