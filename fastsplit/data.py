@@ -8,7 +8,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs", "chat_prompt_ids"]
+__all__ = ["Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs", "chat_prompt_ids", "as_written",
+           "prompt_text"]
 
 _PERSONA = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 _AXBENCH = ("input", "winning_output", "losing_output")
@@ -106,6 +107,17 @@ def _ids(out) -> list[int]:
     return list(ids)
 
 
+def prompt_text(tokenizer, prompt: str, chat: bool = True) -> str:
+    """``prompt`` as the model reads it: a user message under the chat template with the generation prompt
+    (``chat=True``), or the plain text."""
+    if not chat:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; pass chat=False")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of ``prompt`` as a user message under the chat template with the generation prompt."""
     if chat:
@@ -116,16 +128,45 @@ def chat_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     return _ids(tokenizer(prompt))
 
 
+def as_written(text: str, completion: str) -> str:
+    """The completion as the model writes it after ``text``: after a prompt that ends in a newline (a chat
+    template's ``assistant\n``) a leading space is dropped, since a turn starts with "Yes", not " Yes"."""
+    if text.endswith("\n") and completion.startswith(" ") and completion.strip():
+        return completion[1:]
+    return completion
+
+
+def _completion_ids(tokenizer, text: str, prompt_ids: list[int], completion: str, chat: bool) -> list[int]:
+    """The completion's ids tokenised in context (prompt text + completion), so a word that merges across the
+    boundary is split as the model would see it; falls back to tokenising the completion alone when the
+    prompt's ids are not a prefix of the whole."""
+    whole = _ids(tokenizer(text + completion, add_special_tokens=not chat))
+    if whole[:len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
+        return whole[len(prompt_ids):]
+    return _ids(tokenizer(completion, add_special_tokens=False))
+
+
 def encode_pair(tokenizer, pair: Pair, chat: bool = True) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, pos_ids, neg_ids). The prompt is the user message under the chat template with
-    ``add_generation_prompt=True``; completions are ``tokenizer(completion, add_special_tokens=False)``,
-    appended after the prompt with no re-tokenisation across the boundary."""
+    """(prompt_ids, pos_ids, neg_ids), as the model would read and write them.
+
+    The prompt is the user message under the chat template with ``add_generation_prompt=True`` (or the plain
+    text with ``chat=False``). Each completion is tokenised in context after the prompt text, and after a
+    template that ends in a newline its leading space is dropped (:func:`as_written`): Anthropic's " Yes"
+    is scored as "Yes", which is how the model starts its turn. Training, sweeps and generation share this
+    encoding.
+
+    Example::
+
+        >>> prompt, pos, neg = encode_pair(tok, Pair("Is the sky blue?", " Yes", " No"))
+        >>> tok.decode(pos)
+        'Yes'
+    """
+    text = prompt_text(tokenizer, pair.prompt, chat)
     prompt = chat_prompt_ids(tokenizer, pair.prompt, chat)
-    pos = _ids(tokenizer(pair.positive, add_special_tokens=False))
-    neg = _ids(tokenizer(pair.negative, add_special_tokens=False))
-    if not pos or not neg:
+    comps = [_completion_ids(tokenizer, text, prompt, as_written(text, c), chat) for c in (pair.positive, pair.negative)]
+    if not comps[0] or not comps[1]:
         raise ValueError(f"a completion tokenises to nothing: {pair!r}")
-    return prompt, pos, neg
+    return prompt, comps[0], comps[1]
 
 
 def split_pairs(pairs: Sequence[Pair], *, test_size: float | int = 0.2, seed: int = 0):

@@ -1,40 +1,68 @@
-"""The paper's curve fits over steering strength m (arXiv 2602.02343, §4).
+"""The paper's curve fits over steering strength m (arXiv 2602.02343, §4), as the paper states them.
 
-Validity decay, separate for m ≥ 0 and m < 0 and continuous at m = 0:
-    D(m) = (1 + (m − m±)² / L±)^(−p±)
-Preference:  (α·m + β)·D_p(m) + b_p          Utility:  β_u·D_u(m) + b_u
-Fitted by least squares with scipy's SLSQP (continuity as an equality constraint, L > 0 and p > 0 as
-bounds) from several seeded starts.
+Validity decay, one branch per sign of m, each **normalised to 1 at m = 0** (so the curve is continuous at 0
+by construction, with no constraint between the sides)::
+
+    D±(m) = (1 + (m − m±)² / L±)^(−p±) / (1 + m±² / L±)^(−p±)
+
+Preference  P(m) = (α·m + β)·D(m) + b        Utility  U(m) = β_u·D(m) + b_u
+
+**Parameterisation.** β and b cancel (U(0) = β_u + b_u is what the data pin down, while β_u alone can run off
+to thousands with b_u following it), so the fit works in the value at 0 instead: ``p0 = β + b`` and
+``u0 = β_u + b_u``, i.e. P(m) = α·m·D(m) + β·(D(m) − 1) + p0 and U(m) = u0 + β_u·(D(m) − 1). The report also
+gives the well-determined amplitudes A± = β_u·p± (only their product matters while D stays near 1).
+
+**Optimiser.** Given the six decay parameters the model is linear in the rest, so a grid over the decay
+parameters with the linear ones solved exactly (variable projection) finds the basin; the best grid points
+start bounded least squares (scipy ``least_squares``, trust region) over all parameters. Only converged runs
+count; a parameter within 0.1% of a bound is reported in ``Fit.at_bounds``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Fit", "OperatingPoint", "fit_curves", "operating_point", "validity_decay"]
+__all__ = ["Fit", "OperatingPoint", "fit_curves", "operating_point", "validity_decay", "MIN_POINTS"]
 
 KINDS = ("preference", "utility")
 _DECAY = ("m_pos", "L_pos", "p_pos", "m_neg", "L_neg", "p_neg")
-_NAMES = {"preference": ("alpha", "beta", "b") + _DECAY, "utility": ("beta", "b") + _DECAY}
+_NAMES = {"preference": ("alpha", "beta", "p0") + _DECAY, "utility": ("u0", "beta") + _DECAY}
 MIN_POINTS = 9
+P_BOUNDS = (1e-3, 20.0)
+_GRID = {"m": (-0.3, 0.0, 0.3), "L": (0.01, 0.1, 1.0, 10.0), "p": (0.05, 0.5, 2.0, 8.0)}  # m, L in scale units
+_STARTS = 6
+
+
+def _branch(m, centre, L, p):
+    """One side's normalised decay (1 at m = 0), from logs so a large p or L stays finite."""
+    return np.exp(-p * (np.log1p((m - centre) ** 2 / L) - np.log1p(centre ** 2 / L)))
 
 
 def validity_decay(m, m_pos, L_pos, p_pos, m_neg, L_neg, p_neg):
-    """D(m): the rational-quadratic decay, one branch per sign of m."""
+    """D(m): the rational-quadratic decay, one branch per sign of m, each normalised to D(0) = 1."""
     m = np.asarray(m, dtype=np.float64)
-    pos = (1.0 + (m - m_pos) ** 2 / L_pos) ** (-p_pos)
-    neg = (1.0 + (m - m_neg) ** 2 / L_neg) ** (-p_neg)
-    return np.where(m >= 0, pos, neg)
+    return np.where(m >= 0, _branch(m, m_pos, L_pos, p_pos), _branch(m, m_neg, L_neg, p_neg))
 
 
-def _model(kind: str, theta: np.ndarray, m) -> np.ndarray:
+def _model(kind: str, params: np.ndarray, m) -> np.ndarray:
+    m = np.asarray(m, np.float64)
+    d = validity_decay(m, *params[-6:])
     if kind == "preference":
-        alpha, beta, b = theta[:3]
-        return (alpha * np.asarray(m, np.float64) + beta) * validity_decay(m, *theta[3:]) + b
-    beta, b = theta[:2]
-    return beta * validity_decay(m, *theta[2:]) + b
+        alpha, beta, p0 = params[:3]
+        return alpha * m * d + beta * (d - 1.0) + p0
+    u0, beta = params[:2]
+    return u0 + beta * (d - 1.0)
+
+
+def _columns(kind: str, m: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The model's linear columns given decay values d [..., M]: P = [m·d, d − 1, 1]·(α, β, p0)."""
+    ones = np.ones_like(d)
+    if kind == "preference":
+        return np.stack([m * d, d - 1.0, ones], axis=-1)
+    return np.stack([ones, d - 1.0], axis=-1)
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
@@ -44,28 +72,30 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 @dataclass
 class Fit:
-    """A fitted curve: ``params`` by name, ``r2`` on the fitted points, ``r2_test`` on a holdout (or None),
-    and for preference ``regions``: the linear / transitional / convergence m ranges on each side."""
+    """A fitted curve: ``params`` by name (with the value at 0: ``p0`` or ``u0``; utility also ``A_pos``,
+    ``A_neg``), ``r2`` on the fitted points, ``at_bounds`` (parameters within 0.1% of a bound), ``restarts``
+    (converged local runs) and, for preference, ``regions``: the linear / transitional / convergence m ranges."""
 
     kind: str
     params: dict[str, float]
     r2: float
-    r2_test: float | None = None
+    at_bounds: list[str] = field(default_factory=list)
+    restarts: int = 0
     regions: dict | None = None
     m_range: tuple[float, float] = (0.0, 0.0)
-    _theta: np.ndarray = field(default=None, repr=False)
+    _params: np.ndarray = field(default=None, repr=False)
 
     def predict(self, m) -> np.ndarray:
-        return _model(self.kind, self._theta, m)
+        return _model(self.kind, self._params, m)
 
     def score(self, multipliers, values) -> float:
-        """R² = 1 − SS_res/SS_tot of this fit on other points (e.g. a test split)."""
+        """R² = 1 − SS_res/SS_tot of this fit on other points."""
         m, y = _prepare(multipliers, values, min_points=2)
         return _r2(y, self.predict(m))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "params": self.params, "r2": self.r2, "r2_test": self.r2_test,
-                "regions": self.regions, "m_range": list(self.m_range)}
+        return {"kind": self.kind, "params": self.params, "r2": self.r2, "at_bounds": self.at_bounds,
+                "restarts": self.restarts, "regions": self.regions, "m_range": list(self.m_range)}
 
 
 def _prepare(multipliers, values, min_points=MIN_POINTS):
@@ -87,17 +117,120 @@ def _prepare(multipliers, values, min_points=MIN_POINTS):
     return m, y
 
 
+def _bounds(kind: str, scale: float, y: np.ndarray):
+    span = max(float(np.ptp(y)), 1e-6)
+    big = 1e6 * span
+    lin = [(-big / scale, big / scale), (-big, big), (-big, big)] if kind == "preference" else [(-big, big), (-big, big)]
+    decay = [(-3 * scale, 3 * scale), (1e-4 * scale ** 2, 1e4 * scale ** 2), P_BOUNDS] * 2
+    lo, hi = zip(*(lin + decay))
+    return np.array(lo), np.array(hi)
+
+
+def _projected(kind: str, m: np.ndarray, y: np.ndarray, side: list[tuple]):
+    """For every pair of decay parameters from ``side`` (positive × negative), the linear parameters solved
+    exactly (variable projection). Yields (sse [S], linear [S, n], negative-side index) per negative side."""
+    dp = np.array([_branch(m, *s) for s in side])  # [S, M]: every positive side at once
+    for j, sn in enumerate(side):
+        d = np.where((m >= 0)[None], dp, _branch(m, *sn)[None])
+        X = _columns(kind, m[None], d)  # [S, M, n]
+        XtX = np.einsum("smi,smj->sij", X, X) + 1e-12 * np.eye(X.shape[-1])
+        lin = np.linalg.solve(XtX, np.einsum("smi,m->si", X, y)[..., None])[..., 0]
+        yield ((np.einsum("smi,si->sm", X, lin) - y) ** 2).sum(1), lin, j
+
+
+def _grid_starts(kind: str, m: np.ndarray, y: np.ndarray, scale: float, k: int) -> list[np.ndarray]:
+    """The k best points of a coarse grid over the decay parameters, with the linear ones solved exactly."""
+    side = [(c * scale, L * scale ** 2, p) for c, L, p in itertools.product(_GRID["m"], _GRID["L"], _GRID["p"])]
+    best = []
+    for sse, lin, j in _projected(kind, m, y, side):
+        for i in np.argsort(sse)[:k]:
+            best.append((float(sse[i]), np.concatenate([lin[i], side[i], side[j]])))
+    best.sort(key=lambda t: t[0])
+    return [x for _, x in best[:k]]
+
+
+def _local(kind, m, y, x0, lo, hi):
+    from scipy.optimize import least_squares
+
+    x0 = np.clip(x0, lo + 1e-12 * (hi - lo), hi - 1e-12 * (hi - lo))
+    res = least_squares(lambda x: _model(kind, x, m) - y, x0, bounds=(lo, hi), method="trf", x_scale="jac",
+                        xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=4000)
+    return res if res.status > 0 and np.isfinite(res.cost) else None
+
+
+def _solve(kind: str, m: np.ndarray, y: np.ndarray, starts: list[np.ndarray]):
+    scale = float(np.abs(m).max()) or 1.0
+    lo, hi = _bounds(kind, scale, y)
+    runs = [r for r in (_local(kind, m, y, x0, lo, hi) for x0 in starts) if r is not None]
+    if not runs:
+        raise RuntimeError(f"the {kind} fit did not converge from {len(starts)} starts")
+    best = min(runs, key=lambda r: r.cost)
+    names = _NAMES[kind]
+    tol = 1e-3 * (hi - lo)
+    at = [n for n, v, a, b, t in zip(names, best.x, lo, hi, tol)
+          if n.startswith(("m_", "L_", "p_")) and (v - a < t or b - v < t)]
+    return best.x, at, len(runs)
+
+
+def _make_fit(kind, m, y, params, at, runs) -> Fit:
+    named = dict(zip(_NAMES[kind], map(float, params)))
+    if kind == "utility":
+        named["A_pos"], named["A_neg"] = named["beta"] * named["p_pos"], named["beta"] * named["p_neg"]
+    fit = Fit(kind, named, _r2(y, _model(kind, params, m)), at_bounds=at, restarts=runs,
+              m_range=(float(m.min()), float(m.max())), _params=np.asarray(params, np.float64))
+    if kind == "preference":
+        fit.regions = _regions(fit, float(m.min()), float(m.max()))
+    return fit
+
+
+def fit_curves(multipliers, values, kind: str = "preference", *, starts: int = _STARTS, init: Fit | None = None) -> Fit:
+    """Fit the paper's preference or utility curve to ``values`` over ``multipliers``.
+
+    ``values`` is [M] or [N, M] (per pair; the per-m means are fitted). At least 9 points, all finite, not
+    constant. ``starts`` is how many grid points start a local least-squares run; ``init`` (an earlier fit of
+    the same kind) adds its parameters as a start, so refits on resampled or held-out data can use
+    ``starts=0``.
+
+    Example::
+
+        >>> fit = fit_curves(sweep.multipliers, sweep.pref_odds, "preference")
+        >>> fit.r2, fit.at_bounds, fit.regions["positive"]["linear"]
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(starts, bool) or not isinstance(starts, int) or starts < (0 if init is not None else 1):
+        raise ValueError(f"starts must be a positive int (or 0 with init), got {starts!r}")
+    m, y = _prepare(multipliers, values)
+    scale = float(np.abs(m).max()) or 1.0
+    x0 = _grid_starts(kind, m, y, scale, starts) if starts else []
+    if init is not None:
+        x0 = [init._params] + x0
+    return _make_fit(kind, m, y, *_solve(kind, m, y, x0))
+
+
+def brute_force_sse(multipliers, values, kind: str, *, points: int = 7) -> float:
+    """The best sum of squared errors over a dense grid of the decay parameters (linear ones solved exactly):
+    a reference optimum that a fit must not score below (tests)."""
+    m, y = _prepare(multipliers, values)
+    scale = float(np.abs(m).max()) or 1.0
+    side = list(itertools.product(np.linspace(-0.5, 0.5, points) * scale, np.geomspace(1e-3, 1e2, points) * scale ** 2,
+                                  np.geomspace(0.02, 15.0, points)))
+    return min(float(sse.min()) for sse, _, _ in _projected(kind, m, y, side))
+
+
 def _regions(fit: Fit, m_lo: float, m_hi: float, *, linear_tol=0.25, flat_tol=0.1) -> dict | None:
     """Region boundaries from the fitted slope s(m): linear while |s − s(0)| ≤ 25%·|s(0)|, convergence
     once |s| ≤ 10%·|s(0)|, transitional between. A boundary past the swept range is None."""
     eps = 1e-4 * max(1.0, m_hi - m_lo)
     slope = lambda m: (fit.predict(m + eps) - fit.predict(m - eps)) / (2 * eps)
-    s0 = float(slope(np.array([0.0]))[0])
-    if abs(s0) < 1e-12:
-        return None
     out = {}
     for side, end in (("positive", m_hi), ("negative", m_lo)):
-        if end * (1 if side == "positive" else -1) <= 0:
+        sign = 1 if side == "positive" else -1
+        if end * sign <= 0:
+            out[side] = None
+            continue
+        s0 = float(slope(np.array([sign * eps * 2]))[0])  # the slope just inside this side
+        if abs(s0) < 1e-12:
             out[side] = None
             continue
         grid = np.linspace(0.0, end, 2001)
@@ -111,113 +244,61 @@ def _regions(fit: Fit, m_lo: float, m_hi: float, *, linear_tol=0.25, flat_tol=0.
     return out
 
 
-def fit_curves(multipliers, values, kind: str = "preference", *, holdout=None, restarts: int = 16,
-               seed: int = 0) -> Fit:
-    """Fit the paper's preference or utility curve to ``values`` over ``multipliers``.
-
-    ``values`` is [M] or [N, M] (per pair; the per-m means are fitted). ``holdout=(multipliers, values)``
-    scores the fit on another split (``r2_test``). At least 9 points, all finite, not constant.
-
-    Example::
-
-        >>> fit = fit_curves(sweep.multipliers, sweep.pref_odds, "preference")
-        >>> fit.r2, fit.regions["positive"]["linear"]
-    """
-    from scipy.optimize import minimize
-
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    m, y = _prepare(multipliers, values)
-    scale = float(np.abs(m).max()) or 1.0
-    var = float(y.var())
-    n_lin = 3 if kind == "preference" else 2
-
-    def objective(theta):
-        return float(((_model(kind, theta, m) - y) ** 2).mean()) / var
-
-    def continuity(theta):  # D₊(0) = D₋(0), in log form
-        mp, Lp, pp, mn, Ln, pn = theta[n_lin:]
-        return pp * math.log1p(mp * mp / Lp) - pn * math.log1p(mn * mn / Ln)
-
-    decay_bounds = [(-3 * scale, 3 * scale), (1e-4 * scale ** 2, 1e4 * scale ** 2), (1e-3, 20.0)] * 2
-    bounds = [(None, None)] * n_lin + decay_bounds
-    rng = np.random.default_rng(seed)
-    near = np.abs(m) <= np.quantile(np.abs(m), 0.5)
-    slope0 = float(np.polyfit(m[near], y[near], 1)[0]) if near.sum() >= 2 else 0.0
-    best = None
-    for k in range(restarts):
-        decay = []
-        for _ in range(2):
-            decay += [rng.uniform(-0.3, 0.3) * scale if k else 0.0,
-                      float(np.exp(rng.uniform(math.log(0.05), math.log(5.0)))) * scale ** 2 if k else scale ** 2,
-                      rng.uniform(0.3, 3.0) if k else 1.0]
-        if kind == "preference":
-            lin = [slope0 * rng.uniform(0.5, 2.0) if k else slope0, rng.normal() * y.std() * 0.1, float(np.median(y))]
-        else:
-            lin = [float(np.ptp(y)) * rng.uniform(0.5, 1.5), float(y.min())]
-        x0 = np.array(lin + decay)
-        res = minimize(objective, x0, method="SLSQP", bounds=bounds,
-                       constraints=[{"type": "eq", "fun": continuity}], options={"maxiter": 500, "ftol": 1e-12})
-        if res.success or res.status in (8, 9):  # keep usable iterates; the best objective wins below
-            if abs(continuity(res.x)) < 1e-6 and (best is None or res.fun < best.fun):
-                best = res
-    if best is None:
-        raise RuntimeError(f"the {kind} fit did not converge from {restarts} starts")
-    theta = best.x
-    fit = Fit(kind, dict(zip(_NAMES[kind], map(float, theta))), _r2(y, _model(kind, theta, m)),
-              m_range=(float(m.min()), float(m.max())), _theta=theta)
-    if kind == "preference":
-        fit.regions = _regions(fit, float(m.min()), float(m.max()))
-    if holdout is not None:
-        fit.r2_test = fit.score(*holdout)
-    return fit
-
-
 @dataclass
 class OperatingPoint:
+    """The chosen strength, with fitted preference and utility there, the *measured* utility at m = 0 and at
+    the point (linearly interpolated between swept m), and flags: ``within_limit`` (the measured drop is
+    within the limit) and ``at_edge`` (the best point is the edge of the swept range: sweep wider)."""
+
     multiplier: float
     preference: float
     utility: float
     utility_at_zero: float
+    measured_utility: float
+    measured_drop: float
+    within_limit: bool
+    at_edge: bool
+    side: str
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"multiplier": self.multiplier, "preference": self.preference, "utility": self.utility,
-                "utility_at_zero": self.utility_at_zero}
+        return dict(self.__dict__)
 
 
-def operating_point(pref_fit: Fit, util_fit: Fit, *, max_util_drop: float = 1.0, grid: int = 4001) -> OperatingPoint:
-    """The m in the swept range that maximises fitted preference while fitted utility stays within
-    ``max_util_drop`` of its value at m = 0; returns it with both fitted values there."""
+def operating_point(pref_fit: Fit, util_fit: Fit, multipliers, util_mean, *, max_util_drop: float = 1.0,
+                    grid: int = 4001) -> OperatingPoint:
+    """The m that maximises fitted preference on the side where preference rises, among the m whose fitted
+    *and* measured utility (mean per m, interpolated) stay within ``max_util_drop`` of the measured mean at
+    m = 0 (interpolated when 0 was not swept). Says when the point is the edge of the swept range."""
     if pref_fit.kind != "preference" or util_fit.kind != "utility":
         raise ValueError("operating_point takes a preference fit and a utility fit, in that order")
     if not max_util_drop >= 0:
         raise ValueError(f"max_util_drop must be >= 0, got {max_util_drop}")
-    lo = max(pref_fit.m_range[0], util_fit.m_range[0])
-    hi = min(pref_fit.m_range[1], util_fit.m_range[1])
-    ms = np.union1d(np.linspace(lo, hi, grid), [0.0] if lo <= 0 <= hi else [])
-    u0 = float(util_fit.predict(np.array([0.0]))[0])
-    util = util_fit.predict(ms)
-    pref = pref_fit.predict(ms)
-    ok = util >= u0 - max_util_drop
-    if not ok.any():
-        raise ValueError("no swept m keeps utility within max_util_drop of its value at m = 0")
+    ms_data = np.asarray(multipliers, np.float64)
+    u_data = np.asarray(util_mean, np.float64)
+    order = np.argsort(ms_data)
+    ms_data, u_data = ms_data[order], u_data[order]
+    lo, hi = float(ms_data[0]), float(ms_data[-1])
+    if not lo <= 0.0 <= hi:
+        raise ValueError(f"the swept range [{lo:g}, {hi:g}] must include m = 0 to judge utility against it")
+    u0 = float(np.interp(0.0, ms_data, u_data))
+    rises_pos = float(pref_fit.predict(np.array([hi]))[0]) - float(pref_fit.predict(np.array([0.0]))[0])
+    rises_neg = float(pref_fit.predict(np.array([lo]))[0]) - float(pref_fit.predict(np.array([0.0]))[0])
+    side = "positive" if rises_pos >= rises_neg else "negative"
+    ms = np.linspace(0.0, hi if side == "positive" else lo, grid)
+    pref, util = pref_fit.predict(ms), util_fit.predict(ms)
+    measured = np.interp(ms, ms_data, u_data)
+    ok = (util >= u0 - max_util_drop) & (measured >= u0 - max_util_drop)
+    ok[0] = True  # m = 0 is always admissible: no steering costs no utility
     i = int(np.argmax(np.where(ok, pref, -np.inf)))
-    return OperatingPoint(float(ms[i]), float(pref[i]), float(util[i]), u0)
-
-
-def analyze(sweep, *, max_util_drop: float = 1.0, seed: int = 0) -> dict:
-    """Both fits on all pairs, a split-half check (fit on even pairs, score on odd ones), the operating point.
-
-    Returns {"preference": Fit, "utility": Fit, "operating_point": OperatingPoint,
-    "split_half": {kind: {"r2_train", "r2_test"}}} (split_half is empty with fewer than 4 pairs).
-    """
-    m = sweep.multipliers
-    pref = fit_curves(m, sweep.pref_odds, "preference", seed=seed)
-    util = fit_curves(m, sweep.util_odds, "utility", seed=seed)
-    halves = {}
-    if sweep.pref_odds.shape[0] >= 4:
-        for kind, vals in (("preference", sweep.pref_odds), ("utility", sweep.util_odds)):
-            f = fit_curves(m, vals[::2], kind, holdout=(m, vals[1::2].mean(0)), seed=seed)
-            halves[kind] = {"r2_train": f.r2, "r2_test": f.r2_test}
-    return {"preference": pref, "utility": util, "split_half": halves,
-            "operating_point": operating_point(pref, util, max_util_drop=max_util_drop)}
+    m_op = float(ms[i])
+    drop = u0 - float(measured[i])
+    at_edge = i == grid - 1
+    warnings = []
+    if at_edge:
+        warnings.append(f"the operating point is the edge of the swept range (m = {m_op:g}): preference may keep "
+                        "rising within the utility limit; sweep a wider range")
+    if i == 0:
+        warnings.append("no m on the rising side keeps utility within the limit: the operating point is m = 0")
+    return OperatingPoint(m_op, float(pref[i]), float(util[i]), u0, float(measured[i]), drop,
+                          bool(drop <= max_util_drop + 1e-9), bool(at_edge), side, warnings)

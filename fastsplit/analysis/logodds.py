@@ -47,7 +47,8 @@ def util_odds(nll_pos, nll_neg):
 @dataclass
 class Sweep:
     """Log-odds of N pairs at M strengths. Arrays: ``multipliers`` [M]; ``nll_pos``, ``nll_neg``,
-    ``pref_odds``, ``util_odds``, ``util_clamped`` [N, M]."""
+    ``pref_odds``, ``util_odds``, ``util_clamped`` [N, M]. ``groups`` [N]: each pair's answer group, the first
+    token of its positive completion as scored (or None)."""
 
     multipliers: np.ndarray
     nll_pos: np.ndarray
@@ -56,13 +57,16 @@ class Sweep:
     util_odds: np.ndarray
     util_clamped: np.ndarray
     length_norm: bool = False
+    groups: list[str] | None = None
 
     @classmethod
-    def from_nll(cls, multipliers, nll_pos, nll_neg, length_norm=False) -> "Sweep":
+    def from_nll(cls, multipliers, nll_pos, nll_neg, length_norm=False, groups=None) -> "Sweep":
         nll_pos, nll_neg = np.asarray(nll_pos, np.float64), np.asarray(nll_neg, np.float64)
         util, clamped = util_odds(nll_pos, nll_neg)
+        if groups is not None and len(groups) != nll_pos.shape[0]:
+            raise ValueError(f"groups has {len(groups)} labels for {nll_pos.shape[0]} pairs")
         return cls(np.asarray(multipliers, np.float64), nll_pos, nll_neg, nll_neg - nll_pos, util, clamped,
-                   length_norm)
+                   length_norm, None if groups is None else list(groups))
 
     def summary(self) -> dict[str, np.ndarray]:
         """Per-m mean and standard error of the preference and utility log-odds (arrays [M])."""
@@ -76,10 +80,10 @@ class Sweep:
         """Long format: one row per (pair, multiplier)."""
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["pair", "multiplier", "nll_pos", "nll_neg", "pref_odds", "util_odds", "util_clamped"])
+            w.writerow(["pair", "group", "multiplier", "nll_pos", "nll_neg", "pref_odds", "util_odds", "util_clamped"])
             for i in range(self.nll_pos.shape[0]):
                 for j, m in enumerate(self.multipliers):
-                    w.writerow([i, f"{m:.6g}", f"{self.nll_pos[i, j]:.8g}", f"{self.nll_neg[i, j]:.8g}",
+                    w.writerow([i, self.groups[i] if self.groups else "", f"{m:.6g}", f"{self.nll_pos[i, j]:.8g}", f"{self.nll_neg[i, j]:.8g}",
                                 f"{self.pref_odds[i, j]:.8g}", f"{self.util_odds[i, j]:.8g}",
                                 int(self.util_clamped[i, j])])
 
@@ -208,7 +212,12 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
         if length_norm:
             row_nll = row_nll / valid.sum(1)
         nll[s:s + b] = row_nll.view(b, M, 2).double().cpu().numpy()
-    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm)
+    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, _groups(tokenizer, enc))
+
+
+def _groups(tokenizer, enc) -> list[str]:
+    """Each pair's answer group: its positive completion's first token, as scored."""
+    return [tokenizer.decode(pos[:1]) for _, pos, _ in enc]
 
 
 @torch.no_grad()
@@ -229,4 +238,4 @@ def logodds_naive(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
                     logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1:-1].float(), -1)
                     tok = -logp.gather(1, torch.tensor(comp, device=device)[:, None]).squeeze(1)
                     nll[i, j, k] = float(tok.mean() if length_norm else tok.sum())
-    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm)
+    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, _groups(tokenizer, enc))

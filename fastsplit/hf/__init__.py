@@ -6,15 +6,16 @@ model), ``steer/model.py`` (attach, the ``Steering`` handle, save/load). Every i
 in ``internals.py`` with the transformers versions it was tested on.
 """
 from .kv import affine_in_m, alias_skipped, keys_values_only, new_cache
-from .loading import DEFAULT_MODEL_NAME, cache_dir, load_default_model, load_model
+from .loading import DEFAULT_MODEL_NAME, cache_dir, load_config, load_default_model, load_model
 from .packing import PackedRows, SideRows, packable
 from .runner import (capture_layer_input, completion_positions, decoder, decoder_layers, from_layer, last_hidden,
                      lm_head, logit_softcap, model_name, pad, pad_id_of, pad_rows)
 from .steer.layer import ResidualSteer
-from .steer.model import SITES, Steering, attach, load_steering, read_steering_metadata
+from .steer.model import (SITES, Steering, attach, check_steering_metadata, load_steering, read_steering_metadata,
+                          resolve_layer)
 
-__all__ = ["attach", "Steering", "load_steering", "read_steering_metadata", "ResidualSteer", "SITES",
-           "load_default_model", "load_model", "cache_dir", "DEFAULT_MODEL_NAME",
+__all__ = ["attach", "Steering", "load_steering", "read_steering_metadata", "check_steering_metadata", "resolve_layer", "ResidualSteer", "SITES",
+           "load_default_model", "load_model", "load_config", "cache_dir", "DEFAULT_MODEL_NAME",
            "decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",
            "from_layer", "last_hidden", "pad", "pad_rows", "pad_id_of", "completion_positions",
            "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "SideRows", "PackedRows", "packable"]

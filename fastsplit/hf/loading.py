@@ -93,3 +93,27 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     tok = AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
     return model, tok
+
+
+# What the default model's config says (checked by tests/test_real_model.py against the loaded model), so the
+# CLI can check a layer or a steering file against it before the first, 30-second dequantisation.
+_DEFAULT_CONFIG = dict(model_type="llama", num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
+                       vocab_size=49152)
+
+
+def load_config(name_or_path: str):
+    """The config of ``"default"`` or a local model folder, without loading any weights (for input checks)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if name_or_path == "default":
+        if os.path.exists(os.path.join(cache_dir(), "fastsplit.json")):
+            cfg = AutoConfig.from_pretrained(cache_dir())
+        else:
+            cfg = LlamaConfig(**{k: v for k, v in _DEFAULT_CONFIG.items() if k != "model_type"})
+        cfg.name_or_path = DEFAULT_MODEL_NAME
+        return cfg
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'default' nor a local model folder "
+                                "(models cannot be downloaded from a hub here)")
+    cfg = AutoConfig.from_pretrained(name_or_path)
+    return cfg

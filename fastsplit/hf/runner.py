@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",
+__all__ = ["decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "config_name", "capture_layer_input",
            "from_layer", "last_hidden", "pad", "pad_rows", "pad_id_of", "completion_positions"]
 
 
@@ -43,9 +43,13 @@ def logit_softcap(model: nn.Module):
     return getattr(model.config, "final_logit_softcapping", None) or None
 
 
-def model_name(model: nn.Module) -> str:
-    cfg = model.config
+def config_name(cfg) -> str:
+    """The name a model's config gives itself (its folder or hub id), else its model type."""
     return getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or cfg.model_type
+
+
+def model_name(model: nn.Module) -> str:
+    return config_name(model.config)
 
 
 class _StopForward(Exception):

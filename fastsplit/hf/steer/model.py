@@ -153,16 +153,22 @@ def attach(model: nn.Module, layer: int, form: str, *, rank: int = 4, site: str 
     ``site="residual"`` adds the update to the decoder layer's output (differs on Gemma-2, whose MLP output
     passes a post-feedforward norm). Every form starts as a no-op; train it with :func:`fastsplit.train`.
     """
-    n = len(runner.decoder_layers(model))
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"layer must be an int in [0, {n}) for this {n}-layer model, got {layer!r}")
+    layer = resolve_layer(layer, len(runner.decoder_layers(model)))
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if site not in SITES:
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
     if form == "lora" and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int for form='lora', got {rank!r}")
-    return Steering(model, layer % n, form, rank=rank, site=site, backend=backend)
+    return Steering(model, layer, form, rank=rank, site=site, backend=backend)
+
+
+def resolve_layer(layer: int, n: int) -> int:
+    """``layer`` as an index in [0, n): a negative layer counts from the last, as in Python (-1 is n - 1)."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+        raise ValueError(f"layer must be an int in [-{n}, {n}) for this {n}-layer model (negative counts from "
+                         f"the last layer), got {layer!r}")
+    return layer % n
 
 
 def read_steering_metadata(path: str) -> dict[str, str]:
@@ -194,16 +200,7 @@ def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_m
     from safetensors.torch import load_file
 
     meta = read_steering_metadata(path)
-    cfg = model.config
-    here = {"hidden_size": str(cfg.hidden_size), "num_hidden_layers": str(cfg.num_hidden_layers),
-            "intermediate_size": str(getattr(cfg, "intermediate_size", 0))}
-    if check_model_name:
-        here["model"] = runner.model_name(model)
-    for key, value in here.items():
-        if key in meta and meta[key] != value:
-            raise ValueError(f"{path} was saved for a model with {key}={meta[key]!r}, but this model has "
-                             f"{key}={value!r}" + (" (pass check_model_name=False to skip the name check)"
-                                                   if key == "model" else ""))
+    check_steering_metadata(meta, model.config, path, check_model_name=check_model_name)
     steering = attach(model, int(meta["layer"]), meta["form"], rank=int(meta["rank"]) or 4, site=meta["site"],
                       backend=backend)
     try:
@@ -213,3 +210,16 @@ def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_m
         steering.detach()
         raise
     return steering
+
+
+def check_steering_metadata(meta: dict, config, path: str, *, check_model_name: bool = True) -> None:
+    """A steering file's metadata against a model's config (no weights needed): name, sizes, layer count."""
+    here = {"hidden_size": str(config.hidden_size), "num_hidden_layers": str(config.num_hidden_layers),
+            "intermediate_size": str(getattr(config, "intermediate_size", 0))}
+    if check_model_name:
+        here["model"] = runner.config_name(config)
+    for key, value in here.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"{path} was saved for a model with {key}={meta[key]!r}, but this model has "
+                             f"{key}={value!r}" + (" (pass check_model_name=False to skip the name check)"
+                                                   if key == "model" else ""))

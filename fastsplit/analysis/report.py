@@ -1,0 +1,131 @@
+"""``analyze``: both fits, a held-out test of the curve, bootstrap intervals, the operating point, and
+shortcut diagnostics, as one report whose every score is named.
+
+* **Held-out m** (``heldout_m``): each swept m is left out in turn, the curve is refitted on the others and
+  scored on the one left out: R² over those predictions. This tests the functional form, which a fit's own
+  R² cannot (21 points, 9 parameters).
+* **Pair bootstrap** (``bootstrap``): pairs are resampled with replacement, both curves refitted and the
+  operating point chosen again: 95% percentile intervals of both R² and of m_op.
+* **Answer groups** (``groups``): pairs grouped by their positive completion's first token (" Yes", " No",
+  " (A)" …). When groups move in opposite directions the mean curve is two shortcuts cancelling, and the
+  report warns that the vector follows the answer token, not the concept. ``share_rising`` is the share of
+  pairs whose preference is above its m = 0 value, per m.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .fit import MIN_POINTS, fit_curves, operating_point
+
+__all__ = ["analyze", "heldout_m_r2", "bootstrap", "answer_groups"]
+
+_OPPOSITE_MIN = 0.1  # nats: a group's mean preference change that counts as a movement
+
+
+def heldout_m_r2(multipliers, values, kind: str, fit=None) -> float | None:
+    """R² of leave-one-m-out predictions (None with fewer than MIN_POINTS + 1 multipliers)."""
+    m = np.asarray(multipliers, np.float64)
+    y = np.asarray(values, np.float64)
+    y = y.mean(0) if y.ndim == 2 else y
+    if m.size < MIN_POINTS + 1:
+        return None
+    fit = fit or fit_curves(m, y, kind)
+    pred = np.empty_like(y)
+    for j in range(m.size):
+        keep = np.arange(m.size) != j
+        pred[j] = fit_curves(m[keep], y[keep], kind, starts=1, init=fit).predict(m[j:j + 1])[0]
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def _interval(values) -> list[float] | None:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v.size else None
+
+
+def bootstrap(sweep, pref_fit, util_fit, *, n: int = 100, max_util_drop: float = 1.0, seed: int = 0,
+              progress: bool = False) -> dict:
+    """Pair-bootstrap 95% intervals of the preference and utility R² and of the operating point's m."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    N = sweep.pref_odds.shape[0]
+    r2p, r2u, mop = [], [], []
+    for _ in tqdm(range(n), desc="bootstrap", disable=not progress, leave=False):
+        idx = rng.integers(0, N, N)
+        p, u = sweep.pref_odds[idx].mean(0), sweep.util_odds[idx].mean(0)
+        try:
+            fp = fit_curves(sweep.multipliers, p, "preference", starts=0, init=pref_fit)
+            fu = fit_curves(sweep.multipliers, u, "utility", starts=0, init=util_fit)
+        except (RuntimeError, ValueError):  # a degenerate resample (constant values): no fit to score
+            continue
+        r2p.append(fp.r2)
+        r2u.append(fu.r2)
+        mop.append(operating_point(fp, fu, sweep.multipliers, u, max_util_drop=max_util_drop).multiplier)
+    return {"resamples": len(r2p), "preference_r2": _interval(r2p), "utility_r2": _interval(r2u),
+            "m_op": _interval(mop)}
+
+
+def _at(sweep, values_nm, m: float) -> np.ndarray:
+    """Per-pair values at strength ``m``, interpolated between swept m: [N]."""
+    ms = sweep.multipliers
+    order = np.argsort(ms)
+    return np.array([np.interp(m, ms[order], row[order]) for row in values_nm])
+
+
+def answer_groups(sweep, m_probe: float) -> dict:
+    """Preference per answer group and the share of pairs whose preference rises, with a shortcut warning.
+
+    Returns {"by_group": {token: {"pairs", "pref_mean" [M], "change_at_probe"}}, "share_rising" [M],
+    "m_probe", "opposite": bool}; ``change_at_probe`` is the group's mean preference change from m = 0 to
+    ``m_probe`` (the operating point, or the rising edge when that is 0)."""
+    base = _at(sweep, sweep.pref_odds, 0.0)
+    rising = (sweep.pref_odds > base[:, None] + 1e-9).mean(0)
+    change = _at(sweep, sweep.pref_odds, m_probe) - base
+    labels = sweep.groups or ["(all)"] * sweep.pref_odds.shape[0]
+    by = {}
+    for g in sorted(set(labels)):
+        rows = np.array([lab == g for lab in labels])
+        by[g] = {"pairs": int(rows.sum()), "pref_mean": sweep.pref_odds[rows].mean(0).tolist(),
+                 "change_at_probe": float(change[rows].mean())}
+    moving = [v["change_at_probe"] for v in by.values() if v["pairs"] >= 2 and abs(v["change_at_probe"]) >= _OPPOSITE_MIN]
+    opposite = bool(moving) and min(moving) < 0 < max(moving)
+    return {"by_group": by, "share_rising": rising.tolist(), "m_probe": float(m_probe), "opposite": opposite}
+
+
+def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, seed: int = 0,
+            progress: bool = False) -> dict:
+    """Both fits on the per-m means, held-out-m R², pair-bootstrap intervals, the operating point (judged
+    against *measured* utility), answer-group diagnostics, and the warnings a reader must see.
+
+    Returns {"preference": Fit, "utility": Fit, "operating_point": OperatingPoint, "heldout_m": {kind: R²},
+    "bootstrap": {...}, "groups": {...}, "warnings": [str]}.
+
+    Example::
+
+        >>> report = analyze(sweep)
+        >>> report["heldout_m"]["preference"], report["operating_point"].multiplier, report["warnings"]
+    """
+    m = sweep.multipliers
+    pref = fit_curves(m, sweep.pref_odds, "preference")
+    util = fit_curves(m, sweep.util_odds, "utility")
+    op = operating_point(pref, util, m, sweep.util_odds.mean(0), max_util_drop=max_util_drop)
+    heldout = {"preference": heldout_m_r2(m, sweep.pref_odds, "preference", pref),
+               "utility": heldout_m_r2(m, sweep.util_odds, "utility", util)}
+    boot = bootstrap(sweep, pref, util, n=bootstrap_samples, max_util_drop=max_util_drop, seed=seed,
+                     progress=progress) if bootstrap_samples and sweep.pref_odds.shape[0] >= 2 else None
+    probe = op.multiplier if op.multiplier != 0 else float(m.max() if op.side == "positive" else m.min())
+    groups = answer_groups(sweep, probe)
+    warnings = list(op.warnings)
+    if groups["opposite"]:
+        moves = ", ".join(f"{g!r} {v['change_at_probe']:+.2f}" for g, v in groups["by_group"].items())
+        warnings.append(f"answer groups move in opposite directions at m = {probe:g} ({moves}): the vector follows "
+                        "the answer token, not the concept; balance the answers per group or change the format")
+    for fit in (pref, util):
+        if fit.at_bounds:
+            warnings.append(f"the {fit.kind} fit sits on the bounds of {fit.at_bounds}: those parameters (and any "
+                            "region derived from them) are limited by the bounds, not the data")
+    return {"preference": pref, "utility": util, "operating_point": op, "heldout_m": heldout, "bootstrap": boot,
+            "groups": groups, "warnings": warnings}
