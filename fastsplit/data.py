@@ -79,14 +79,14 @@ def load_pairs(path: str) -> list[Pair]:
             reader = csv.DictReader(f)
             missing = [c for c in _CSV if c not in (reader.fieldnames or [])]
             if missing:
-                raise ValueError(f"{path}:1: CSV header lacks the columns {missing} (needs {list(_CSV)})")
+                raise ValueError(f"{path}:1: the CSV header has {reader.fieldnames or []}; missing {missing}")
             for n, row in enumerate(reader, 2):
                 pairs.append(_row_to_pair(row, _CSV, f"{path}:{n}"))
     elif ext == ".parquet":
         try:
             import pandas as pd
         except ImportError:
-            raise RuntimeError(f"reading {path} needs pandas and pyarrow (pip install pandas pyarrow)") from None
+            raise RuntimeError(f"reading {path} needs pandas and pyarrow: pip install 'fastsplit[parquet]'") from None
         frame = pd.read_parquet(path)
         for n, row in enumerate(frame.to_dict("records"), 1):
             pairs.append(_row_to_pair(row, _fields_for(row, f"{path}: row {n}", (_AXBENCH,)), f"{path}: row {n}"))

@@ -74,7 +74,8 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 class Fit:
     """A fitted curve: ``params`` by name (with the value at 0: ``p0`` or ``u0``; utility also ``A_pos``,
     ``A_neg``), ``r2`` on the fitted points, ``at_bounds`` (parameters within 0.1% of a bound), ``restarts``
-    (converged local runs) and, for preference, ``regions``: the linear / transitional / convergence m ranges."""
+    (converged local runs; 0 means none converged and the best iterate is shown, flagged by ``converged``) and,
+    for preference, ``regions``: the linear / transitional / convergence m ranges."""
 
     kind: str
     params: dict[str, float]
@@ -85,6 +86,10 @@ class Fit:
     m_range: tuple[float, float] = (0.0, 0.0)
     _params: np.ndarray = field(default=None, repr=False)
 
+    @property
+    def converged(self) -> bool:
+        return self.restarts > 0
+
     def predict(self, m) -> np.ndarray:
         return _model(self.kind, self._params, m)
 
@@ -94,8 +99,9 @@ class Fit:
         return _r2(y, self.predict(m))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "params": self.params, "r2": self.r2, "at_bounds": self.at_bounds,
-                "restarts": self.restarts, "regions": self.regions, "m_range": list(self.m_range)}
+        return {"kind": self.kind, "params": self.params, "r2": self.r2, "converged": self.converged,
+                "at_bounds": self.at_bounds, "restarts": self.restarts, "regions": self.regions,
+                "m_range": list(self.m_range)}
 
 
 def _prepare(multipliers, values, min_points=MIN_POINTS):
@@ -149,27 +155,50 @@ def _grid_starts(kind: str, m: np.ndarray, y: np.ndarray, scale: float, k: int) 
     return [x for _, x in best[:k]]
 
 
+_LOGS = np.array([False] * 3 + [False, True, True] * 2)  # L± and p± are searched in log space
+
+
+def _to_search(x: np.ndarray, n_lin: int) -> np.ndarray:
+    """Model parameters -> search space: log L, log p. The decay's flat valley (L and p growing together
+    towards a Gaussian) is then a straight line the solver walks to the bound, not a crawl."""
+    z = np.array(x, np.float64)
+    logs = _LOGS[3 - n_lin:]
+    z[logs] = np.log(z[logs])
+    return z
+
+
+def _from_search(z: np.ndarray, n_lin: int) -> np.ndarray:
+    x = np.array(z, np.float64)
+    logs = _LOGS[3 - n_lin:]
+    x[logs] = np.exp(x[logs])
+    return x
+
+
 def _local(kind, m, y, x0, lo, hi):
     from scipy.optimize import least_squares
 
-    x0 = np.clip(x0, lo + 1e-12 * (hi - lo), hi - 1e-12 * (hi - lo))
-    res = least_squares(lambda x: _model(kind, x, m) - y, x0, bounds=(lo, hi), method="trf", x_scale="jac",
-                        xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=4000)
-    return res if res.status > 0 and np.isfinite(res.cost) else None
+    n_lin = len(_NAMES[kind]) - 6
+    zlo, zhi = _to_search(lo, n_lin), _to_search(hi, n_lin)
+    z0 = np.clip(_to_search(x0, n_lin), zlo + 1e-9 * (zhi - zlo), zhi - 1e-9 * (zhi - zlo))
+    res = least_squares(lambda z: _model(kind, _from_search(z, n_lin), m) - y, z0, bounds=(zlo, zhi), method="trf",
+                        x_scale="jac", xtol=1e-9, ftol=1e-9, gtol=1e-9, max_nfev=5000)
+    if res.status < 0 or not np.isfinite(res.cost):
+        return None
+    return res.cost, _from_search(res.x, n_lin), res.x, zlo, zhi, res.status > 0
 
 
 def _solve(kind: str, m: np.ndarray, y: np.ndarray, starts: list[np.ndarray]):
     scale = float(np.abs(m).max()) or 1.0
     lo, hi = _bounds(kind, scale, y)
-    runs = [r for r in (_local(kind, m, y, x0, lo, hi) for x0 in starts) if r is not None]
-    if not runs:
-        raise RuntimeError(f"the {kind} fit did not converge from {len(starts)} starts")
-    best = min(runs, key=lambda r: r.cost)
-    names = _NAMES[kind]
-    tol = 1e-3 * (hi - lo)
-    at = [n for n, v, a, b, t in zip(names, best.x, lo, hi, tol)
+    tried = [r for r in (_local(kind, m, y, x0, lo, hi) for x0 in starts) if r is not None]
+    if not tried:
+        raise RuntimeError(f"the {kind} fit failed from all {len(starts)} starts")
+    runs = [r for r in tried if r[-1]] or tried  # converged runs only, unless none converged (then flagged)
+    _, x, z, zlo, zhi, converged = min(runs, key=lambda r: r[0])
+    tol = 1e-3 * (zhi - zlo)  # 0.1% of each range, in the search space (log for L and p)
+    at = [n for n, v, a, b, t in zip(_NAMES[kind], z, zlo, zhi, tol)
           if n.startswith(("m_", "L_", "p_")) and (v - a < t or b - v < t)]
-    return best.x, at, len(runs)
+    return x, at, len(runs) if converged else 0
 
 
 def _make_fit(kind, m, y, params, at, runs) -> Fit:

@@ -124,6 +124,9 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
         warnings.append(f"answer groups move in opposite directions at m = {probe:g} ({moves}): the vector follows "
                         "the answer token, not the concept; balance the answers per group or change the format")
     for fit in (pref, util):
+        if not fit.converged:
+            warnings.append(f"the {fit.kind} fit did not converge from any start: its curve is the best iterate "
+                            "found, not an optimum; do not read its parameters")
         if fit.at_bounds:
             warnings.append(f"the {fit.kind} fit sits on the bounds of {fit.at_bounds}: those parameters (and any "
                             "region derived from them) are limited by the bounds, not the data")

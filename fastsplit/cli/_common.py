@@ -1,18 +1,64 @@
-"""Argument types and readers shared by the commands."""
+"""Argument types, readers and the checks every command runs before a model loads."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 
 
 def floats(text: str) -> list[float]:
+    """``"-4,0,4"`` -> [-4.0, 0.0, 4.0]; finite numbers only."""
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not vals:
         raise argparse.ArgumentTypeError("expected at least one number")
+    if not all(math.isfinite(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return vals
+
+
+def _bounded(kind, low, *, strict: bool, what: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(v) or (v <= low if strict else v < low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+positive_int = _bounded(int, 0, strict=True, what="a positive integer")
+nonneg_int = _bounded(int, 0, strict=False, what="an integer >= 0")
+positive_float = _bounded(float, 0.0, strict=True, what="a positive number")
+nonneg_float = _bounded(float, 0.0, strict=False, what="a number >= 0")
+
+
+def test_size(text: str) -> float | int:
+    """A held-out fraction in [0, 1) or a count >= 1 of pairs; 0 means no hold-out."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole count, got {text!r}") from None
+    if v >= 1:
+        if v != int(v):
+            raise argparse.ArgumentTypeError(f"a count of pairs must be whole, got {text!r}")
+        return int(v)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole count, got {text!r}")
+    return v
+
+
+def pair_types(text: str) -> list[str]:
+    kinds = [t.strip() for t in text.split(",") if t.strip()]
+    if not kinds or any(k not in ("add", "sub") for k in kinds):
+        raise argparse.ArgumentTypeError(f"expected 'add', 'sub' or 'add,sub', got {text!r}")
+    return kinds
 
 
 def read_pairs(spec: str):
@@ -21,16 +67,29 @@ def read_pairs(spec: str):
     return fastsplit.demo_pairs() if spec == "demo" else fastsplit.load_pairs(spec)
 
 
+def write_pairs(pairs, path: str) -> None:
+    """Pairs as persona-format JSONL, which ``--data`` reads back."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in pairs:
+            f.write(json.dumps({"question": p.prompt, "answer_matching_behavior": p.positive,
+                                "answer_not_matching_behavior": p.negative}) + "\n")
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise FileNotFoundError(f"no prompts file at {args.prompts}")
         with open(args.prompts, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 line = line.strip()
                 if not line:
                     continue
                 if line.startswith("{"):
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{args.prompts}:{n}: not valid JSON ({exc.msg})") from None
                     if not isinstance(row.get("prompt"), str):
                         raise ValueError(f"{args.prompts}:{n}: a JSON line needs a string field 'prompt'")
                     line = row["prompt"]
@@ -38,3 +97,29 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts file")
     return prompts
+
+
+def model_config(args):
+    """The chosen model's config only (no weights): enough to check layers and steering files up front."""
+    from fastsplit.hf import load_config
+
+    return load_config(args.model)
+
+
+def checked_layer(layer: int, config) -> int:
+    """The layer as an index in [0, n): a negative layer counts from the last (-1 is n - 1)."""
+    from fastsplit.hf import resolve_layer
+
+    return resolve_layer(layer, config.num_hidden_layers)
+
+
+def checked_steering(path: str, config, any_model: bool) -> dict:
+    from fastsplit.hf import check_steering_metadata, read_steering_metadata
+
+    meta = read_steering_metadata(path)
+    check_steering_metadata(meta, config, path, check_model_name=not any_model)
+    return meta
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after every option's help."""

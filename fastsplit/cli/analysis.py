@@ -7,79 +7,120 @@ import time
 
 import numpy as np
 
-from ._common import floats, read_pairs
+from ._common import checked_steering, floats, model_config, nonneg_float, nonneg_int, positive_int, read_pairs
+from .train import add_training_options, prepare, train_options
 
 DEMO_PROMPTS = ["How do you feel about the coming year?", "Describe your plans for the weekend.",
                 "What do you think will happen to the economy?"]
+DEFAULT_MS = [float(v) for v in np.linspace(-10, 10, 21)]
 
 
-def _write_analysis(sweep, result: dict, out: str, title: str) -> dict:
+def _multipliers(values: list[float]) -> list[float]:
+    from fastsplit.analysis.fit import MIN_POINTS
+
+    if len(set(values)) < MIN_POINTS:
+        raise ValueError(f"--multipliers needs at least {MIN_POINTS} distinct values for the curve fits, "
+                         f"got {len(set(values))}")
+    if not min(values) <= 0 <= max(values):
+        raise ValueError("--multipliers must span m = 0 (the operating point is judged against it)")
+    return values
+
+
+def write_report(sweep, result: dict, out: str, title: str) -> dict:
+    """fit.json (every score named) and plot.png/.svg beside sweep.csv; returns the report."""
     from fastsplit.analysis import plot_sweep
 
     os.makedirs(out, exist_ok=True)
-    sweep.to_csv(os.path.join(out, "sweep.csv"))
     op = result["operating_point"]
     plots = plot_sweep(sweep, result["preference"], result["utility"], op, os.path.join(out, "plot"), title=title)
-    report = {"preference": result["preference"].to_dict(), "utility": result["utility"].to_dict(),
-              "split_half": result["split_half"], "operating_point": op.to_dict(),
-              "pairs": int(sweep.pref_odds.shape[0]), "multipliers": sweep.multipliers.tolist(),
-              "util_clamped": int(sweep.util_clamped.sum()), "plots": plots}
+    report = {
+        "title": title,
+        "preference": result["preference"].to_dict(), "utility": result["utility"].to_dict(),
+        "scores": {"preference_r2_fit": result["preference"].r2, "utility_r2_fit": result["utility"].r2,
+                   "preference_r2_heldout_m": result["heldout_m"]["preference"],
+                   "utility_r2_heldout_m": result["heldout_m"]["utility"],
+                   "about": "r2_fit: R² of each curve on the per-m means it was fitted to; r2_heldout_m: R² of "
+                            "predictions for each m from a fit without that m (leave one m out)"},
+        "bootstrap": result["bootstrap"], "operating_point": op.to_dict(), "groups": result["groups"],
+        "warnings": result["warnings"], "pairs": int(sweep.pref_odds.shape[0]),
+        "multipliers": sweep.multipliers.tolist(), "util_clamped": int(sweep.util_clamped.sum()), "plots": plots}
     with open(os.path.join(out, "fit.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
 
 
-def _print_summary(report: dict) -> None:
-    op = report["operating_point"]
-    print(f"preference fit R² = {report['preference']['r2']:.4f}   utility fit R² = {report['utility']['r2']:.4f}")
-    for kind, r in report["split_half"].items():
-        print(f"  split-half {kind}: R² train {r['r2_train']:.4f}, test {r['r2_test']:.4f}")
-    print(f"operating point: m = {op['multiplier']:.3f} (preference {op['preference']:+.3f}, utility "
-          f"{op['utility']:+.3f}; utility at m=0 {op['utility_at_zero']:+.3f})")
+def print_report(report: dict) -> None:
+    s, op, b = report["scores"], report["operating_point"], report["bootstrap"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    print(f"preference fit R² = {s['preference_r2_fit']:.4f} (held-out m: {fmt(s['preference_r2_heldout_m'])})   "
+          f"utility fit R² = {s['utility_r2_fit']:.4f} (held-out m: {fmt(s['utility_r2_heldout_m'])})")
+    if b and b["m_op"]:
+        print(f"  pair bootstrap ({b['resamples']}), 95%: preference R² {b['preference_r2'][0]:.3f}–"
+              f"{b['preference_r2'][1]:.3f}, utility R² {b['utility_r2'][0]:.3f}–{b['utility_r2'][1]:.3f}, "
+              f"m_op {b['m_op'][0]:.2f}–{b['m_op'][1]:.2f}")
+    print(f"operating point: m = {op['multiplier']:.3f} (fitted preference {op['preference']:+.3f}; measured utility "
+          f"{op['measured_utility']:+.3f} against {op['utility_at_zero']:+.3f} at m = 0, a drop of "
+          f"{op['measured_drop']:.3f}{'' if op['within_limit'] else ', OVER the limit'})")
+    g = report["groups"]
+    groups = ", ".join(f"{k!r} ({v['pairs']}): {v['change_at_probe']:+.2f}" for k, v in g["by_group"].items())
+    print(f"  answer groups, preference change at m = {g['m_probe']:g}: {groups}")
+    for w in report["warnings"]:
+        print(f"warning: {w}")
 
 
-def _cmd_sweep(args) -> int:
+def _title(model: str, layer: int, form: str, data: str, n: int) -> str:
+    return f"{os.path.basename(model.rstrip('/')) or model}, {form} at layer {layer}, {n} pairs of {data}"
+
+
+def run_sweep(args) -> int:
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
     from fastsplit.hf import load_model
 
-
-    model, tok = load_model(args.model)
-    steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
+    ms = _multipliers(args.multipliers)
     pairs = read_pairs(args.data)
     if args.max_pairs:
         pairs = pairs[: args.max_pairs]
-    sweep = logodds_sweep(model, tok, steering, pairs, args.multipliers, length_norm=args.length_norm,
-                          progress=not args.quiet)
-    report = _write_analysis(sweep, analyze(sweep, max_util_drop=args.max_util_drop), args.out,
-                             f"{os.path.basename(args.steering)} on {len(pairs)} pairs")
-    _print_summary(report)
+    meta = checked_steering(args.steering, model_config(args), args.any_model)
+    model, tok = load_model(args.model)
+    steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
+    sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm, progress=not args.quiet)
+    os.makedirs(args.out, exist_ok=True)
+    sweep.to_csv(os.path.join(args.out, "sweep.csv"))  # kept even if a fit fails below
+    result = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap, progress=not args.quiet)
+    model_label = fastsplit.hf.model_name(model) if args.model == "default" else args.model
+    report = write_report(sweep, result, args.out, _title(model_label, int(meta["layer"]), meta["form"],
+                                                           os.path.basename(args.data), len(pairs)))
+    print_report(report)
     print(f"wrote {args.out}/sweep.csv, fit.json, plot.png, plot.svg")
     return 0
 
 
-def _cmd_demo(args) -> int:
+def run_demo(args) -> int:
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
 
     t0 = time.time()
-    print("fastsplit demo: SPLIT-train a steering vector on SmolLM2-135M-Instruct, sweep m, fit, plot")
+    ms = _multipliers(args.multipliers)
+    _, layer, train_pairs, test_pairs = prepare(args)
+    if not test_pairs:
+        raise ValueError("the demo sweeps held-out pairs: --test-size must be above 0")
+    print("fastsplit demo: SPLIT-train a steering vector, sweep m on held-out pairs, fit, plot")
     model, tok = fastsplit.load_model(args.model)
-    pairs = read_pairs(args.data)
-    train_pairs, test_pairs = fastsplit.split_pairs(pairs, test_size=args.test_pairs, seed=args.seed)
-    steering = fastsplit.attach(model, args.layer, args.form, rank=args.rank)
-    print(f"[{time.time() - t0:5.0f}s] training a {args.form} at layer {args.layer} on {len(train_pairs)} pairs")
-    result = fastsplit.train(model, tok, steering, train_pairs, epochs=args.epochs, batch_size=args.batch_size,
-                             lr=args.lr, steering_factors=args.factors, theta=args.theta,
-                             pair_types=args.pair_types.split(","), seed=args.seed, progress=not args.quiet)
+    steering = fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site)
+    print(f"[{time.time() - t0:5.0f}s] training a {args.form} at layer {layer} on {len(train_pairs)} pairs")
+    result = fastsplit.train(model, tok, steering, train_pairs, **train_options(args))
     os.makedirs(args.out, exist_ok=True)
     steering.save(os.path.join(args.out, "steering.safetensors"))
     print(f"[{time.time() - t0:5.0f}s] trained: last epoch loss {result['history'][-1]['loss']:.4f}; "
-          f"sweeping {len(args.multipliers)} multipliers on {len(test_pairs)} held-out pairs")
-    sweep = logodds_sweep(model, tok, steering, test_pairs, args.multipliers, progress=not args.quiet)
-    report = _write_analysis(sweep, analyze(sweep, max_util_drop=args.max_util_drop), args.out,
-                             f"SmolLM2-135M-Instruct, {args.form} at layer {args.layer}, {len(test_pairs)} held-out pairs")
-    _print_summary(report)
+          f"sweeping {len(ms)} multipliers on {len(test_pairs)} held-out pairs")
+    sweep = logodds_sweep(model, tok, steering, test_pairs, ms, progress=not args.quiet)
+    sweep.to_csv(os.path.join(args.out, "sweep.csv"))  # kept even if a fit fails below
+    analysis = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
+                       progress=not args.quiet)
+    report = write_report(sweep, analysis, args.out, _title(fastsplit.hf.model_name(model), layer, args.form,
+                                                             args.data, len(test_pairs)))
+    print_report(report)
     m_op = report["operating_point"]["multiplier"]
     texts = fastsplit.generate_sweep(model, tok, steering, DEMO_PROMPTS, [0.0, m_op], max_new_tokens=args.max_new_tokens,
                                      progress=not args.quiet)
@@ -93,40 +134,34 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
+def _analysis_options(p) -> None:
+    p.add_argument("--multipliers", type=floats, default=DEFAULT_MS,
+                   help="comma-separated strengths (at least 9, spanning 0); write --multipliers=-4,... when the "
+                        "list starts with '-'")
+    p.add_argument("--max-util-drop", type=nonneg_float, default=1.0,
+                   help="the operating point keeps measured utility within this many log-odds of m = 0")
+    p.add_argument("--bootstrap", type=nonneg_int, default=100, help="pair-bootstrap resamples (0: none)")
 
-    default_ms = ",".join(f"{v:g}" for v in np.linspace(-10, 10, 21))
-    s = sub.add_parser("sweep", help="log-odds sweep over m of a saved steering, curve fits, plot")
-    s.add_argument("--model", default="default")
-    s.add_argument("--steering", required=True)
-    s.add_argument("--data", default="demo", help="pairs file or 'demo'")
-    s.add_argument("--multipliers", type=floats, default=floats(default_ms),
-                   help="comma-separated; write --multipliers=-4,0,4 when the list starts with '-'")
-    s.add_argument("--max-pairs", type=int, default=0, help="use only the first N pairs (0: all)")
+
+def add_commands(sub, formatter) -> None:
+    s = sub.add_parser("sweep", help="log-odds sweep over m of a saved steering, curve fits, plot",
+                       formatter_class=formatter)
+    s.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
+    s.add_argument("--steering", required=True, help="a steering.safetensors written by 'fastsplit train'")
+    s.add_argument("--data", default="demo",
+                   help="pairs file or 'demo'; OUT/test_pairs.jsonl from 'fastsplit train' sweeps its held-out split")
+    _analysis_options(s)
+    s.add_argument("--max-pairs", type=nonneg_int, default=0, help="use only the first N pairs (0: all)")
     s.add_argument("--length-norm", action="store_true", help="token-mean NLLs instead of sums")
-    s.add_argument("--max-util-drop", type=float, default=1.0)
-    s.add_argument("--any-model", action="store_true")
-    s.add_argument("--out", required=True)
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=_cmd_sweep)
+    s.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")
+    s.set_defaults(func=run_sweep)
 
-    d = sub.add_parser("demo", help="the main job: train, sweep, fit and plot on the default model (< 10 min on 2 cores)")
-    d.add_argument("--out", default="fastsplit-demo")
-    d.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
-    d.add_argument("--data", default="demo")
-    d.add_argument("--layer", type=int, default=15)
-    d.add_argument("--form", choices=["vector", "lora", "local_weight"], default="vector")
-    d.add_argument("--rank", type=int, default=4)
-    d.add_argument("--epochs", type=int, default=2)
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--lr", type=float, default=2e-2)
-    d.add_argument("--factors", type=floats, default=[1.0])
-    d.add_argument("--theta", type=float, default=2.0, help="SPLIT hinge margin")
-    d.add_argument("--pair-types", default="add,sub")
-    d.add_argument("--test-pairs", type=int, default=40)
-    d.add_argument("--multipliers", type=floats, default=floats(default_ms))
-    d.add_argument("--max-util-drop", type=float, default=1.0)
-    d.add_argument("--max-new-tokens", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true")
-    d.set_defaults(func=_cmd_demo)
+    d = sub.add_parser("demo", help="the main job: train, sweep, fit and plot on the default model "
+                       "(about 3 minutes on 2 CPU cores)", formatter_class=formatter)
+    add_training_options(d, test_default=40)
+    _analysis_options(d)
+    d.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated at m = 0 and m_op")
+    d.add_argument("--out", default="fastsplit-demo", help="output folder")
+    d.set_defaults(func=run_demo)

@@ -1,0 +1,43 @@
+"""``fastsplit generate``: batched generation over many strengths, JSONL out."""
+from __future__ import annotations
+
+import json
+
+from ._common import checked_steering, floats, model_config, positive_int, read_prompts
+
+
+def run(args) -> int:
+    import fastsplit
+    from fastsplit.hf import load_model
+
+    prompts = read_prompts(args)
+    checked_steering(args.steering, model_config(args), args.any_model)
+    model, tok = load_model(args.model)
+    steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
+    texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
+                                     max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    rows = [{"prompt": p, "multiplier": m, "text": texts[i][j]}
+            for i, p in enumerate(prompts) for j, m in enumerate(args.multipliers)]
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+def add_command(sub, formatter) -> None:
+    g = sub.add_parser("generate", help="generate at many strengths in shared batches; JSONL out",
+                       formatter_class=formatter)
+    g.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
+    g.add_argument("--steering", required=True, help="a steering.safetensors written by 'fastsplit train'")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a 'prompt' field")
+    g.add_argument("--multipliers", type=floats, default=[-4.0, -2.0, 0.0, 2.0, 4.0],
+                   help="comma-separated strengths; write --multipliers=-4,0,4 when the list starts with '-'")
+    g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per row")
+    g.add_argument("--out", help="JSONL output (default: stdout)")
+    g.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
+    g.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")
+    g.set_defaults(func=run)
