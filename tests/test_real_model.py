@@ -43,3 +43,21 @@ def test_training_raises_heldout_preference(default_model):
     pref = sweep.pref_odds.mean(0)
     assert pref[1] > pref[0] + 0.5, pref  # measured: about +1.4
     assert np.isfinite(sweep.util_odds).all()
+
+
+def test_config_without_weights_matches_the_model(default_model):
+    """The CLI checks layers and steering files against load_config before any weights load."""
+    from fastsplit.hf import load_config
+    from fastsplit.hf.loading import _DEFAULT_CONFIG
+
+    model, _ = default_model
+    cfg = load_config("default")
+    for key, value in _DEFAULT_CONFIG.items():
+        assert getattr(model.config, key) == value == getattr(cfg, key), key
+
+
+def test_answers_are_scored_without_the_template_space(default_model):
+    _, tok = default_model
+    prompt, pos, neg = fastsplit.encode_pair(tok, fastsplit.Pair("Is the sky blue?", " Yes", " (A) No"))
+    assert tok.decode(pos) == "Yes" and tok.decode(neg) == "(A) No"
+    assert tok.decode(prompt).endswith("assistant\n")

@@ -100,7 +100,12 @@ def test_summary_and_csv(tmp_path):
     path = tmp_path / "s.csv"
     sweep.to_csv(str(path))
     lines = path.read_text().splitlines()
-    assert lines[0] == "pair,multiplier,nll_pos,nll_neg,pref_odds,util_odds,util_clamped" and len(lines) == 7
+    assert lines[0] == "pair,group,multiplier,nll_pos,nll_neg,pref_odds,util_odds,util_clamped" and len(lines) == 7
+    grouped = Sweep.from_nll([0.0], [[1.0], [2.0]], [[1.0], [1.0]], groups=["Yes", "No"])
+    grouped.to_csv(str(path))
+    assert path.read_text().splitlines()[1].startswith("0,Yes,0,")
+    with pytest.raises(ValueError, match="groups has 1 labels for 2 pairs"):
+        Sweep.from_nll([0.0], [[1.0], [2.0]], [[1.0], [1.0]], groups=["Yes"])
 
 
 def test_bad_inputs():
