@@ -45,7 +45,7 @@ def test_bad_rows_name_file_and_line(tmp_path, content, msg):
 def test_bad_csv_and_format(tmp_path):
     p = tmp_path / "p.csv"
     p.write_text("question,matching\nQ,Y\n")
-    with pytest.raises(ValueError, match="lacks the columns"):
+    with pytest.raises(ValueError, match=r"the CSV header has \['question', 'matching'\]; missing \['not_matching'\]"):
         fastsplit.load_pairs(str(p))
     p.write_text("question,matching,not_matching\nQ,Y,\n")
     with pytest.raises(ValueError, match=r"p.csv:2: field 'not_matching' is empty"):
@@ -66,7 +66,8 @@ def test_parquet(tmp_path):
     assert fastsplit.load_pairs(str(p)) == [Pair("I", "W", "L")]
 
 
-def test_encode_pair_appends_completion_ids():
+def test_encode_pair_scores_completions_as_written():
+    """In context after the prompt; after a template ending in a newline the leading space is dropped."""
     tok = tiny_tokenizer()
     pair = Pair("Do you agree?", " Yes indeed", "No")
     prompt, pos, neg = fastsplit.encode_pair(tok, pair)
@@ -75,10 +76,11 @@ def test_encode_pair_appends_completion_ids():
     expected_prompt = expected_prompt["input_ids"] if not isinstance(expected_prompt, list) else expected_prompt
     assert prompt == list(expected_prompt)
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
-    assert pos == tok(" Yes indeed", add_special_tokens=False)["input_ids"]
+    assert pos == tok("Yes indeed", add_special_tokens=False)["input_ids"] and tok.decode(pos) == "Yes indeed"
     assert neg == tok("No", add_special_tokens=False)["input_ids"]
-    plain, _, _ = fastsplit.encode_pair(tok, pair, chat=False)
+    plain, plain_pos, _ = fastsplit.encode_pair(tok, pair, chat=False)
     assert tok.decode(plain) == "Do you agree?"
+    assert tok.decode(plain_pos) == " Yes indeed"  # no newline before it: the space is part of the answer
 
 
 def test_split_is_seeded_and_disjoint():
