@@ -15,7 +15,8 @@ __all__ = ["ResidualSteer", "SteeredLinear"]
 
 class ResidualSteer(nn.Module):
     """The update at the residual site: ``h + m1·(h·ΔWᵀ) + m2·Δb`` on a decoder layer's output [B, T, H]
-    (the unified form with W = I, b = 0), computed by the steered-linear op with no base weight.
+    (the unified form with W = I, b = 0), computed by the steered-linear op with no base weight, on its torch
+    path: with no base GEMM there is nothing for a fused kernel to fold the update into.
 
     Example::
 
@@ -25,14 +26,13 @@ class ResidualSteer(nn.Module):
         torch.Size([2, 5, 576])
     """
 
-    def __init__(self, hidden: int, form: str, rank: int, *, backend: str = "auto", device=None, dtype=None):
+    def __init__(self, hidden: int, form: str, rank: int, *, device=None, dtype=None):
         super().__init__()
         init_steering_parameters(self, hidden, hidden, form, rank, device=device, dtype=dtype)
-        self.backend = backend
         self.multiplier: Multiplier = 1.0
         self.bias_multiplier: Optional[Multiplier] = None
 
     def forward(self, h: Tensor) -> Tensor:
         return h + steered_linear(h, None, delta_weight=self.delta_weight, lora_a=self.lora_a, lora_b=self.lora_b,
                                   delta_bias=self.delta_bias, m1=self.multiplier, m2=self.bias_multiplier,
-                                  backend=self.backend)
+                                  backend="torch")

@@ -53,8 +53,7 @@ class Steering:
             mlp.down_proj = self.module
         else:
             p = next(target.parameters())
-            self.module = ResidualSteer(model.config.hidden_size, form, rank, backend=backend, device=p.device,
-                                        dtype=p.dtype)
+            self.module = ResidualSteer(model.config.hidden_size, form, rank, device=p.device, dtype=p.dtype)
             self._handle = target.register_forward_hook(self._residual_hook)
         self.module.multiplier = 1.0
         self._attached = True
