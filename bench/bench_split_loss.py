@@ -58,6 +58,24 @@ def peers(device):
     return out
 
 
+SHAPES = {"smollm2": (4, 512, 576, 49152), "gemma2-9b": (4, 1024, 3584, 256000),
+          "qwen2.5-7b": (4, 1024, 3584, 152064), "quick": (2, 64, 64, 4099)}
+
+
+def providers(device) -> dict:
+    """name -> fn(h_pos, h_neg, W, labels_pos, labels_neg) returning the scalar SPLIT loss."""
+    return {"naive": lambda *a: split_loss_ref(*a, **HP), "fastsplit": lambda *a: split_loss(*a, **HP),
+            **peers(device)}
+
+
+def make_inputs(B, T, H, V, *, device, dtype):
+    """(h_pos, h_neg [B, T, H] needing grad, W [V, H] frozen, labels_pos, labels_neg [B, T])."""
+    hp = torch.randn(B, T, H, device=device, dtype=dtype, requires_grad=True)
+    hn = torch.randn(B, T, H, device=device, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, H, device=device, dtype=torch.float32) * H ** -0.5).to(dtype)
+    return hp, hn, W, torch.randint(0, V, (B, T), device=device), torch.randint(0, V, (B, T), device=device)
+
+
 def main():
     p = harness.arg_parser(__doc__)
     p.add_argument("--shape", choices=["smollm2", "gemma2-9b", "qwen2.5-7b"], action="append")
@@ -65,22 +83,16 @@ def main():
     dev = args.device
     if dev == "cpu":
         harness.pin_malloc_threshold()
-    shapes = {"smollm2": (4, 512, 576, 49152), "gemma2-9b": (4, 1024, 3584, 256000),
-              "qwen2.5-7b": (4, 1024, 3584, 152064)}
+    shapes = dict(SHAPES)
     names = args.shape or (["smollm2"] if dev == "cpu" else ["gemma2-9b", "qwen2.5-7b"])
     if args.quick:
-        shapes = {n: (2, 64, 64, 4099) for n in names}
+        shapes = {n: SHAPES["quick"] for n in names}
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     rows = []
     for name in names:
         B, T, H, V = shapes[name]
-        hp = torch.randn(B, T, H, device=dev, dtype=dtype, requires_grad=True)
-        hn = torch.randn(B, T, H, device=dev, dtype=dtype, requires_grad=True)
-        W = (torch.randn(V, H, device=dev, dtype=torch.float32) * H ** -0.5).to(dtype)
-        lp = torch.randint(0, V, (B, T), device=dev)
-        ln = torch.randint(0, V, (B, T), device=dev)
-        provs = {"naive": lambda *a: split_loss_ref(*a, **HP),
-                 "fastsplit": lambda *a: split_loss(*a, **HP), **peers(dev)}
+        hp, hn, W, lp, ln = make_inputs(B, T, H, V, device=dev, dtype=dtype)
+        provs = providers(dev)
         xv = f"{name}:B{B}xT{T}x2,H{H},V{V}"
         flops = 2 * 4 * B * T * H * V  # both sides, forward + dH (4·T·H·V each)
         losses = {}

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from . import hf
+from . import dist, hf
 from .data import Pair, encode_pair
 from .ops._checks import check_strengths
 from .ops.split_loss import split_loss
@@ -69,6 +69,57 @@ def _forward(model, steering, layout, packed: bool, idx, kinds, m, loss: str, de
     return (h_pos, t_pos, *_gather(h[n:], targets[n:], device))
 
 
+class _Step(torch.nn.Module):
+    """DistributedDataParallel's view of a training step: the steering tensors are its only parameters (so
+    they alone are broadcast at the start and averaged in the backward); the frozen model is replicated on
+    every rank and never registered here."""
+
+    def __init__(self, named_params, step):
+        super().__init__()
+        for n, p in named_params:
+            self.register_parameter(n, p)
+        self._step = step
+
+    def forward(self, *args):
+        return self._step(*args)
+
+
+def _global_loss(h_pos, t_pos, h_neg, t_neg, head, softcap, hp, reduction, n_global, group, *, empty=False):
+    """(surrogate, value, stats) for the part of a global batch held by this rank, exactly as one process
+    would see the whole batch: ``surrogate``'s gradient, averaged over the ranks by DDP, is the gradient of the
+    global loss ``value``.
+
+    "pair": the loss is a mean over the ``n_global`` pairs, so each rank's local mean is weighted by its share.
+    "batch": the hinge acts on token means pooled over the global batch, so the NLL sums are all-reduced first
+    (no gradient), then each token's coefficient, (λp + γ·active)/N_pos or (λn − γ·active)/N_neg, is known,
+    and the local loss with those weights (γ = 0) has the global gradient. ``empty``: this rank owns none of
+    the batch and ran a stand-in pair, which contributes nothing (weight 0)."""
+    world = dist.world_size(group)
+    keep = 0.0 if empty else 1.0
+    kw = dict(lm_head_bias=head.bias, logit_softcap=softcap, shift=False, return_parts=True)
+    n_local = h_pos.shape[0]
+    if reduction == "pair":
+        local, parts = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction="pair", **kw, **hp)
+        sums = torch.stack([local.detach() * n_local, parts["pos"].sum(), parts["neg"].sum()]).double() * keep
+        torch.distributed.all_reduce(sums, group=group)
+        value, pos, neg = (sums / n_global).tolist()
+        return local * (keep * n_local * world / n_global), value, {"pos": pos, "neg": neg, "pref_log_odds": neg - pos}
+    count_p, count_n = keep * float((t_pos != -100).sum()), keep * float((t_neg != -100).sum())
+    with torch.no_grad():
+        _, parts = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction="batch", **kw, **hp)
+    sums = torch.tensor([float(parts["pos"]) * count_p, count_p, float(parts["neg"]) * count_n, count_n],
+                        dtype=torch.float64)
+    torch.distributed.all_reduce(sums, group=group)
+    pos, neg = float(sums[0] / sums[1]), float(sums[2] / sums[3])
+    active = float(hp["theta"] - (neg - pos) > 0)
+    value = hp["lambda_p"] * pos + hp["lambda_n"] * neg + hp["gamma"] * max(0.0, hp["theta"] - (neg - pos))
+    a_pos = (hp["lambda_p"] + hp["gamma"] * active) / float(sums[1])
+    a_neg = (hp["lambda_n"] - hp["gamma"] * active) / float(sums[3])
+    surrogate, _ = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction="batch", lambda_p=a_pos * count_p * world,
+                              lambda_n=a_neg * count_n * world, gamma=0.0, theta=0.0, **kw)
+    return surrogate, value, {"pos": pos, "neg": neg, "pref_log_odds": neg - pos}
+
+
 def _checkpoints(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "checkpoint-epoch*.pt")),
                   key=lambda p: int(p.rsplit("epoch", 1)[1].split(".")[0]))
@@ -95,7 +146,7 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
           epochs: int = 1, batch_size: int = 8, grad_accum: int = 1, seed: int = 0,
           pair_types: Sequence[str] = ("add",), chat: bool = True, cache_prefix: bool | str = "auto",
           pack_pairs: bool | str = "auto",
-          checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+          checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True, group=None) -> dict:
     """Train ``steering``'s parameters with SPLIT (``loss="split"``) or plain SFT on the positives (``"sft"``).
 
     ``theta`` is the SPLIT hinge margin θ on the preference log-odds. Each pair gets a factor drawn from
@@ -106,6 +157,12 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
     forbids it. With ``checkpoint_dir`` a checkpoint is written each epoch, and ``resume=True`` continues from
     the newest one, giving the same final parameters as an uninterrupted run.
 
+    Data parallel: inside an initialised process group (``torchrun``; or ``group=``) the steering tensors are
+    wrapped in DistributedDataParallel, the frozen model is replicated, and each rank owns a contiguous shard
+    of the pairs (and caches only that shard's frozen prefix). The batches are the one-process batches
+    (``batch_size`` is the global batch), each rank runs the pairs of a batch that it owns, and the loss is the
+    global batch's, so N ranks give the parameters of one process. Rank 0 writes the checkpoints.
+
     Returns {"history": [per-epoch means of loss, pos, neg, pref_log_odds], "steps": optimizer steps}.
 
     Example::
@@ -114,11 +171,14 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
         >>> fastsplit.train(model, tok, steering, fastsplit.demo_pairs()[:200], epochs=2)
     """
     factors = _check_options(loss, pair_types, steering_factors, epochs, batch_size, grad_accum, pairs)
+    group = dist.active_group(group)
+    dist.check_world(len(pairs), "pairs", group)
     from tqdm.auto import tqdm
 
     device = next(steering.module.parameters()).device
     params = steering.parameters()
     enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
+    mine = dist.shard_range(len(pairs), group)
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()  # no dropout: a step is a deterministic function of the data and the factors
@@ -128,10 +188,11 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
     packed = pack_pairs is True or (pack_pairs == "auto" and hf.packable(model, enc))
     pad = hf.pad_id_of(tokenizer)
     layout = hf.PackedRows(enc, pad, next(model.parameters()).dtype) if packed else hf.SideRows(enc, pad)
-    if steering.layer > 0 and (cache_prefix is True or (cache_prefix == "auto" and
-                                                        layout.cache_bytes(model.config.hidden_size) <= _CACHE_BUDGET)):
-        layout.build_cache(model, steering.layer, device)
-    head = hf.lm_head(model)
+    if steering.layer > 0 and (cache_prefix is True or (cache_prefix == "auto" and layout.cache_bytes(
+            model.config.hidden_size, only=mine) <= _CACHE_BUDGET)):
+        dist.agree(lambda: layout.build_cache(model, steering.layer, device, only=mine), group,
+                   what="prefix cache")
+    head, softcap = hf.lm_head(model), hf.logit_softcap(model)
     n_batches = math.ceil(len(pairs) / batch_size)
     total_steps = max(1, math.ceil(n_batches / grad_accum) * epochs)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -140,48 +201,73 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
                   steering_factors=factors, lr=lr, epochs=epochs, batch_size=batch_size,
                   grad_accum=grad_accum, seed=seed, pair_types=list(pair_types), n_pairs=len(pairs))
     start, history, steps = 0, [], 0
+    main = dist.is_main(group)
     if checkpoint_dir:
-        os.makedirs(checkpoint_dir, exist_ok=True)
+        if main:
+            os.makedirs(checkpoint_dir, exist_ok=True)
         if resume:
-            start, history, steps = _resume(checkpoint_dir, config, steering, opt, sched, device)
+            start, history, steps = dist.agree(lambda: _resume(checkpoint_dir, config, steering, opt, sched, device),
+                                               group, what="resume")
     hp = dict(lambda_p=lambda_p, lambda_n=lambda_n, gamma=gamma, theta=theta) if loss == "split" else \
         dict(lambda_p=1.0, lambda_n=0.0, gamma=0.0, theta=0.0)
+
+    def forward(idx, kinds, m):
+        return _forward(model, steering, layout, packed, idx, kinds, m, loss, device)
+    step = forward
+    if group is not None:  # after resuming, so the broadcast from rank 0 starts every rank at the same point
+        step = torch.nn.parallel.DistributedDataParallel(
+            _Step(steering.named_parameters(), forward), device_ids=[device] if device.type == "cuda" else None,
+            process_group=group, broadcast_buffers=False)
     try:
         for epoch in range(start, epochs):
             rng = random.Random(f"{seed}:{epoch}")  # per-epoch stream: a resumed run replays it exactly
             order = list(range(len(pairs)))
             rng.shuffle(order)
             sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "pref_log_odds": 0.0}
-            bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+            bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and main),
+                       leave=False)
             for b in bar:
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 kinds = [rng.choice(list(pair_types)) for _ in idx]
                 picked = [float(rng.choice(factors)) for _ in idx]
                 # "sub" swaps the completions and steers with -m.
-                m = torch.tensor([f if k == "add" else -f for f, k in zip(picked, kinds)], device=device)
-                h_pos, t_pos, h_neg, t_neg = _forward(model, steering, layout, packed, idx, kinds,
-                                                      m.to(params[0].dtype), loss, device)
-                value, parts = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction=reduction,
-                                          lm_head_bias=head.bias, logit_softcap=hf.logit_softcap(model),
-                                          return_parts=True, shift=False, **hp)
-                (value / grad_accum).backward()
+                m = [f if k == "add" else -f for f, k in zip(picked, kinds)]
+                if group is None:
+                    h_pos, t_pos, h_neg, t_neg = step(idx, kinds, torch.tensor(m, device=device, dtype=params[0].dtype))
+                    value, parts = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction=reduction,
+                                              lm_head_bias=head.bias, logit_softcap=softcap,
+                                              return_parts=True, shift=False, **hp)
+                    objective, value = value, float(value.detach())
+                    stats = {k: float(parts[k].mean()) for k in ("pos", "neg", "pref_log_odds")}
+                else:
+                    # This rank's pairs of the global batch; a rank that owns none of them runs one of its own
+                    # pairs at weight 0, since every rank must take part in DDP's backward.
+                    own = [j for j, i in enumerate(idx) if i in mine]
+                    sel = own or [None]
+                    local = [idx[j] if j is not None else mine.start for j in sel]
+                    out = step(local, [kinds[j] if j is not None else "add" for j in sel],
+                               torch.tensor([m[j] if j is not None else 1.0 for j in sel], device=device,
+                                            dtype=params[0].dtype))
+                    objective, value, stats = _global_loss(*out, head, softcap, hp, reduction, len(idx), group,
+                                                           empty=not own)
+                (objective / grad_accum).backward()
                 if (b + 1) % grad_accum == 0 or b + 1 == n_batches:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                     steps += 1
-                stats = {"loss": float(value.detach()), "pos": float(parts["pos"].mean()),
-                         "neg": float(parts["neg"].mean()), "pref_log_odds": float(parts["pref_log_odds"].mean())}
+                stats["loss"] = value
                 for k in sums:
                     sums[k] += stats[k]
                 bar.set_postfix({"loss": f"{stats['loss']:.3f}", "L_pos": f"{stats['pos']:.3f}",
                                  "L_neg": f"{stats['neg']:.3f}", "pref": f"{stats['pref_log_odds']:+.3f}"})
             history.append({k: v / n_batches for k, v in sums.items()} | {"epoch": epoch + 1})
-            if checkpoint_dir:
-                torch.save({"epoch": epoch + 1, "params": steering.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "config": config, "history": history, "steps": steps},
-                           os.path.join(checkpoint_dir, f"checkpoint-epoch{epoch + 1}.pt"))
+            if checkpoint_dir and main:
+                state = {"epoch": epoch + 1, "params": steering.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "config": config, "history": history, "steps": steps}
+                dist.atomic_write(os.path.join(checkpoint_dir, f"checkpoint-epoch{epoch + 1}.pt"),
+                                  lambda path: torch.save(state, path))
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)

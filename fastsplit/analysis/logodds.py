@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import hf
+from .. import dist, hf
 from ..data import Pair, encode_pair
 from ..ops._checks import check_strengths
 from ..ops.split_loss import split_loss_fwd_torch
@@ -134,7 +134,7 @@ def _at(h, d, m_rows):
 @torch.no_grad()
 def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
                   length_norm: bool = False, batch_size: int | None = None, chat: bool = True,
-                  progress: bool = True) -> Sweep:
+                  progress: bool = True, group=None) -> Sweep:
     """Teacher-forced NLLs of every pair's two completions at every multiplier, fast; returns a :class:`Sweep`.
 
     ``batch_size`` is the number of pairs per batch (each becomes M rows). The default holds about 48 rows
@@ -142,23 +142,41 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     and about 512 on a GPU.
     With ``length_norm=True`` the NLLs are token means. Tokenisation is :func:`fastsplit.encode_pair`'s.
 
+    Inside an initialised process group (``torchrun``; or ``group=``) each rank sweeps its contiguous shard
+    of the pairs and every rank returns the whole sweep, in the input order (see :mod:`fastsplit.dist`).
+
     Example::
 
         >>> sweep = logodds_sweep(model, tok, steering, test_pairs, np.linspace(-8, 8, 21))
         >>> sweep.summary()["pref_mean"]
     """
+    ms = _check(pairs, multipliers)
+    group = dist.active_group(group)
+    dist.check_world(len(pairs), "pairs", group)
+    part = dist.shard_range(len(pairs), group)
+
+    def local():
+        enc = [encode_pair(tokenizer, p, chat=chat) for p in list(pairs)[part.start:part.stop]]
+        nll = _sweep_nll(model, steering, enc, ms, pad=hf.pad_id_of(tokenizer), length_norm=length_norm,
+                         batch_size=batch_size, progress=progress and dist.is_main(group))
+        return list(zip(nll, _groups(tokenizer, enc)))
+
+    rows = dist.all_gather_list(dist.agree(local, group, what="log-odds sweep"), group)
+    nll = np.stack([r[0] for r in rows])
+    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, [r[1] for r in rows])
+
+
+def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress) -> np.ndarray:
+    """Summed (or mean) NLLs [N, M, 2] of the encoded pairs' two completions at every m: the fast path."""
     from tqdm.auto import tqdm
 
-    ms = _check(pairs, multipliers)
     M = len(ms)
     device = next(model.parameters()).device
     mdtype = next(steering.module.parameters()).dtype
-    pad = hf.pad_id_of(tokenizer)
     head, softcap = hf.lm_head(model), hf.logit_softcap(model)
     L = steering.layer
-    enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
     per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
-    nll = np.zeros((len(pairs), M, 2))
+    nll = np.zeros((len(enc), M, 2))
     last = len(hf.decoder_layers(model)) - 1
     start = L + 1 if hf.affine_in_m(model, L, steering.site) else L  # the first layer whose input depends on m
     for s in tqdm(range(0, len(enc), per), desc="log-odds sweep", disable=not progress, leave=False):
@@ -212,7 +230,7 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
         if length_norm:
             row_nll = row_nll / valid.sum(1)
         nll[s:s + b] = row_nll.view(b, M, 2).double().cpu().numpy()
-    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, _groups(tokenizer, enc))
+    return nll
 
 
 def _groups(tokenizer, enc) -> list[str]:

@@ -28,9 +28,10 @@ class SideRows:
         comp = (pos, neg)[side]
         return prompt + comp, comp
 
-    def build_cache(self, model, layer: int, device, batch: int = 16) -> None:
+    def build_cache(self, model, layer: int, device, batch: int = 16, only: Sequence[int] | None = None) -> None:
+        """Cache the input of ``layer`` for every pair, or for the pairs in ``only`` (a rank's shard)."""
         self.cache = {}
-        keys = [(i, s) for i in range(len(self.enc)) for s in (0, 1)]
+        keys = [(i, s) for i in (range(len(self.enc)) if only is None else only) for s in (0, 1)]
         for k in range(0, len(keys), batch):
             chunk = keys[k:k + batch]
             ids, mask = pad_rows([self.row(i, s)[0] for i, s in chunk], self.pad)
@@ -38,8 +39,9 @@ class SideRows:
             for j, key in enumerate(chunk):
                 self.cache[key] = h[j, : int(mask[j].sum())].cpu()
 
-    def cache_bytes(self, hidden: int) -> int:
-        return sum(len(p) + max(len(a), len(b)) for p, a, b in self.enc) * 2 * hidden * 4
+    def cache_bytes(self, hidden: int, only: Sequence[int] | None = None) -> int:
+        enc = self.enc if only is None else [self.enc[i] for i in only]
+        return sum(len(p) + max(len(a), len(b)) for p, a, b in enc) * 2 * hidden * 4
 
     def batch(self, keys: Sequence[tuple[int, int]], device):
         """ids, mask [N, T] on ``device``; targets [N, T] on the CPU; cached layer input [N, T, H] or None."""
@@ -90,18 +92,19 @@ class PackedRows:
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
         return ids, mask, pos, t1, t2
 
-    def build_cache(self, model, layer: int, device, batch: int = 16) -> None:
+    def build_cache(self, model, layer: int, device, batch: int = 16, only: Sequence[int] | None = None) -> None:
+        """Cache the input of ``layer`` for every pair, or for the pairs in ``only`` (a rank's shard)."""
         self.cache = {}
-        n = len(self.enc)
-        for k in range(0, n, batch):
-            idx = list(range(k, min(n, k + batch)))
+        todo = list(range(len(self.enc)) if only is None else only)
+        for k in range(0, len(todo), batch):
+            idx = todo[k:k + batch]
             ids, mask, pos, _, _ = self.layout(idx)
             h = capture_layer_input(model, layer, ids.to(device), mask.to(device), position_ids=pos.to(device))
             for j, i in enumerate(idx):
                 self.cache[i] = h[j, : self.length(i)].cpu()
 
-    def cache_bytes(self, hidden: int) -> int:
-        return sum(self.length(i) for i in range(len(self.enc))) * hidden * 4
+    def cache_bytes(self, hidden: int, only: Sequence[int] | None = None) -> int:
+        return sum(self.length(i) for i in (range(len(self.enc)) if only is None else only)) * hidden * 4
 
     def batch(self, idx: Sequence[int], device):
         """ids, mask, positions on ``device``; both sides' targets on the CPU; cached layer input or None."""

@@ -1,0 +1,170 @@
+"""torch.distributed: 2 gloo ranks spawned from pytest (bounded in time) against one process.
+
+A sharded sweep and a sharded generation equal the one-process results; 2-rank data-parallel SPLIT training
+equals 1-rank training with the same global batch after 3 steps; resume works with 2 ranks; a failing rank
+stops every rank and nothing is left half-written; a world larger than the work is refused.
+"""
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastsplit
+from tests.tiny import tiny_model, tiny_tokenizer
+
+PAIRS = fastsplit.demo_pairs()[:12]
+MS = [-4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0]
+TIMEOUT_S = 240
+
+
+def _fresh(form="lora"):
+    model = tiny_model("llama")
+    s = fastsplit.attach(model, 2, form, rank=2)
+    torch.manual_seed(9)
+    for p in s.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model, s
+
+
+def _train(model, s, pairs=PAIRS, **kw):
+    opts = dict(epochs=1, batch_size=4, lr=5e-2, steering_factors=[0.5, 1.0, 2.0], pair_types=("add", "sub"),
+                progress=False, seed=1)
+    return fastsplit.train(model, tiny_tokenizer(), s, pairs, **(opts | kw))
+
+
+# --- what each rank runs: module-level, so spawn can pickle it --------------------------------------------
+def _task_sweep(out, rank):
+    model, s = _fresh()
+    sweep = fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:5], MS, progress=False)
+    return {"nll_pos": sweep.nll_pos, "nll_neg": sweep.nll_neg, "groups": sweep.groups}
+
+
+def _task_generate(out, rank):
+    model, s = _fresh()
+    prompts = [p.prompt for p in PAIRS[:3]]
+    return fastsplit.generate_sweep(model, tiny_tokenizer(), s, prompts, [-2.0, 0.0, 2.0], max_new_tokens=4,
+                                    progress=False)
+
+
+def _task_train(out, rank, **kw):
+    if rank != 0:
+        torch.manual_seed(1234)  # a different init on rank 1: DDP must start every rank from rank 0's tensors
+    model, s = _fresh()
+    if rank != 0:
+        with torch.no_grad():
+            for p in s.parameters():
+                p.add_(1.0)
+    res = _train(model, s, **kw)
+    return {"params": s.state_dict(), "history": res["history"], "steps": res["steps"]}
+
+
+def _task_bad_shard(out, rank):
+    model, s = _fresh()
+    pairs = PAIRS[:3] + [fastsplit.Pair(PAIRS[3].prompt, "", "")]  # rank 1's shard fails to encode
+    fastsplit.logodds_sweep(model, tiny_tokenizer(), s, pairs, MS, progress=False)
+
+
+def _task_too_few(out, rank):
+    model, s = _fresh()
+    fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:1], MS, progress=False)
+
+
+TASKS = {"sweep": _task_sweep, "generate": _task_generate, "train": _task_train, "bad_shard": _task_bad_shard,
+         "too_few": _task_too_few}
+
+
+def _worker(rank, world, store, out, task, kw):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = TASKS[task](out, rank, **kw)
+        torch.save({"ok": result}, os.path.join(out, f"rank{rank}.pt"))
+    except Exception as e:  # recorded for the test to read; the error itself is the subject of some tests
+        torch.save({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(tmp_path, task, world=2, **kw) -> list[dict]:
+    """Run ``task`` on ``world`` gloo ranks; returns each rank's {"ok": result} or {"error": message}."""
+    out = tmp_path / task
+    out.mkdir()
+    store = tmp_path / f"{task}-{len(list(tmp_path.glob('*.store*')))}.store"  # a fresh rendezvous per launch
+    ctx = mp.start_processes(_worker, args=(world, str(store), str(out), task, kw),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.time() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks of {task!r} did not finish in {TIMEOUT_S} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _ok(results):
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r}: {res.get('trace', res)}"
+    return [res["ok"] for res in results]
+
+
+# --- the tests -----------------------------------------------------------------------------------------
+def test_sharded_sweep_equals_one_process(tmp_path):
+    ranks = _ok(_launch(tmp_path, "sweep"))
+    one = _task_sweep(None, 0)
+    for got in ranks:  # every rank returns the whole sweep, in the input order
+        for k in ("nll_pos", "nll_neg"):
+            assert got[k].shape == one[k].shape == (5, len(MS))
+            assert abs(got[k] - one[k]).max() <= 1e-5, k
+        assert got["groups"] == one["groups"]
+
+
+def test_sharded_generation_equals_one_process(tmp_path):
+    ranks = _ok(_launch(tmp_path, "generate"))
+    one = _task_generate(None, 0)
+    assert ranks[0] == ranks[1] == one and len(one) == 3
+
+
+@pytest.mark.parametrize("kw", [dict(reduction="batch"), dict(reduction="pair"), dict(loss="sft"),
+                                dict(batch_size=1, pairs=PAIRS[:3])],
+                         ids=["split-batch", "split-pair", "sft", "batch1-ranks-idle"])
+def test_two_rank_training_equals_one_rank(tmp_path, kw):
+    ranks = _ok(_launch(tmp_path, "train", **kw))
+    model, s = _fresh()
+    res = _train(model, s, **kw)
+    assert res["steps"] == ranks[0]["steps"] == 3
+    for got in ranks:
+        for k, v in s.state_dict().items():
+            torch.testing.assert_close(got["params"][k], v, atol=1e-5, rtol=0, msg=k)
+        assert got["history"][0]["loss"] == pytest.approx(res["history"][0]["loss"], rel=1e-5)
+    assert not torch.equal(ranks[0]["params"]["lora_b"], _fresh()[1].state_dict()["lora_b"])  # it trained
+
+
+def test_two_rank_resume_matches_an_uninterrupted_run(tmp_path):
+    ck = tmp_path / "ck"
+    _ok(_launch(tmp_path, "train", epochs=2, checkpoint_dir=str(ck)))
+    assert sorted(os.listdir(ck)) == ["checkpoint-epoch1.pt", "checkpoint-epoch2.pt"]  # rank 0 wrote, whole
+    (ck / "checkpoint-epoch2.pt").unlink()  # as if stopped after epoch 1
+    (tmp_path / "train").rename(tmp_path / "first")
+    resumed = _ok(_launch(tmp_path, "train", epochs=2, checkpoint_dir=str(ck), resume=True))
+    model, s = _fresh()
+    _train(model, s, epochs=2)
+    assert [h["epoch"] for h in resumed[0]["history"]] == [1, 2]
+    for k, v in s.state_dict().items():
+        torch.testing.assert_close(resumed[1]["params"][k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def test_a_failing_rank_stops_every_rank(tmp_path):
+    results = _launch(tmp_path, "bad_shard")
+    assert "tokenises to nothing" in results[1]["error"]  # the failing rank: its own error
+    assert results[0]["error"].startswith("RuntimeError: rank 1 failed during the log-odds sweep")
+    assert "tokenises to nothing" in results[0]["error"]
+
+
+def test_a_world_larger_than_the_pairs_is_refused(tmp_path):
+    for res in _launch(tmp_path, "too_few"):
+        assert "world size 2 is larger than the number of pairs (1)" in res["error"]
