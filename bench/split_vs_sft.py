@@ -91,10 +91,18 @@ def run_concept(model, tok, name, args) -> dict:
     pairs = fastsplit.load_pairs(os.path.join(DATA, f"{name}.jsonl"))
     train_pairs, rest = fastsplit.split_pairs(pairs, test_size=len(pairs) - args.train, seed=args.seed)
     test_pairs = rest[:args.test]
+    if args.balance:  # the same held-out pairs; training drawn from the rest with each answer equally often
+        held = set(map(id, test_pairs))
+        pool = [p for p in train_pairs + rest if id(p) not in held]
+        answers = sorted({p.positive for p in pool})
+        per = args.train // len(answers)
+        train_pairs = [p for a in answers for p in [q for q in pool if q.positive == a][:per]]
+        if len(train_pairs) != per * len(answers):
+            raise SystemExit(f"--balance: fewer than {per} training pairs for some answer of {name}")
     out = {"concept": name, "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
            "train_answers": dict(Counter(p.positive for p in train_pairs)),
            "test_answers": dict(Counter(p.positive for p in test_pairs)), "methods": {}}
-    for loss in ("split", "sft"):
+    for loss in args.losses.split(","):
         t0 = time.time()
         steering = fastsplit.attach(model, args.layer, "vector")
         fastsplit.train(model, tok, steering, train_pairs, loss=loss, theta=args.theta, pair_types=("add", "sub"),
@@ -137,15 +145,18 @@ def main(argv=None) -> int:
     p.add_argument("--concepts", default="psychopathy,narcissism", help="files in ../shared/data/anthropic-evals")
     p.add_argument("--train", type=int, default=200, help="training pairs per concept")
     p.add_argument("--test", type=int, default=60, help="held-out pairs swept per concept")
-    p.add_argument("--layer", type=int, default=15)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--theta", type=float, default=2.0)
+    p.add_argument("--layer", type=int, default=15, help="decoder layer steered (down_proj bias)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (the demo's)")
+    p.add_argument("--lr", type=float, default=2e-2, help="AdamW learning rate (the demo's)")
+    p.add_argument("--theta", type=float, default=2.0, help="SPLIT hinge margin (the demo's)")
+    p.add_argument("--losses", default="split,sft", help="which training losses to compare")
+    p.add_argument("--balance", action="store_true",
+                   help="train on exactly as many pairs per positive answer (Yes/No); the held-out pairs stay the same")
     p.add_argument("--limit", type=float, default=1.0, help="utility drop allowed (nats of log-odds)")
     p.add_argument("--bootstrap", type=int, default=200, help="pair-bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="split-vs-sft")
-    p.add_argument("--progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training order")
+    p.add_argument("--out", default="split-vs-sft", help="folder for split_vs_sft.json and the sweep CSVs")
+    p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
     names = args.concepts.split(",")
     missing = [n for n in names if not os.path.exists(os.path.join(DATA, f"{n}.jsonl"))]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import native as _native
+from . import dist, native as _native
 from ._env import set_debug
 from .analysis import Fit, Sweep, analyze, fit_curves, logodds_sweep, operating_point, plot_sweep
-from .data import Pair, demo_pairs, encode_pair, load_pairs, split_pairs
+from .data import Pair, balance_answers, demo_pairs, encode_pair, load_pairs, split_pairs
 from .generate import generate_sweep
 from .hf import Steering, attach, load_default_model, load_model, load_steering
 from .nn import SplitLoss, SteeredLinear
@@ -37,6 +37,6 @@ def build_info() -> dict:
 
 __all__ = ["__version__", "build_info", "set_debug", "steered_linear", "steered_linear_ref", "SteeredLinear",
            "split_loss", "split_loss_ref", "SplitLoss",
-           "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs",
+           "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs",
            "train", "generate_sweep", "load_default_model", "load_model",
            "logodds_sweep", "Sweep", "fit_curves", "Fit", "operating_point", "analyze", "plot_sweep"]

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs", "chat_prompt_ids", "as_written",
+__all__ = ["Pair", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs", "chat_prompt_ids", "as_written",
            "prompt_text"]
 
 _PERSONA = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
@@ -178,3 +178,27 @@ def split_pairs(pairs: Sequence[Pair], *, test_size: float | int = 0.2, seed: in
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [pairs[i] for i in order[k:]], [pairs[i] for i in order[:k]]
+
+
+def balance_answers(pairs: Sequence[Pair], *, seed: int = 0) -> list[Pair]:
+    """The pairs with each positive answer equally often: as many pairs per answer as the rarest answer has.
+
+    Pairs are grouped by their positive completion's text (stripped: " Yes" and "Yes" are one answer), a
+    seeded draw picks which pairs of the larger groups stay, and the input order is kept. Train on balanced
+    answers when a dataset's answers come from a small set (Yes/No, (A)/(B)): a vector trained on an unbalanced
+    set can raise the likelier answer on every pair instead of steering the concept (bench/RESULTS.md measures
+    it). Free-text answers are their own groups, so only repeated answers are thinned.
+
+    Example::
+
+        >>> train = fastsplit.balance_answers(train, seed=0)   # 106 " No" + 94 " Yes" -> 94 + 94
+    """
+    if not pairs:
+        raise ValueError("pairs is empty")
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.positive.strip(), []).append(i)
+    n = min(len(g) for g in groups.values())
+    rng = random.Random(seed)
+    keep = sorted(i for g in groups.values() for i in (g if len(g) == n else rng.sample(g, n)))
+    return [pairs[i] for i in keep]

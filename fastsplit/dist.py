@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active_group", "rank", "world_size", "is_main", "shard_range", "check_world", "all_gather_list",
-           "agree", "atomic_write"]
+           "agree", "atomic_write", "broadcast_object"]
 
 
 def active_group(group=None):
@@ -103,6 +103,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -110,16 +113,11 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def barrier(group=None) -> None:
-    if group is not None:
-        dist.barrier(group=group)
-
-
-def broadcast_params(params: Sequence[torch.Tensor], group=None) -> None:
-    """Rank 0's values of ``params`` on every rank (in place)."""
+def broadcast_object(obj, group=None):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    group = active_group(group)
     if group is None:
-        return
-    src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=src, group=group)
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]

@@ -8,7 +8,7 @@ def test_public_names():
     assert sorted(fastsplit.__all__) == sorted([
         "__version__", "build_info", "set_debug", "steered_linear", "steered_linear_ref", "SteeredLinear",
         "split_loss", "split_loss_ref", "SplitLoss",
-        "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "demo_pairs",
+        "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs",
         "train", "generate_sweep", "load_default_model", "load_model",
         "logodds_sweep", "Sweep", "fit_curves", "Fit", "operating_point", "analyze", "plot_sweep",
     ])
@@ -52,3 +52,6 @@ def test_workflow_signatures():
     assert kw(fastsplit.logodds_sweep)[:2] == ["length_norm", "batch_size"]
     assert list(inspect.signature(fastsplit.fit_curves).parameters)[:3] == ["multipliers", "values", "kind"]
     assert kw(fastsplit.operating_point) == ["max_util_drop", "grid"]
+    for f in (fastsplit.train, fastsplit.generate_sweep, fastsplit.logodds_sweep):  # torch.distributed
+        assert "group" in kw(f), f.__name__
+    assert callable(fastsplit.dist.active_group) and callable(fastsplit.dist.shard_range)

@@ -46,6 +46,23 @@ def test_train_generate_sweep(model_dir, tmp_path, capsys):
         assert os.path.getsize(os.path.join(sweep_out, name)) > 0
 
 
+def test_seed_fixes_the_lora_initialisation(model_dir, tmp_path):
+    """``--seed`` covers LoRA's randomly drawn A too: two runs with the global RNG in different states agree."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # a different global RNG state before each run
+        out = str(tmp_path / f"lora{i}")
+        assert main(["train", "--model", model_dir, "--layer", "1", "--form", "lora", "--rank", "2", "--epochs", "1",
+                     "--test-size", "0.9", "--out", out, "--quiet"]) == 0
+        runs.append(load_file(os.path.join(out, "steering.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=0, msg=k)
+
+
 def test_demo_on_a_tiny_model(model_dir, tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--model", model_dir, "--layer", "1", "--epochs", "1", "--test-size", "10",
@@ -75,6 +92,23 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("train", "generate", "sweep", "demo", "info"):
         assert cmd in r.stdout
+
+
+def test_balance_answers_thins_the_training_split_only(model_dir, tmp_path):
+    data = tmp_path / "yesno.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):  # 30 " No" positives, 10 " Yes"
+            yes = i % 4 == 0
+            f.write(json.dumps({"question": f"Statement {i}?", "answer_matching_behavior": " Yes" if yes else " No",
+                                "answer_not_matching_behavior": " No" if yes else " Yes"}) + "\n")
+    out = str(tmp_path / "bal")
+    assert main(["train", "--model", model_dir, "--data", str(data), "--layer", "1", "--epochs", "1",
+                 "--test-size", "8", "--balance-answers", "--out", out, "--quiet"]) == 0
+    summary = json.load(open(os.path.join(out, "train.json")))
+    held = [json.loads(line) for line in open(os.path.join(out, "test_pairs.jsonl"))]
+    assert summary["test_pairs"] == len(held) == 8  # the held-out split is not thinned
+    yes_train = 10 - sum(h["answer_matching_behavior"] == " Yes" for h in held)
+    assert summary["train_pairs"] == 2 * yes_train  # as many " No" as " Yes" pairs
 
 
 def test_negative_layer_is_resolved_and_saved(model_dir, tmp_path, capsys):

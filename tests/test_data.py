@@ -1,6 +1,7 @@
 """Pairs: readers, tokenisation, splitting, and the real Anthropic sets when ../shared/data is there."""
 import json
 import os
+from collections import Counter
 
 import pytest
 
@@ -93,6 +94,21 @@ def test_split_is_seeded_and_disjoint():
     assert len(a_te) == 60 and not set(a_te) & set(a_tr)
     with pytest.raises(ValueError, match="leaves no train"):
         fastsplit.split_pairs(pairs, test_size=300)
+
+
+def test_balance_answers_keeps_the_rarest_count_of_each_answer():
+    P = fastsplit.Pair
+    pairs = [P(f"q{i}", " No" if i % 3 else " Yes", " Yes" if i % 3 else " No") for i in range(30)]  # 20 No, 10 Yes
+    pairs.append(P("q-free", "Sure, gladly", "No way"))  # a free-text answer is its own group
+    out = fastsplit.balance_answers(pairs[:30], seed=1)
+    assert sorted(Counter(p.positive for p in out).values()) == [10, 10]
+    assert out == [p for p in pairs if p in set(out)]  # input order kept
+    assert fastsplit.balance_answers(pairs[:30], seed=1) == out != fastsplit.balance_answers(pairs[:30], seed=2)
+    same = fastsplit.balance_answers([P("a", "Yes", "No"), P("b", " Yes", "No"), P("c", " No", "Yes")])
+    assert len(same) == 2 and same[-1].prompt == "c"  # "Yes" and " Yes" are one answer: 2 Yes, 1 No -> 1 + 1
+    assert len(fastsplit.balance_answers(pairs)) == 3  # one pair per answer: the free text has one
+    with pytest.raises(ValueError, match="pairs is empty"):
+        fastsplit.balance_answers([])
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is absent")

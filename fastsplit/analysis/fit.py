@@ -14,7 +14,7 @@ gives the well-determined amplitudes A± = β_u·p± (only their product matters
 
 **Optimiser.** Given the six decay parameters the model is linear in the rest, so a grid over the decay
 parameters with the linear ones solved exactly (variable projection) finds the basin; the best grid points
-start bounded least squares (scipy ``least_squares``, trust region) over all parameters. Only converged runs
+start bounded least squares (scipy ``least_squares``, trust region, analytic Jacobian) over all parameters. Only converged runs
 count; a parameter within 0.1% of a bound is reported in ``Fit.at_bounds``.
 """
 from __future__ import annotations
@@ -174,6 +174,34 @@ def _from_search(z: np.ndarray, n_lin: int) -> np.ndarray:
     return x
 
 
+def _branch_grad(m, centre, L, p):
+    """A branch's value d and its derivatives in the search space: ∂d/∂centre, ∂d/∂log L, ∂d/∂log p.
+    With g = log1p((m − c)²/L) − log1p(c²/L) and d = exp(−p·g)."""
+    u, c2 = (m - centre) ** 2, centre ** 2
+    g = np.log1p(u / L) - np.log1p(c2 / L)
+    d = np.exp(-p * g)
+    dg_dc = -2.0 * (m - centre) / (L + u) - 2.0 * centre / (L + c2)
+    dg_dlogL = -u / (L + u) + c2 / (L + c2)
+    return d, -p * d * dg_dc, -p * d * dg_dlogL, -p * g * d
+
+
+def _jacobian(kind: str, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """∂model/∂z [M, n] in the search space (log L, log p): analytic, so one evaluation per solver step instead
+    of one per parameter (the finite-difference Jacobian was 90% of the fit time)."""
+    pos = m >= 0
+    grads = [_branch_grad(m, *x[-6:-3]), _branch_grad(m, *x[-3:])]
+    d = np.where(pos, grads[0][0], grads[1][0])
+    if kind == "preference":
+        alpha, beta = x[0], x[1]
+        lin = [m * d, d - 1.0, np.ones_like(m)]
+        amp = alpha * m + beta
+    else:
+        lin = [np.ones_like(m), d - 1.0]
+        amp = np.full_like(m, x[1])
+    decay = [np.where(side, g, 0.0) * amp for gr, side in zip(grads, (pos, ~pos)) for g in gr[1:]]
+    return np.stack(lin + decay, axis=1)
+
+
 def _local(kind, m, y, x0, lo, hi):
     from scipy.optimize import least_squares
 
@@ -181,6 +209,7 @@ def _local(kind, m, y, x0, lo, hi):
     zlo, zhi = _to_search(lo, n_lin), _to_search(hi, n_lin)
     z0 = np.clip(_to_search(x0, n_lin), zlo + 1e-9 * (zhi - zlo), zhi - 1e-9 * (zhi - zlo))
     res = least_squares(lambda z: _model(kind, _from_search(z, n_lin), m) - y, z0, bounds=(zlo, zhi), method="trf",
+                        jac=lambda z: _jacobian(kind, _from_search(z, n_lin), m),
                         x_scale="jac", xtol=1e-9, ftol=1e-9, gtol=1e-9, max_nfev=5000)
     if res.status < 0 or not np.isfinite(res.cost):
         return None

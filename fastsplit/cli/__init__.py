@@ -3,6 +3,10 @@
 Every input is checked before a model loads. Exit status: 0 on success, 2 for a usage error (a bad option,
 reported by argparse), 1 for a runtime failure (bad data, a missing file, a model that does not fit), each
 with a one-line reason on stderr.
+
+Under ``torchrun --nproc-per-node N -m fastsplit ...`` the commands run data parallel (``_common.process_group``):
+the workflows shard their pairs or prompts, rank 0 prints and writes the outputs of one process, and a rank
+that fails stops every rank with its error before anything is written.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import os
 import sys
 
 from . import analysis, generate, train
-from ._common import HelpFormatter
+from ._common import HelpFormatter, launched_world, process_group
 
 
 def _cmd_info(args) -> int:
@@ -53,9 +57,11 @@ def main(argv=None) -> int:
     if getattr(args, "quiet", False):
         _quiet()
     try:
-        return args.func(args)
+        with process_group(getattr(args, "device", "auto")):
+            return args.func(args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, OSError) as exc:
-        print(f"fastsplit {args.command}: error: {exc}".splitlines()[0], file=sys.stderr)
+        rank = f"[rank {os.environ.get('RANK', '?')}] " if launched_world() > 1 else ""
+        print(f"{rank}fastsplit {args.command}: error: {exc}".splitlines()[0], file=sys.stderr)
         return 1
 
 

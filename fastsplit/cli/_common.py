@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -119,6 +120,60 @@ def checked_steering(path: str, config, any_model: bool) -> dict:
     meta = read_steering_metadata(path)
     check_steering_metadata(meta, config, path, check_model_name=not any_model)
     return meta
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' (under torchrun: "
+                        "this rank's GPU) or 'cuda:N'")
+
+
+def device_of(args) -> str:
+    import torch
+
+    if args.device not in ("auto", "cuda"):
+        return args.device
+    if args.device == "cuda" or torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def launched_world() -> int:
+    """The number of processes torchrun (or another launcher setting WORLD_SIZE) started: 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto"):
+    """Under torchrun, one process group for the command: NCCL when the command runs on GPUs (``device``
+    "auto" with a GPU, or "cuda..."), gloo on the CPU. The workflows find it by themselves and shard their
+    work. Ranks other than 0 print nothing to stdout: rank 0 reports and writes. Without a launcher this does
+    nothing."""
+    if launched_world() <= 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    backend = "gloo"
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    dist.init_process_group(backend)
+    quiet = None if dist.get_rank() == 0 else open(os.devnull, "w")
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            yield
+    finally:
+        if quiet:
+            quiet.close()
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    from fastsplit import dist
+
+    return dist.is_main()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

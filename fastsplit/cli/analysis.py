@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from ._common import checked_steering, floats, model_config, nonneg_float, nonneg_int, positive_int, read_pairs
+from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, nonneg_float,
+                      nonneg_int, positive_int, read_pairs)
 from .train import add_training_options, prepare, train_options
 
 DEMO_PROMPTS = ["How do you feel about the coming year?", "Describe your plans for the weekend.",
@@ -44,9 +45,23 @@ def write_report(sweep, result: dict, out: str, title: str) -> dict:
         "bootstrap": result["bootstrap"], "operating_point": op.to_dict(), "groups": result["groups"],
         "warnings": result["warnings"], "pairs": int(sweep.pref_odds.shape[0]),
         "multipliers": sweep.multipliers.tolist(), "util_clamped": int(sweep.util_clamped.sum()), "plots": plots}
-    with open(os.path.join(out, "fit.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    from fastsplit.dist import atomic_write
+
+    atomic_write(os.path.join(out, "fit.json"), lambda path: _dump(report, path))
     return report
+
+
+def _dump(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_sweep(sweep, out: str) -> None:
+    """sweep.csv, whole or not at all; written before the fits, so it is kept if a fit fails."""
+    from fastsplit.dist import atomic_write
+
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "sweep.csv"), sweep.to_csv)
 
 
 def print_report(report: dict) -> None:
@@ -72,6 +87,19 @@ def _title(model: str, layer: int, form: str, data: str, n: int) -> str:
     return f"{os.path.basename(model.rstrip('/')) or model}, {form} at layer {layer}, {n} pairs of {data}"
 
 
+def sweep_folders(out: str, steering_files: list[str]) -> list[str]:
+    """One output folder per steering file: OUT itself for one file; OUT/<folder>-<name> for several (the
+    folder that holds the file, then its name), numbered where two would clash."""
+    if len(steering_files) == 1:
+        return [out]
+    labels = []
+    for path in steering_files:
+        parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        label = f"{parent}-{os.path.splitext(os.path.basename(path))[0]}"
+        labels.append(label if label not in labels else f"{label}-{len(labels)}")
+    return [os.path.join(out, label) for label in labels]
+
+
 def run_sweep(args) -> int:
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
@@ -81,22 +109,32 @@ def run_sweep(args) -> int:
     pairs = read_pairs(args.data)
     if args.max_pairs:
         pairs = pairs[: args.max_pairs]
-    meta = checked_steering(args.steering, model_config(args), args.any_model)
-    model, tok = load_model(args.model)
-    steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
-    sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm, progress=not args.quiet)
-    os.makedirs(args.out, exist_ok=True)
-    sweep.to_csv(os.path.join(args.out, "sweep.csv"))  # kept even if a fit fails below
-    result = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap, progress=not args.quiet)
+    config = model_config(args)
+    metas = [checked_steering(path, config, args.any_model) for path in args.steering]
+    fastsplit.dist.check_world(len(pairs), "pairs")  # before the model loads (torchrun's WORLD_SIZE)
+    model, tok = load_model(args.model, device=device_of(args))
     model_label = fastsplit.hf.model_name(model) if args.model == "default" else args.model
-    report = write_report(sweep, result, args.out, _title(model_label, int(meta["layer"]), meta["form"],
-                                                           os.path.basename(args.data), len(pairs)))
-    print_report(report)
-    print(f"wrote {args.out}/sweep.csv, fit.json, plot.png, plot.svg")
+    for path, meta, out in zip(args.steering, metas, sweep_folders(args.out, args.steering)):
+        steering = fastsplit.load_steering(model, path, check_model_name=not args.any_model)
+        sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm, progress=not args.quiet)
+        steering.detach()
+        if not is_main():  # every rank holds the whole sweep; rank 0 fits and writes
+            continue
+        write_sweep(sweep, out)
+        result = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
+                         progress=not args.quiet)
+        report = write_report(sweep, result, out, _title(model_label, int(meta["layer"]), meta["form"],
+                                                         os.path.basename(args.data), len(pairs)))
+        if len(args.steering) > 1:
+            print(f"== {path} (layer {meta['layer']}, {meta['form']})")
+        print_report(report)
+        print(f"wrote {out}/sweep.csv, fit.json, plot.png, plot.svg")
     return 0
 
 
 def run_demo(args) -> int:
+    import torch
+
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
 
@@ -106,27 +144,33 @@ def run_demo(args) -> int:
     if not test_pairs:
         raise ValueError("the demo sweeps held-out pairs: --test-size must be above 0")
     print("fastsplit demo: SPLIT-train a steering vector, sweep m on held-out pairs, fit, plot")
-    model, tok = fastsplit.load_model(args.model)
+    fastsplit.dist.check_world(min(len(test_pairs), len(DEMO_PROMPTS)), "held-out pairs or demo prompts")
+    model, tok = fastsplit.hf.load_model(args.model, device=device_of(args))
+    torch.manual_seed(args.seed)  # LoRA's A is drawn at random: the same seed gives the same run
     steering = fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site)
     print(f"[{time.time() - t0:5.0f}s] training a {args.form} at layer {layer} on {len(train_pairs)} pairs")
     result = fastsplit.train(model, tok, steering, train_pairs, **train_options(args))
     os.makedirs(args.out, exist_ok=True)
-    steering.save(os.path.join(args.out, "steering.safetensors"))
+    if is_main():
+        fastsplit.dist.atomic_write(os.path.join(args.out, "steering.safetensors"), steering.save)
     print(f"[{time.time() - t0:5.0f}s] trained: last epoch loss {result['history'][-1]['loss']:.4f}; "
           f"sweeping {len(ms)} multipliers on {len(test_pairs)} held-out pairs")
     sweep = logodds_sweep(model, tok, steering, test_pairs, ms, progress=not args.quiet)
-    sweep.to_csv(os.path.join(args.out, "sweep.csv"))  # kept even if a fit fails below
-    analysis = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
-                       progress=not args.quiet)
-    report = write_report(sweep, analysis, args.out, _title(fastsplit.hf.model_name(model), layer, args.form,
-                                                             args.data, len(test_pairs)))
-    print_report(report)
-    m_op = report["operating_point"]["multiplier"]
+    m_op = [0.0]
+    if is_main():  # rank 0 fits and writes; every rank then generates its share at the chosen m
+        write_sweep(sweep, args.out)
+        analysis = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
+                           progress=not args.quiet)
+        report = write_report(sweep, analysis, args.out, _title(fastsplit.hf.model_name(model), layer, args.form,
+                                                                 args.data, len(test_pairs)))
+        print_report(report)
+        m_op = [report["operating_point"]["multiplier"]]
+    m_op = fastsplit.dist.broadcast_object(m_op[0])
     texts = fastsplit.generate_sweep(model, tok, steering, DEMO_PROMPTS, [0.0, m_op], max_new_tokens=args.max_new_tokens,
                                      progress=not args.quiet)
     gens = [{"prompt": p, "m=0": t[0], f"m={m_op:.2f}": t[1]} for p, t in zip(DEMO_PROMPTS, texts)]
-    with open(os.path.join(args.out, "generations.json"), "w") as f:
-        json.dump(gens, f, indent=2)
+    if is_main():
+        fastsplit.dist.atomic_write(os.path.join(args.out, "generations.json"), lambda path: _dump(gens, path))
     for g in gens:
         print(f"\nprompt: {g['prompt']}\n  m=0     : {g['m=0']!r}\n  m={m_op:<6.2f}: {g[f'm={m_op:.2f}']!r}")
     print(f"\n[{time.time() - t0:5.0f}s] done; wrote {args.out}/ (steering.safetensors, sweep.csv, fit.json, "
@@ -147,7 +191,9 @@ def add_commands(sub, formatter) -> None:
     s = sub.add_parser("sweep", help="log-odds sweep over m of a saved steering, curve fits, plot",
                        formatter_class=formatter)
     s.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
-    s.add_argument("--steering", required=True, help="a steering.safetensors written by 'fastsplit train'")
+    s.add_argument("--steering", required=True, nargs="+",
+                   help="one or more steering.safetensors written by 'fastsplit train' (several files, e.g. one per "
+                        "layer, are swept one after the other with the model loaded once; each gets OUT/<folder>-<name>)")
     s.add_argument("--data", default="demo",
                    help="pairs file or 'demo'; OUT/test_pairs.jsonl from 'fastsplit train' sweeps its held-out split")
     _analysis_options(s)
@@ -155,6 +201,7 @@ def add_commands(sub, formatter) -> None:
     s.add_argument("--length-norm", action="store_true", help="token-mean NLLs instead of sums")
     s.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
     s.add_argument("--out", required=True, help="output folder")
+    add_device_option(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")
     s.set_defaults(func=run_sweep)
 

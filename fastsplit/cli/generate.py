@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from ._common import checked_steering, floats, model_config, positive_int, read_prompts
+from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, positive_int,
+                      read_prompts)
 
 
 def run(args) -> int:
@@ -12,15 +13,21 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     checked_steering(args.steering, model_config(args), args.any_model)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=device_of(args))
     steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
     texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
                                      max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    if not is_main():  # under torchrun every rank holds all the texts; rank 0 writes them
+        return 0
     rows = [{"prompt": p, "multiplier": m, "text": texts[i][j]}
             for i, p in enumerate(prompts) for j, m in enumerate(args.multipliers)]
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        from fastsplit.dist import atomic_write
+
+        def write(path):
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        atomic_write(args.out, write)
     else:
         for r in rows:
             print(json.dumps(r))
@@ -39,5 +46,6 @@ def add_command(sub, formatter) -> None:
     g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per row")
     g.add_argument("--out", help="JSONL output (default: stdout)")
     g.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
+    add_device_option(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")
     g.set_defaults(func=run)

@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 
-from ._common import (checked_layer, floats, model_config, nonneg_float, pair_types, positive_float, positive_int,
-                      read_pairs, test_size, write_pairs)
+from ._common import (add_device_option, checked_layer, device_of, floats, is_main, model_config, nonneg_float,
+                      pair_types, positive_float, positive_int, read_pairs, test_size, write_pairs)
 
 
 def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
@@ -24,7 +24,10 @@ def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
                    help="where the update enters: the MLP's down_proj (the paper's) or the layer's output")
     p.add_argument("--test-size", type=test_size, default=test_default,
                    help="held-out pairs: a fraction in [0, 1) or a count; 0 trains on every pair")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the training order")
+    p.add_argument("--balance-answers", action="store_true",
+                   help="train on as many pairs per positive answer as the rarest has (Yes/No data; see balance_answers)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the balancing, the initialisation (LoRA's A) and the training order")
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over the training pairs")
     p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="steps per optimizer update")
@@ -40,6 +43,7 @@ def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
                    help="SPLIT hinge margin θ on L_neg - L_pos (the demo's setting; the paper's 0.4 is weaker)")
     p.add_argument("--reduction", choices=["batch", "pair"], default="batch",
                    help="hinge on batch means, or per pair")
+    add_device_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")
 
 
@@ -51,8 +55,11 @@ def prepare(args):
     config = model_config(args)
     layer = checked_layer(args.layer, config)
     if args.test_size in (0, 0.0):
-        return config, layer, list(pairs), []
-    train_pairs, test_pairs = fastsplit.split_pairs(pairs, test_size=args.test_size, seed=args.seed)
+        train_pairs, test_pairs = list(pairs), []
+    else:
+        train_pairs, test_pairs = fastsplit.split_pairs(pairs, test_size=args.test_size, seed=args.seed)
+    if args.balance_answers:  # the training pairs only: the held-out pairs stay as drawn
+        train_pairs = fastsplit.balance_answers(train_pairs, seed=args.seed)
     return config, layer, train_pairs, test_pairs
 
 
@@ -64,30 +71,40 @@ def train_options(args) -> dict:
 
 
 def run(args) -> int:
+    import torch
+
     import fastsplit
+    from fastsplit.dist import atomic_write
     from fastsplit.hf import load_model
 
     _, layer, train_pairs, test_pairs = prepare(args)
     os.makedirs(args.out, exist_ok=True)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=device_of(args))
+    torch.manual_seed(args.seed)  # LoRA's A is drawn at random: the same seed gives the same run
     steering = fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site)
     result = fastsplit.train(model, tok, steering, train_pairs, checkpoint_dir=os.path.join(args.out, "checkpoints"),
                              resume=args.resume, **train_options(args))
+    if not is_main():  # rank 0 writes (under torchrun every rank holds the same parameters)
+        return 0
     path = os.path.join(args.out, "steering.safetensors")
-    steering.save(path)
+    atomic_write(path, steering.save)
     test_path = os.path.join(args.out, "test_pairs.jsonl")
     if test_pairs:
-        write_pairs(test_pairs, test_path)
+        atomic_write(test_path, lambda p: write_pairs(test_pairs, p))
     summary = {"steering": path, "layer": steering.layer, "train_pairs": len(train_pairs),
                "test_pairs": len(test_pairs), "test_pairs_file": test_path if test_pairs else None, **result,
                "options": {k: v for k, v in vars(args).items() if k != "func"}}
-    with open(os.path.join(args.out, "train.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write(os.path.join(args.out, "train.json"), lambda p: _dump(summary, p))
     last = result["history"][-1]
     held = f"; held-out pairs in {test_path}" if test_pairs else ""
     print(f"trained {args.form} at layer {steering.layer}: loss {last['loss']:.4f}, preference log-odds "
           f"{last['pref_log_odds']:+.4f}; wrote {path}{held}")
     return 0
+
+
+def _dump(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def add_command(sub, formatter) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastsplit.analysis import analyze, answer_groups, fit_curves, heldout_m_r2, operating_point, plot_sweep, validity_decay
-from fastsplit.analysis.fit import P_BOUNDS, _model, brute_force_sse
+from fastsplit.analysis.fit import P_BOUNDS, _from_search, _jacobian, _model, _to_search, brute_force_sse
 from fastsplit.analysis.logodds import Sweep
 
 M = np.linspace(-10, 10, 21)
@@ -21,6 +21,18 @@ def test_each_side_is_normalised_to_one_at_zero():
     np.testing.assert_allclose(d, 1.0, atol=1e-8)  # continuous at 0 with no constraint between the sides
     d = validity_decay(np.array([-2.0, 2.0]), 0.0, 4.0, 1.0, 0.0, 1.0, 2.0)
     np.testing.assert_allclose(d, [(1 + 4.0) ** -2, (1 + 1.0) ** -1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_analytic_jacobian_matches_finite_differences(case):
+    kind, params = CASES[case]
+    n_lin = 3 if kind == "preference" else 2
+    z = _to_search(params, n_lin)
+    m = np.concatenate([M, [0.0, 1e-3, -1e-3, 0.37]])  # m = 0 uses the positive branch
+    eps = 1e-6
+    numeric = np.stack([(_model(kind, _from_search(z + eps * e, n_lin), m) - _model(kind, _from_search(z - eps * e, n_lin), m))
+                        / (2 * eps) for e in np.eye(len(z))], axis=1)
+    np.testing.assert_allclose(_jacobian(kind, params, m), numeric, rtol=1e-6, atol=1e-6 * np.abs(numeric).max())
 
 
 @pytest.mark.parametrize("case", list(CASES))
