@@ -5,7 +5,8 @@
              negative forwards, HF logits and loss, a hook adding m·v), same batches, same optimizer.
   generate   generate_sweep of 21 multipliers × 8 prompts × 32 new tokens against the sequential
              loop (one generate per m and prompt under steering.multiplier(m)).
-  logodds    logodds_sweep of 21 multipliers × 8 pairs (~130-token prompts, layer 15 of 30) against
+  logodds    logodds_sweep of 21 multipliers × 8 pairs (~130-token prompts, layer 15 of 30; --format picks
+             1-token Yes/No or 3-token multiple-choice answers, with or without a shared instruction) against
              the naive loop (one full forward per m, pair and completion); the NLLs are compared too.
 
 Run: python bench/bench_workflows.py [--which train,generate,logodds] [--quick]
@@ -25,6 +26,7 @@ import harness  # noqa: E402
 import fastsplit  # noqa: E402
 from fastsplit import hf  # noqa: E402
 from fastsplit.analysis import logodds_naive, logodds_sweep  # noqa: E402
+from fastsplit.analysis.logodds import _shared_prefix  # noqa: E402
 from fastsplit.data import encode_pair  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-evals", "psychopathy.jsonl")
@@ -141,9 +143,38 @@ def bench_generate(model, tok, dev, rows, args, label):
           f"identical texts {same}/{len(prompts) * len(ms)}")
 
 
-def bench_logodds(model, tok, dev, rows, args, label):
+def sweep_pairs(fmt: str, n: int) -> list:
+    """``n`` pairs of psychopathy (the demo set when ../shared/data is absent) in one of three formats:
+
+    yesno       the survey preamble, the statement, answers " Yes" / " No" (1 token; the preamble is shared)
+    mc          the preamble, the statement and choices (A)/(B) in a seeded order, answers " (A)" / " (B)"
+                (3 tokens; the preamble is shared)
+    mc-unique   the same choices after 4 other statements of the set as context, so that the ~150-token
+                prompts share only the chat template's header: no instruction to cache once
+    """
+    import random
+
     src = fastsplit.load_pairs(SHARED) if os.path.exists(SHARED) else fastsplit.demo_pairs()
-    pairs = [fastsplit.Pair(PREAMBLE + p.prompt, p.positive, p.negative) for p in src[: args.pairs]]
+    if fmt == "yesno":
+        return [fastsplit.Pair(PREAMBLE + p.prompt, p.positive, p.negative) for p in src[:n]]
+    rng, out = random.Random(0), []
+    for i, p in enumerate(src[:n]):
+        first = rng.random() < 0.5  # whether the matching answer is (A)
+        a, b = (p.positive, p.negative) if first else (p.negative, p.positive)
+        item = f"{p.prompt}\n\nChoices:\n (A){a}\n (B){b}"
+        if fmt == "mc":
+            prompt = PREAMBLE + item
+        elif fmt == "mc-unique":
+            context = " ".join(q.prompt for q in src[n + 4 * i: n + 4 * i + 4])
+            prompt = f"Earlier statements: {context}\n\nNow this one. {item}"
+        else:
+            raise ValueError(f"--format {fmt!r}: expected yesno, mc or mc-unique")
+        out.append(fastsplit.Pair(prompt, " (A)" if first else " (B)", " (B)" if first else " (A)"))
+    return out
+
+
+def bench_logodds(model, tok, dev, rows, args, label):
+    pairs = sweep_pairs(args.format, args.pairs)
     tokens = np.mean([len(encode_pair(tok, p)[0]) for p in pairs])
     ms = list(np.linspace(-10, 10, 21))
     L = 15 if dev == "cpu" else 14
@@ -169,19 +200,23 @@ def bench_logodds(model, tok, dev, rows, args, label):
     n_layers, P, M = cfg.num_hidden_layers, len(pairs), len(ms)
     comp = np.mean([len(encode_pair(tok, p)[1]) + len(encode_pair(tok, p)[2]) for p in pairs])  # both sides
     head = 2 * cfg.hidden_size * cfg.vocab_size
-    # fast: layers <= L once per pair (the prompt once, both completions; the residual after L is r0 + m·d,
-    # so layer L runs once too); layers > L per m over the prompt once and both completions, except that the
-    # prompt's last layer only computes keys and values (its last token runs with each completion); lm_head at
-    # completion positions only.
+    # fast: the prompts' shared prefix (c tokens) once for the whole sweep, below L once and above L once per m;
+    # layers <= L once per pair (the rest of the prompt once, both completions; the residual after L is
+    # r0 + m·d, so layer L runs once too); layers > L per m over the rest of the prompt once and both
+    # completions, except that a prompt token's last layer only computes keys and values (only the prompt's
+    # last token, run with each completion, is read); lm_head at completion positions only.
     attn0 = hf.decoder_layers(model)[-1].self_attn
     kv_frac = (attn0.k_proj.weight.numel() + attn0.v_proj.weight.numel()) / per_layer
     above = n_layers - L - 1
-    flops_fast = (2 * per_layer * ((L + 1) * P * (tokens + comp + 1)
-                                   + M * P * ((tokens - 1) * (above - 1 + kv_frac) + (comp + 2) * above))
+    mid = above - 1 + kv_frac
+    c = _shared_prefix([encode_pair(tok, p)[0] for p in pairs])
+    flops_fast = (2 * per_layer * ((L + 1) * (c + P * (tokens - c + comp + 1))
+                                   + M * (c * mid + P * ((tokens - 1 - c) * mid + (comp + 2) * above)))
                   + head * M * P * comp)
     # naive: every (m, pair, side) is a full forward with full-vocabulary logits at every position.
     flops_naive = M * P * (2 * tokens + comp) * (2 * per_layer * n_layers + head)
-    x = f"{label}:21m x {len(pairs)} pairs, prompt ~{tokens:.0f} tok, layer {L}/{n_layers}"
+    x = (f"{label}:21m x {len(pairs)} pairs ({args.format}), prompt ~{tokens:.0f} tok ({c} shared), answers ~{comp / 2:.1f} tok, "
+         f"layer {L}/{n_layers}")
     for prov, ts, fl in (("fastsplit", t_fast, flops_fast), ("naive", t_naive, flops_naive)):
         rows.append(harness.Row("logodds_sweep", prov, "fwd", "time", "s", "setup", x, *q(ts)))
         rows.append(harness.Row("logodds_sweep", prov, "fwd", "gflops", "GFLOP/s", "setup", x,
@@ -199,6 +234,8 @@ def main():
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--format", default="yesno", choices=["yesno", "mc", "mc-unique"],
+                   help="log-odds pairs: see sweep_pairs")
     p.add_argument("--runs", type=int, default=3, help="interleaved runs of the log-odds sweep and its naive loop")
     args = p.parse_args()
     if args.quick:

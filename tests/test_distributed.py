@@ -86,8 +86,10 @@ def _worker(rank, world, store, out, task, kw):
     except Exception as e:  # recorded for the test to read; the error itself is the subject of some tests
         torch.save({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # Every task ends in a collective (a gather, or the agreement on a failure), so every rank gets here; the
+    # barrier keeps a rank from tearing its connections down while a peer still reads from them.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _launch(tmp_path, task, world=2, **kw) -> list[dict]:

@@ -30,11 +30,12 @@ ARCHS = ["llama", "qwen2", "gemma2"]  # every workflow test runs on these
 MORE_ARCHS = ["mistral", "phi3"]  # pinned by tests/test_hf_internals.py
 
 
-def tiny_model(arch: str, *, layers: int = 4, seed: int = 0, init_std: float = 0.02):
+def tiny_model(arch: str, *, layers: int = 4, seed: int = 0, init_std: float = 0.02, config: dict | None = None):
     """A random causal LM of ``arch`` sized for unit tests (hidden 32), in fp32 and eval mode.
 
     ``init_std`` is the weights' standard deviation: the default 0.02 gives near-uniform attention, so a
-    test whose subject is attention (a KV cache, masks, positions) should raise it to make errors show."""
+    test whose subject is attention (a KV cache, masks, positions) should raise it to make errors show.
+    ``config`` overrides config fields (e.g. ``{"sliding_window": 512}``)."""
     import transformers as tf
 
     vocab = len(tiny_tokenizer())
@@ -60,6 +61,8 @@ def tiny_model(arch: str, *, layers: int = 4, seed: int = 0, init_std: float = 0
         cls = tf.Gemma2ForCausalLM
     else:
         raise ValueError(arch)
+    for key, value in (config or {}).items():
+        setattr(cfg, key, value)
     cfg._name_or_path = f"tiny-{arch}"
     torch.manual_seed(seed)
     model = cls(cfg).eval()

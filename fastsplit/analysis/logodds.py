@@ -6,13 +6,16 @@ From the summed NLLs L_p, L_n of the positive and negative completions under tea
 ``logodds_sweep`` is the fast path: the layers below the intervention run once per pair (the prompt
 once for both completions), and so does the steered layer where its output is affine in m; all m ride in
 one batch with per-row m, the prompt runs once per m (its KV cache serves both completions; at the last
-layer it only writes keys and values), and logits are taken at completion positions only.
+layer it only writes keys and values), and logits are taken at completion positions only. The prompts'
+shared prefix (a chat template's header, an instruction) runs once per m for the whole sweep.
 ``logodds_naive`` is the plain loop (oracle, baseline).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -166,71 +169,116 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, [r[1] for r in rows])
 
 
+def _shared_prefix(prompts) -> int:
+    """How many leading tokens every prompt shares, leaving each prompt at least its last token (the tail
+    pass needs it: it predicts the first completion token)."""
+    return min(len(os.path.commonprefix(list(prompts))), min(len(p) for p in prompts) - 1)
+
+
 def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress) -> np.ndarray:
-    """Summed (or mean) NLLs [N, M, 2] of the encoded pairs' two completions at every m: the fast path."""
+    """Summed (or mean) NLLs [N, M, 2] of the encoded pairs' two completions at every m: the fast path.
+
+    A prompt row is [shared prefix | left-padded rest of the prompt | right-padded completion], and runs in
+    three stages, each on the KV cache of the one before: the prefix every prompt shares (the chat template's
+    header, an instruction) once per m for the whole sweep; the rest of each prompt but its last token once per
+    (pair, m); the prompt's last token and one completion once per (pair, m, side). Rows are m-major, so the
+    prefix cache [M] repeats into (m, pair) and then (m, pair, side) rows by interleaving."""
     from tqdm.auto import tqdm
 
     M = len(ms)
     device = next(model.parameters()).device
-    mdtype = next(steering.module.parameters()).dtype
+    m_all = torch.tensor(ms, device=device, dtype=next(steering.module.parameters()).dtype)
     head, softcap = hf.lm_head(model), hf.logit_softcap(model)
     L = steering.layer
     per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
     nll = np.zeros((len(enc), M, 2))
     last = len(hf.decoder_layers(model)) - 1
     start = L + 1 if hf.affine_in_m(model, L, steering.site) else L  # the first layer whose input depends on m
+    longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)  # a padded row
+    c = 0 if hf.window_shorter_than(model, longest) else _shared_prefix([p for p, _, _ in enc])
+    pre_below, pre_above = _prefix_caches(model, steering, enc[0][0][:c], m_all, start, last) if c else (None, None)
     for s in tqdm(range(0, len(enc), per), desc="log-odds sweep", disable=not progress, leave=False):
         chunk = enc[s:s + per]
         b = len(chunk)
-        Tp = max(len(p) for p, _, _ in chunk)
-        Tc = max(max(len(c), len(n)) for _, c, n in chunk)
-        # Rows (pair, side): the prompt left-padded to Tp, then the completion right-padded to Tc.
-        prompts = hf.pad_rows([p for p, _, _ in chunk for _ in range(2)], pad, left=True, length=Tp)
-        comps = hf.pad_rows([comp for _, c, n in chunk for comp in (c, n)], pad, length=Tc)
-        ids, mask = (torch.cat([a, z], dim=1).view(b, 2, Tp + Tc).to(device) for a, z in zip(prompts, comps))
+        S = max(len(p) for p, _, _ in chunk) - c  # the longest rest of a prompt (>= 1: its last token)
+        Tp, Tq = c + S, c + S - 1
+        Tc = max(max(len(a), len(n)) for _, a, n in chunk)
+        # Rows (pair, side): the shared prefix, the rest of the prompt left-padded to S, the completion
+        # right-padded to Tc. Positions count real tokens, so padding in the middle changes nothing.
+        rest = hf.pad_rows([p[c:] for p, _, _ in chunk for _ in range(2)], pad, left=True, length=S)
+        comps = hf.pad_rows([comp for _, a, n in chunk for comp in (a, n)], pad, length=Tc)
+        pre = [torch.tensor([chunk[0][0][:c]] * 2 * b, dtype=torch.long), torch.ones(2 * b, c, dtype=torch.long)]
+        ids, mask = (torch.cat([a, r, z], dim=1).view(b, 2, Tp + Tc).to(device) for a, r, z in zip(pre, rest, comps))
         pos = _positions(mask.flatten(0, 1)).view(b, 2, -1)
-        # Body: the prompt but its last token, shared by both sides and every m. Tail: the prompt's last
-        # token (it predicts the first completion token) and one completion; each side runs it on the body's
-        # KV cache. Only the tails' outputs are read, so the body's last layer need only write keys and values.
-        Tq = Tp - 1
-        body = lambda t: t[:, 0, :Tq]  # [b, Tq]
+        # Body: the rest of the prompt but its last token, shared by both sides (its mask spans the prefix too).
+        # Tail: the prompt's last token and one completion; each side runs it on the body's KV cache. Only the
+        # tails' outputs are read, so the prefix's and body's last layer need only write keys and values.
+        body = lambda t: t[:, 0, c:Tq]  # [b, Tq - c]
         tail = lambda t: t[:, :, Tq:].flatten(0, 1)  # [2b, 1 + Tc], rows (pair, side)
         h_body = d_body = h_tail = d_tail = None
         if start > 0:  # the layers below the first m-dependent one: once per pair, whatever M is
-            below = hf.new_cache(model)
+            below = _copy_rows(pre_below, b) if c else hf.new_cache(model)
+            if Tq > c:
+                h_body, d_body = _capture(model, steering, start, body(ids), mask[:, 0, :Tq], body(pos), below)
             if Tq:
-                h_body, d_body = _capture(model, steering, start, body(ids), body(mask), body(pos), below)
-                below.batch_repeat_interleave(2)
+                hf.repeat_rows(below, 2)
             h_tail, d_tail = _capture(model, steering, start, tail(ids), mask.flatten(0, 1), tail(pos), below)
-        # Body pass: every (pair, m) row once, pair-major.
-        m_rows = torch.tensor(ms, device=device, dtype=mdtype).repeat(b)
-        rep = lambda t: None if t is None else t.repeat_interleave(M, 0)
-        cache = hf.new_cache(model)
-        if Tq:
+        # Body pass: rows (m, pair).
+        m_body = m_all.repeat_interleave(b)
+        tile = lambda t: None if t is None else t.repeat(M, *[1] * (t.dim() - 1))  # rows (pair..) -> (m, pair..)
+        cache = _copy_rows(pre_above, b) if c else hf.new_cache(model)
+        if Tq > c:
             with hf.keys_values_only(model, last):
-                _decoder_pass(model, steering, m_rows, _at(rep(h_body), rep(d_body), m_rows), start,
-                              input_ids=rep(body(ids)), attention_mask=rep(body(mask)), position_ids=rep(body(pos)),
-                              past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(2)
+                _decoder_pass(model, steering, m_body, _at(tile(h_body), tile(d_body), m_body), start,
+                              input_ids=tile(body(ids)), attention_mask=tile(mask[:, 0, :Tq]),
+                              position_ids=tile(body(pos)), past_key_values=cache, use_cache=True)
             if start > 0:
                 hf.alias_skipped(cache, start)
-        # Tail pass: rows (pair, m, side); the body's cache serves both sides.
-        per_m = lambda t: (None if t is None else  # rows (pair, side) -> (pair, m, side)
-                           t.view(b, 1, 2, *t.shape[1:]).expand(b, M, 2, *t.shape[1:]).flatten(0, 2))
-        tail_ids, m_tail = per_m(tail(ids)), m_rows.repeat_interleave(2)
-        h_comp = _decoder_pass(model, steering, m_tail, _at(per_m(h_tail), per_m(d_tail), m_tail), start,
-                               input_ids=tail_ids, attention_mask=per_m(mask.flatten(0, 1)),
-                               position_ids=per_m(tail(pos)), past_key_values=cache, use_cache=True)
+        if Tq:
+            hf.repeat_rows(cache, 2)
+        # Tail pass: rows (m, pair, side); the body's cache serves both sides.
+        tail_ids, m_tail = tile(tail(ids)), m_all.repeat_interleave(2 * b)
+        h_comp = _decoder_pass(model, steering, m_tail, _at(tile(h_tail), tile(d_tail), m_tail), start,
+                               input_ids=tail_ids, attention_mask=tile(mask.flatten(0, 1)),
+                               position_ids=tile(tail(pos)), past_key_values=cache, use_cache=True)
         # Completion token t is predicted at tail position t (position 0 is the prompt's last token).
-        targets, valid = tail_ids[:, 1:], per_m(tail(mask))[:, 1:].bool()
+        targets, valid = tail_ids[:, 1:], tile(tail(mask))[:, 1:].bool()
         h_pred = h_comp[:, :-1]
         tok_nll, _, _ = split_loss_fwd_torch(h_pred[valid], targets[valid], head.weight, head.bias, softcap, False)
         row_nll = torch.zeros(valid.shape[0], device=device, dtype=tok_nll.dtype)
         row_nll.index_add_(0, valid.nonzero()[:, 0], tok_nll)
         if length_norm:
             row_nll = row_nll / valid.sum(1)
-        nll[s:s + b] = row_nll.view(b, M, 2).double().cpu().numpy()
+        nll[s:s + b] = row_nll.view(M, b, 2).transpose(0, 1).double().cpu().numpy()
     return nll
+
+
+def _prefix_caches(model, steering, prefix: list[int], m_all, start: int, last: int):
+    """The KV caches of the prompts' shared prefix, once for the whole sweep: below the first m-dependent layer
+    (one row; None when there is no such layer) and from it up (one row per m, m-major)."""
+    device, M = m_all.device, m_all.shape[0]
+    ids = torch.tensor([prefix], device=device)
+    mask, pos = torch.ones_like(ids), torch.arange(len(prefix), device=device)[None]
+    below = h = d = None
+    if start > 0:
+        below = hf.new_cache(model)
+        h, d = _capture(model, steering, start, ids, mask, pos, below)
+    rows = lambda t: None if t is None else t.expand(M, *t.shape[1:])
+    above = hf.new_cache(model)
+    with hf.keys_values_only(model, last):
+        _decoder_pass(model, steering, m_all, _at(rows(h), rows(d), m_all), start, input_ids=rows(ids),
+                      attention_mask=rows(mask), position_ids=rows(pos), past_key_values=above, use_cache=True)
+    if start > 0:
+        hf.alias_skipped(above, start)
+    return below, above
+
+
+def _copy_rows(cache, repeats: int):
+    """A copy of ``cache`` with each row repeated ``repeats`` times, interleaved (the original is kept for the
+    next chunk)."""
+    out = copy.deepcopy(cache)
+    hf.repeat_rows(out, repeats)
+    return out
 
 
 def _groups(tokenizer, enc) -> list[str]:

@@ -164,6 +164,7 @@ def process_group(device: str = "auto"):
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             yield
+        dist.barrier()  # no rank tears its connections down while a peer still reads from them
     finally:
         if quiet:
             quiet.close()

@@ -5,7 +5,7 @@ Layout after peft's ``tuners/<method>/{layer,model}.py``: ``steer/layer.py`` (th
 model), ``steer/model.py`` (attach, the ``Steering`` handle, save/load). Every internal relied on is listed
 in ``internals.py`` with the transformers versions it was tested on.
 """
-from .kv import affine_in_m, alias_skipped, keys_values_only, new_cache
+from .kv import affine_in_m, alias_skipped, keys_values_only, new_cache, repeat_rows, window_shorter_than
 from .loading import DEFAULT_MODEL_NAME, cache_dir, load_config, load_default_model, load_model
 from .packing import PackedRows, SideRows, packable
 from .runner import (capture_layer_input, completion_positions, decoder, decoder_layers, from_layer, last_hidden,
@@ -18,4 +18,4 @@ __all__ = ["attach", "Steering", "load_steering", "read_steering_metadata", "che
            "load_default_model", "load_model", "load_config", "cache_dir", "DEFAULT_MODEL_NAME",
            "decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",
            "from_layer", "last_hidden", "pad", "pad_rows", "pad_id_of", "completion_positions",
-           "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "SideRows", "PackedRows", "packable"]
+           "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than", "SideRows", "PackedRows", "packable"]

@@ -33,8 +33,9 @@ INTERNALS = (
              "apply_rotary_pos_emb(q, k, cos, sin) in the attention's modeling module; position_embeddings and "
              "past_key_values passed to the layer as keywords", "kv.keys_values_only",
              "the prompt's last layer writes keys and values only (falls back to the full layer otherwise)"),
-    Internal("DynamicCache(config=...), .layers slots with .is_sliding, batch_repeat_interleave, update(k, v, idx)",
-             "kv.alias_skipped, workflows' sweeps", "one prompt cache shared by both completions and every m"),
+    Internal("DynamicCache(config=...), .layers slots with .is_sliding and their own batch_repeat_interleave, "
+             "update(k, v, idx), copy.deepcopy of a cache", "kv.alias_skipped, kv.repeat_rows, workflows' sweeps",
+             "one prompt cache shared by both completions and every m; one shared-prefix cache for every pair"),
     Internal("config._attn_implementation in ('sdpa', 'eager') accepts a 4-D additive mask; config.sliding_window "
              "and config.layer_types", "packing.packable", "one packed row per pair with a mask of our own"),
     Internal("config.final_logit_softcapping (Gemma-2)", "runner.logit_softcap", "the SPLIT loss caps logits as the model does"),

@@ -10,7 +10,7 @@ from torch import nn
 
 from .runner import decoder_layers
 
-__all__ = ["keys_values_only", "alias_skipped", "affine_in_m"]
+__all__ = ["keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than"]
 
 
 class _KeysValuesOnly(nn.Module):
@@ -76,6 +76,27 @@ def alias_skipped(cache, layer: int) -> None:
         kind = (type(slots[i]), getattr(slots[i], "is_sliding", False))
         same = [j for j in range(layer, len(slots)) if (type(slots[j]), getattr(slots[j], "is_sliding", False)) == kind]
         slots[i] = slots[same[0] if same else layer]
+
+
+def repeat_rows(cache, repeats: int) -> None:
+    """``cache.batch_repeat_interleave(repeats)`` that repeats each layer's slot once, even where
+    :func:`alias_skipped` made several layers share one slot (the cache's own method would repeat it again for
+    every alias)."""
+    seen = set()
+    for slot in cache.layers:
+        if id(slot) not in seen:
+            seen.add(id(slot))
+            slot.batch_repeat_interleave(repeats)
+
+
+def window_shorter_than(model: nn.Module, length: int) -> bool:
+    """Whether some layer attends through a sliding window shorter than ``length`` tokens. Such a window counts
+    cache slots, padding included, so a layout that pads inside a row (packing; the sweep's shared prefix
+    followed by a left-padded rest) would narrow it: callers fall back to a layout without."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
+    return sliding and window is not None and window < length
 
 
 def affine_in_m(model: nn.Module, layer: int, site: str) -> bool:

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .kv import window_shorter_than
 from .runner import capture_layer_input, pad, pad_rows
 
 __all__ = ["SideRows", "PackedRows", "packable"]
@@ -120,7 +121,4 @@ def packable(model, enc: Encoded) -> bool:
     cfg = model.config
     if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return False
-    longest = max(len(p) + len(a) + len(b) for p, a, b in enc)
-    window = getattr(cfg, "sliding_window", None)
-    sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
-    return not (sliding and window is not None and window < longest)
+    return not window_shorter_than(model, max(len(p) + len(a) + len(b) for p, a, b in enc))

@@ -31,6 +31,50 @@ def test_sweep_equals_naive_loop(arch, form, layer):
     assert np.ptp(fast.pref_odds, axis=1).max() > 1e-3  # m really changes the NLLs
 
 
+PREAMBLE = "Read the statement below and answer with the letter of one choice. "
+MC_PAIRS = [fastsplit.Pair(PREAMBLE + q, pos, neg) for q, pos, neg in [
+    ("I like rain.\n(A) Yes (B) No", " (A)", " (B)"),
+    ("x", " (B)", " (A)"),  # the shortest prompt: the shared prefix and one more token
+    ("People who cross me regret it, sooner or later, every one of them.\n(A) Yes (B) No", " (B)", " (A)"),
+    ("I plan ahead.\n(A) No (B) Yes", " (B) Yes", " (A)"),
+    ("I rarely think about others.\n(A) Yes (B) No", " (A)", " (B) No"),
+]]
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3], ids=["layer0", "layer2", "last_layer"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_equals_naive_loop(arch, layer):
+    """Prompts sharing a long instruction: the prefix runs once per m for the whole sweep, then each chunk's
+    rests (of different lengths, padded after the prefix) and completions (of 1 to 3 tokens)."""
+    from fastsplit.analysis.logodds import _shared_prefix
+    from fastsplit.data import encode_pair
+
+    # Gemma-2's sliding window must cover a row for the shared-prefix layout (else the sweep falls back).
+    model = tiny_model(arch, init_std=SHARP, config={"sliding_window": 512} if arch == "gemma2" else None)
+    tok = tiny_tokenizer()
+    enc = [encode_pair(tok, p) for p in MC_PAIRS]
+    assert _shared_prefix([p for p, _, _ in enc]) >= len(tok(PREAMBLE)["input_ids"])  # the path under test runs
+    s = fastsplit.attach(model, layer, "vector")
+    randomize(s)
+    for pairs, batch in ((MC_PAIRS, 2), (MC_PAIRS, None), ([MC_PAIRS[0]] * 2 + [MC_PAIRS[3]], 3)):
+        fast = logodds_sweep(model, tok, s, pairs, MS, batch_size=batch, progress=False)
+        slow = logodds_naive(model, tok, s, pairs, MS, progress=False)
+        np.testing.assert_allclose(fast.nll_pos, slow.nll_pos, **NLL_TOL)
+        np.testing.assert_allclose(fast.nll_neg, slow.nll_neg, **NLL_TOL)
+
+
+def test_identical_prompts_skip_the_body_pass():
+    """Every prompt the same: all but its last token is the shared prefix, and no pair has a body left."""
+    model, tok = tiny_model("llama", init_std=SHARP), tiny_tokenizer()
+    pairs = [fastsplit.Pair("Same question?", " Yes", " No"), fastsplit.Pair("Same question?", " No", " Yes sir")]
+    s = fastsplit.attach(model, 1, "vector")
+    randomize(s)
+    fast = logodds_sweep(model, tok, s, pairs, MS, progress=False)
+    slow = logodds_naive(model, tok, s, pairs, MS, progress=False)
+    np.testing.assert_allclose(fast.nll_pos, slow.nll_pos, **NLL_TOL)
+    np.testing.assert_allclose(fast.nll_neg, slow.nll_neg, **NLL_TOL)
+
+
 @pytest.mark.parametrize("layer", [0, 2], ids=["layer0", "layer2"])
 def test_one_token_prompt(layer):
     # No chat template: the prompt is one token, so the sweep has no prompt body to cache.
