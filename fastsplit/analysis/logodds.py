@@ -172,7 +172,7 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
 def _shared_prefix(prompts) -> int:
     """How many leading tokens every prompt shares, leaving each prompt at least its last token (the tail
     pass needs it: it predicts the first completion token)."""
-    return min(len(os.path.commonprefix(list(prompts))), min(len(p) for p in prompts) - 1)
+    return max(0, min(len(os.path.commonprefix(list(prompts))), min(len(p) for p in prompts) - 1))
 
 
 def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress) -> np.ndarray:
