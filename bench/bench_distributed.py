@@ -33,18 +33,11 @@ import harness  # noqa: E402
 import fastsplit  # noqa: E402
 
 
-def _pairs(n: int) -> list:
-    from bench_workflows import PREAMBLE, SHARED
-
-    src = fastsplit.load_pairs(SHARED) if os.path.exists(SHARED) else fastsplit.demo_pairs()
-    return [fastsplit.Pair(PREAMBLE + p.prompt, p.positive, p.negative) for p in src[:n]]
-
-
 def worker(args) -> None:
     """One rank: time the sweep and one training epoch between barriers; rank 0 writes the times."""
     import torch.distributed as dist
 
-    from bench_workflows import load_model
+    from bench_workflows import load_model, sweep_pairs
 
     cuda = torch.cuda.is_available() and args.device == "cuda"
     if cuda:
@@ -53,7 +46,7 @@ def worker(args) -> None:
     dev = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
     torch.manual_seed(0)
     model, tok, label = load_model(dev)
-    pairs = _pairs(args.pairs)
+    pairs = sweep_pairs("yesno", args.pairs)
     ms = list(np.linspace(-10, 10, 21))
     layer = 15 if dev == "cpu" else 14
     steering = fastsplit.attach(model, layer, "vector")

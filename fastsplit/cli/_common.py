@@ -76,6 +76,16 @@ def write_pairs(pairs, path: str) -> None:
                                 "answer_not_matching_behavior": p.negative}) + "\n")
 
 
+def save_json(path: str, obj) -> None:
+    """``obj`` as indented JSON at ``path``, whole or not at all (written to a temporary file, then renamed)."""
+    from fastsplit.dist import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -129,11 +139,17 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def device_of(args) -> str:
+    return resolve_device(args.device)
+
+
+def resolve_device(device: str) -> str:
+    """--device as a torch device: 'auto' and 'cuda' become this rank's GPU (LOCAL_RANK, 0 without torchrun),
+    'auto' without a GPU the CPU; anything else is kept."""
     import torch
 
-    if args.device not in ("auto", "cuda"):
-        return args.device
-    if args.device == "cuda" or torch.cuda.is_available():
+    if device not in ("auto", "cuda"):
+        return device
+    if device == "cuda" or torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu"
 
@@ -156,7 +172,7 @@ def process_group(device: str = "auto"):
     import torch.distributed as dist
 
     backend = "gloo"
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+    if resolve_device(device).startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     dist.init_process_group(backend)

@@ -1,15 +1,14 @@
 """``fastsplit sweep`` and ``fastsplit demo``: sweep m, fit the paper's curves, plot, pick an operating point."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
 from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, nonneg_float,
-                      nonneg_int, positive_int, read_pairs)
-from .train import add_training_options, prepare, train_options
+                      nonneg_int, positive_int, read_pairs, save_json)
+from .train import add_training_options, attach_steering, prepare, train_options
 
 DEMO_PROMPTS = ["How do you feel about the coming year?", "Describe your plans for the weekend.",
                 "What do you think will happen to the economy?"]
@@ -45,15 +44,8 @@ def write_report(sweep, result: dict, out: str, title: str) -> dict:
         "bootstrap": result["bootstrap"], "operating_point": op.to_dict(), "groups": result["groups"],
         "warnings": result["warnings"], "pairs": int(sweep.pref_odds.shape[0]),
         "multipliers": sweep.multipliers.tolist(), "util_clamped": int(sweep.util_clamped.sum()), "plots": plots}
-    from fastsplit.dist import atomic_write
-
-    atomic_write(os.path.join(out, "fit.json"), lambda path: _dump(report, path))
+    save_json(os.path.join(out, "fit.json"), report)
     return report
-
-
-def _dump(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def write_sweep(sweep, out: str) -> None:
@@ -133,8 +125,6 @@ def run_sweep(args) -> int:
 
 
 def run_demo(args) -> int:
-    import torch
-
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
 
@@ -146,8 +136,7 @@ def run_demo(args) -> int:
     print("fastsplit demo: SPLIT-train a steering vector, sweep m on held-out pairs, fit, plot")
     fastsplit.dist.check_world(min(len(test_pairs), len(DEMO_PROMPTS)), "held-out pairs or demo prompts")
     model, tok = fastsplit.hf.load_model(args.model, device=device_of(args))
-    torch.manual_seed(args.seed)  # LoRA's A is drawn at random: the same seed gives the same run
-    steering = fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site)
+    steering = attach_steering(model, layer, args)
     print(f"[{time.time() - t0:5.0f}s] training a {args.form} at layer {layer} on {len(train_pairs)} pairs")
     result = fastsplit.train(model, tok, steering, train_pairs, **train_options(args))
     os.makedirs(args.out, exist_ok=True)
@@ -170,7 +159,7 @@ def run_demo(args) -> int:
                                      progress=not args.quiet)
     gens = [{"prompt": p, "m=0": t[0], f"m={m_op:.2f}": t[1]} for p, t in zip(DEMO_PROMPTS, texts)]
     if is_main():
-        fastsplit.dist.atomic_write(os.path.join(args.out, "generations.json"), lambda path: _dump(gens, path))
+        save_json(os.path.join(args.out, "generations.json"), gens)
     for g in gens:
         print(f"\nprompt: {g['prompt']}\n  m=0     : {g['m=0']!r}\n  m={m_op:<6.2f}: {g[f'm={m_op:.2f}']!r}")
     print(f"\n[{time.time() - t0:5.0f}s] done; wrote {args.out}/ (steering.safetensors, sweep.csv, fit.json, "

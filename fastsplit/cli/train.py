@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from ._common import (add_device_option, checked_layer, device_of, floats, is_main, model_config, nonneg_float,
-                      pair_types, positive_float, positive_int, read_pairs, test_size, write_pairs)
+                      pair_types, positive_float, positive_int, read_pairs, save_json, test_size, write_pairs)
 
 
 def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
@@ -63,6 +62,17 @@ def prepare(args):
     return config, layer, train_pairs, test_pairs
 
 
+def attach_steering(model, layer: int, args):
+    """The intervention the options ask for, its random initialisation (LoRA's A) drawn from ``--seed``: the
+    same seed gives the same run."""
+    import torch
+
+    import fastsplit
+
+    torch.manual_seed(args.seed)
+    return fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site)
+
+
 def train_options(args) -> dict:
     return dict(loss=args.loss, lambda_p=args.lambda_p, lambda_n=args.lambda_n, gamma=args.gamma, theta=args.theta,
                 reduction=args.reduction, steering_factors=args.factors, lr=args.lr, epochs=args.epochs,
@@ -71,8 +81,6 @@ def train_options(args) -> dict:
 
 
 def run(args) -> int:
-    import torch
-
     import fastsplit
     from fastsplit.dist import atomic_write
     from fastsplit.hf import load_model
@@ -80,8 +88,7 @@ def run(args) -> int:
     _, layer, train_pairs, test_pairs = prepare(args)
     os.makedirs(args.out, exist_ok=True)
     model, tok = load_model(args.model, device=device_of(args))
-    torch.manual_seed(args.seed)  # LoRA's A is drawn at random: the same seed gives the same run
-    steering = fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site)
+    steering = attach_steering(model, layer, args)
     result = fastsplit.train(model, tok, steering, train_pairs, checkpoint_dir=os.path.join(args.out, "checkpoints"),
                              resume=args.resume, **train_options(args))
     if not is_main():  # rank 0 writes (under torchrun every rank holds the same parameters)
@@ -94,17 +101,13 @@ def run(args) -> int:
     summary = {"steering": path, "layer": steering.layer, "train_pairs": len(train_pairs),
                "test_pairs": len(test_pairs), "test_pairs_file": test_path if test_pairs else None, **result,
                "options": {k: v for k, v in vars(args).items() if k != "func"}}
-    atomic_write(os.path.join(args.out, "train.json"), lambda p: _dump(summary, p))
+    save_json(os.path.join(args.out, "train.json"), summary)
     last = result["history"][-1]
     held = f"; held-out pairs in {test_path}" if test_pairs else ""
     print(f"trained {args.form} at layer {steering.layer}: loss {last['loss']:.4f}, preference log-odds "
           f"{last['pref_log_odds']:+.4f}; wrote {path}{held}")
     return 0
 
-
-def _dump(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def add_command(sub, formatter) -> None:
