@@ -12,6 +12,7 @@ from .analysis import Fit, Sweep, analyze, fit_curves, logodds_sweep, operating_
 from .data import Pair, balance_answers, demo_pairs, encode_pair, load_pairs, split_pairs
 from .generate import generate_sweep
 from .hf import Steering, attach, load_default_model, load_model, load_steering
+from .hf import compat as _hf_compat
 from .nn import SplitLoss, SteeredLinear
 from .ops._backend import TRITON_VERSION as _TRITON_VERSION
 from .ops.split_loss import split_loss, split_loss_ref
@@ -21,7 +22,8 @@ from .train import train
 
 def build_info() -> dict:
     """What this install can run: the compiled extension's CPU build and its CUDA kernels (compiled in or
-    not), whether a CUDA device is present, Triton and torch."""
+    not), whether a CUDA device is present, Triton, torch, and the installed transformers with whether it is
+    among the versions fastsplit was tested on (``fastsplit.hf.internals.TESTED_TRANSFORMERS``)."""
     import torch
 
     return {
@@ -32,6 +34,8 @@ def build_info() -> dict:
         "cuda_device_present": torch.cuda.is_available(),
         "triton": _TRITON_VERSION,
         "torch": torch.__version__,
+        "transformers": _hf_compat.transformers_version(),
+        "transformers_tested": _hf_compat.is_tested(),
     }
 
 

@@ -30,6 +30,8 @@ def test_build_info_keys():
     info = fastsplit.build_info()
     assert {"native_cpu", "cuda_kernels_compiled", "cuda_device_present", "cuda_archs", "triton", "torch"} <= set(info)
     assert info["torch"] == __import__("torch").__version__
+    assert info["transformers"] == __import__("transformers").__version__
+    assert info["transformers_tested"] == (info["transformers"] in fastsplit.hf.internals.TESTED_TRANSFORMERS)
 
 
 def test_split_loss_signature():

@@ -52,7 +52,9 @@ def test_torchrun_sweep_of_two_files_equals_one_process(model_dir, two_steerings
         for a, b in zip(one, two):
             assert (a["pair"], a["group"], a["multiplier"]) == (b["pair"], b["group"], b["multiplier"])
             for k in ("nll_pos", "nll_neg"):
-                assert abs(float(a[k]) - float(b[k])) <= 1e-5, (run, k)
+                # Shards batch other pairs together (other padding, other GEMM shapes): float32 sums of ~70
+                # nats then differ in their last bits (1.5e-5 seen), so 1e-5 plus 4e-7 relative.
+                assert abs(float(a[k]) - float(b[k])) <= 1e-5 + 4e-7 * abs(float(b[k])), (run, k)
         assert sorted(os.listdir(tmp_path / "two" / run)) == ["fit.json", "plot.png", "plot.svg", "sweep.csv"]
 
 

@@ -62,6 +62,16 @@ def test_attention_internals(arch):
 
 
 @pytest.mark.parametrize("arch", ALL)
+def test_cache_keyword(arch):
+    """The decoder and its layers take the KV cache under a spelling hf.compat knows (5.24 renamed it)."""
+    model = tiny_model(arch)
+    spelling = hf.compat.cache_keyword(hf.decoder(model))
+    assert spelling in hf.compat.CACHE_KEYWORDS
+    assert all(hf.compat.cache_keyword(layer) == spelling for layer in hf.decoder_layers(model))
+    assert hf.compat.cache_kwargs(hf.decoder(model), None) == {spelling: None, "use_cache": False}
+
+
+@pytest.mark.parametrize("arch", ALL)
 def test_cache_slots(arch):
     model = tiny_model(arch)
     cache = hf.new_cache(model)

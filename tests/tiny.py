@@ -76,3 +76,50 @@ def randomize(steering, scale=0.5, seed=1):
     with torch.no_grad():
         for p in steering.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def renamed_cache_model(arch: str = "llama", **kwargs):
+    """A tiny model whose decoder hands the KV cache to its layers as ``kv=``, a spelling fastsplit does not
+    know (as a future transformers release might): the stand-in layers must fall back, not crash. Only this
+    instance's classes change (subclasses made here), never the transformers classes."""
+    from torch import nn
+
+    from fastsplit.hf import compat
+
+    model = tiny_model(arch, **kwargs)
+    dec = model.model
+    spelling = compat.cache_keyword(dec.layers[0])  # what the real layers take, in this transformers
+
+    class Shim(nn.Module):  # what the decoder calls: renames the cache keyword to kv=
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            if hasattr(inner, "attention_type"):
+                self.attention_type = inner.attention_type
+
+        def forward(self, hidden_states, *args, **kw):
+            cache = compat.cache_from(kw)
+            for name in compat.CACHE_KEYWORDS:
+                kw.pop(name, None)
+            return self.inner(hidden_states, *args, kv=cache, **kw)
+
+    layer_cls = type(dec.layers[0])
+
+    class KvLayer(layer_cls):  # the real layer, taking the cache as kv=
+        def forward(self, hidden_states, *args, kv=None, **kw):
+            return super().forward(hidden_states, *args, **{spelling: kv}, **kw)
+
+    class KvDecoder(type(dec)):
+        @functools.wraps(type(dec).forward)  # the decoder's own signature: only its layers' spelling is unknown
+        def forward(self, *args, **kw):
+            layers = self.layers
+            self.layers = nn.ModuleList([Shim(layer) for layer in layers])
+            try:
+                return super().forward(*args, **kw)
+            finally:
+                self.layers = layers
+
+    for layer in dec.layers:
+        layer.__class__ = KvLayer
+    dec.__class__ = KvDecoder
+    return model

@@ -231,7 +231,7 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
             with hf.keys_values_only(model, last):
                 _decoder_pass(model, steering, m_body, _at(tile(h_body), tile(d_body), m_body), start,
                               input_ids=tile(body(ids)), attention_mask=tile(mask[:, 0, :Tq]),
-                              position_ids=tile(body(pos)), past_key_values=cache, use_cache=True)
+                              position_ids=tile(body(pos)), cache=cache)
             if start > 0:
                 hf.alias_skipped(cache, start)
         if Tq:
@@ -240,7 +240,7 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
         tail_ids, m_tail = tile(tail(ids)), m_all.repeat_interleave(2 * b)
         h_comp = _decoder_pass(model, steering, m_tail, _at(tile(h_tail), tile(d_tail), m_tail), start,
                                input_ids=tail_ids, attention_mask=tile(mask.flatten(0, 1)),
-                               position_ids=tile(tail(pos)), past_key_values=cache, use_cache=True)
+                               position_ids=tile(tail(pos)), cache=cache)
         # Completion token t is predicted at tail position t (position 0 is the prompt's last token).
         targets, valid = tail_ids[:, 1:], tile(tail(mask))[:, 1:].bool()
         h_pred = h_comp[:, :-1]
@@ -267,7 +267,7 @@ def _prefix_caches(model, steering, prefix: list[int], m_all, start: int, last: 
     above = hf.new_cache(model)
     with hf.keys_values_only(model, last):
         _decoder_pass(model, steering, m_all, _at(rows(h), rows(d), m_all), start, input_ids=rows(ids),
-                      attention_mask=rows(mask), position_ids=rows(pos), past_key_values=above, use_cache=True)
+                      attention_mask=rows(mask), position_ids=rows(pos), cache=above)
     if start > 0:
         hf.alias_skipped(above, start)
     return below, above

@@ -42,13 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet() -> None:
     """--quiet: no transformers or hub loading bars or messages either."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    try:
-        from transformers.utils import logging as hf_logging
+    from ..hf.compat import quiet_transformers
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    quiet_transformers()
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, nonneg_float,
-                      nonneg_int, positive_int, read_pairs, save_json)
+                      nonneg_int, positive_int, read_pairs, save_json, write_pairs)
 from .train import add_training_options, attach_steering, prepare, train_options
 
 DEMO_PROMPTS = ["How do you feel about the coming year?", "Describe your plans for the weekend.",
@@ -124,15 +124,30 @@ def run_sweep(args) -> int:
     return 0
 
 
+# --quick: a smoke run of the whole demo (train, sweep, fits, plot, generation) in about a minute on 2 CPU cores
+# once the model is cached; CI runs it on a fresh install before any test extra is installed.
+QUICK = dict(train_pairs=32, test_pairs=8, epochs=1, multipliers=[float(v) for v in np.linspace(-8, 8, 9)],
+             bootstrap=10, max_new_tokens=8)
+
+
+def _quick(args) -> None:
+    args.epochs, args.multipliers = QUICK["epochs"], QUICK["multipliers"]
+    args.bootstrap, args.max_new_tokens = QUICK["bootstrap"], QUICK["max_new_tokens"]
+
+
 def run_demo(args) -> int:
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
 
     t0 = time.time()
+    if args.quick:
+        _quick(args)
     ms = _multipliers(args.multipliers)
     _, layer, train_pairs, test_pairs = prepare(args)
     if not test_pairs:
         raise ValueError("the demo sweeps held-out pairs: --test-size must be above 0")
+    if args.quick:
+        train_pairs, test_pairs = train_pairs[:QUICK["train_pairs"]], test_pairs[:QUICK["test_pairs"]]
     print("fastsplit demo: SPLIT-train a steering vector, sweep m on held-out pairs, fit, plot")
     fastsplit.dist.check_world(min(len(test_pairs), len(DEMO_PROMPTS)), "held-out pairs or demo prompts")
     model, tok = fastsplit.hf.load_model(args.model, device=device_of(args))
@@ -142,6 +157,7 @@ def run_demo(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     if is_main():
         fastsplit.dist.atomic_write(os.path.join(args.out, "steering.safetensors"), steering.save)
+        fastsplit.dist.atomic_write(os.path.join(args.out, "test_pairs.jsonl"), lambda p: write_pairs(test_pairs, p))
     print(f"[{time.time() - t0:5.0f}s] trained: last epoch loss {result['history'][-1]['loss']:.4f}; "
           f"sweeping {len(ms)} multipliers on {len(test_pairs)} held-out pairs")
     sweep = logodds_sweep(model, tok, steering, test_pairs, ms, progress=not args.quiet)
@@ -162,8 +178,11 @@ def run_demo(args) -> int:
         save_json(os.path.join(args.out, "generations.json"), gens)
     for g in gens:
         print(f"\nprompt: {g['prompt']}\n  m=0     : {g['m=0']!r}\n  m={m_op:<6.2f}: {g[f'm={m_op:.2f}']!r}")
-    print(f"\n[{time.time() - t0:5.0f}s] done; wrote {args.out}/ (steering.safetensors, sweep.csv, fit.json, "
-          "plot.png, plot.svg, generations.json)")
+    print(f"\n[{time.time() - t0:5.0f}s] done; wrote {args.out}/ (steering.safetensors, test_pairs.jsonl, sweep.csv, "
+          "fit.json, plot.png, plot.svg, generations.json)")
+    resweep = os.path.join(args.out, "resweep")
+    print(f"re-sweep the held-out pairs: fastsplit sweep --steering {os.path.join(args.out, 'steering.safetensors')} "
+          f"--data {os.path.join(args.out, 'test_pairs.jsonl')} --out {resweep}")
     return 0
 
 
@@ -200,4 +219,8 @@ def add_commands(sub, formatter) -> None:
     _analysis_options(d)
     d.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated at m = 0 and m_op")
     d.add_argument("--out", default="fastsplit-demo", help="output folder")
+    d.add_argument("--quick", action="store_true",
+                   help=f"a smoke run in about a minute: {QUICK['train_pairs']} training and {QUICK['test_pairs']} "
+                        f"held-out pairs, {QUICK['epochs']} epoch, {len(QUICK['multipliers'])} multipliers, "
+                        f"{QUICK['bootstrap']} bootstrap resamples, {QUICK['max_new_tokens']} generated tokens")
     d.set_defaults(func=run_demo)

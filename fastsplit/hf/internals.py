@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TESTED_TRANSFORMERS = ("5.17.0", "5.23.0")
+# The dependency is a lower bound (pyproject: transformers>=OLDEST_TRANSFORMERS): CI runs the whole suite on the
+# newest release and the hf-dependent tests on the oldest; a release that moves an internal listed below makes
+# fastsplit fall back to the full layer (correct, slower) with one warning, never a crash (hf/compat.py).
+OLDEST_TRANSFORMERS = "5.0.0"
+TESTED_TRANSFORMERS = ("5.0.0", "5.17.0", "5.23.0", "5.24.0")
 ARCHITECTURES = ("llama", "qwen2", "gemma2", "mistral", "phi3")
 
 
@@ -31,8 +35,12 @@ INTERNALS = (
              "kv.affine_in_m", "the stream after layer L is r0 + m·d only when the update enters it by addition"),
     Internal("self_attn.{k_proj, v_proj, head_dim, layer_idx}, layer.input_layernorm, no self_attn.k_norm, and "
              "apply_rotary_pos_emb(q, k, cos, sin) in the attention's modeling module; position_embeddings and "
-             "past_key_values passed to the layer as keywords", "kv.keys_values_only",
+             "the KV cache passed to the layer as keywords", "kv.keys_values_only",
              "the prompt's last layer writes keys and values only (falls back to the full layer otherwise)"),
+    Internal("the KV cache keyword of the decoder and its layers: 'cache' from 5.24, 'past_key_values' before "
+             "(read from the forward signature)", "compat.cache_keyword, compat.cache_kwargs, compat.cache_from",
+             "run the decoder on a cache of our own; a stand-in layer given the cache under another name runs "
+             "the full layer after one warning"),
     Internal("DynamicCache(config=...), .layers slots with .is_sliding and their own batch_repeat_interleave, "
              "update(k, v, idx), copy.deepcopy of a cache", "kv.alias_skipped, kv.repeat_rows, workflows' sweeps",
              "one prompt cache shared by both completions and every m; one shared-prefix cache for every pair"),

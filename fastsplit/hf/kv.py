@@ -8,9 +8,13 @@ from typing import Iterator
 
 from torch import nn
 
+from .compat import cache_from, warn_fallback
 from .runner import decoder_layers
 
 __all__ = ["keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than"]
+
+
+_KNOWN = ("cache", "past_key_values", "position_embeddings")
 
 
 class _KeysValuesOnly(nn.Module):
@@ -23,10 +27,15 @@ class _KeysValuesOnly(nn.Module):
         if hasattr(original, "attention_type"):
             self.attention_type = original.attention_type
 
-    def forward(self, hidden_states, *args, position_embeddings=None, past_key_values=None, **kwargs):
-        if past_key_values is None:
-            raise RuntimeError("keys_values_only: the model was called without a KV cache (past_key_values), "
-                               "so the layer's keys and values would be lost")
+    def forward(self, hidden_states, *args, **kwargs):
+        cache, position_embeddings = cache_from(kwargs), kwargs.get("position_embeddings")
+        if cache is None or position_embeddings is None:
+            # The decoder passed the cache or the rotary tables under a name this version of fastsplit does not
+            # know (or not at all): the full layer writes its keys and values itself, whatever it calls them.
+            missing = "a KV cache" if cache is None else "position_embeddings"
+            warn_fallback(f"{missing} under a known keyword to decoder layers ({'/'.join(_KNOWN)})",
+                          "the prompt's last layer runs in full instead of writing keys and values only")
+            return self.original(hidden_states, *args, **kwargs)
         attn = self.original.self_attn
         x = self.original.input_layernorm(hidden_states)
         shape = (*x.shape[:-1], -1, attn.head_dim)
@@ -34,7 +43,7 @@ class _KeysValuesOnly(nn.Module):
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         _, k = self.rope(k, k, cos, sin)  # the rotary helper rotates a (q, k) pair; only k is wanted
-        past_key_values.update(k, v, attn.layer_idx)
+        cache.update(k, v, attn.layer_idx)
         return hidden_states
 
 

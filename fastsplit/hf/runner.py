@@ -8,10 +8,13 @@ pass-through modules and layer L's input is replaced by the cached tensor, so th
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .compat import cache_kwargs, warn_fallback
 
 __all__ = ["decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "config_name", "capture_layer_input",
            "from_layer", "last_hidden", "pad", "pad_rows", "pad_id_of", "completion_positions"]
@@ -62,10 +65,10 @@ def _hidden_arg(args, kwargs):
 
 @torch.no_grad()
 def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor,
-                        position_ids: Tensor | None = None, past_key_values=None) -> Tensor:
+                        position_ids: Tensor | None = None, cache=None) -> Tensor:
     """The hidden states entering decoder layer ``layer`` [B, T, H]; layers >= ``layer`` are not run.
 
-    With ``past_key_values`` (a transformers cache) the layers below ``layer`` read and extend it, so a
+    With ``cache`` (a transformers cache) the layers below ``layer`` read and extend it, so a
     prompt's cache can serve later calls on its continuations; ``attention_mask`` then spans cache + input.
     """
     captured = {}
@@ -76,8 +79,8 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attenti
 
     handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=past_key_values, use_cache=past_key_values is not None)
+        dec = decoder(model)
+        dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(dec, cache))
     except _StopForward:
         pass
     finally:
@@ -97,11 +100,24 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
+def _takes_hidden_first(layer: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(layer.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
+
+
 @contextlib.contextmanager
 def from_layer(model: nn.Module, layer: int, hidden: Tensor) -> Iterator[None]:
     """Within the block, a forward of ``model`` skips layers < ``layer`` and feeds ``hidden`` [B, T, H]
     to layer ``layer``. Call the model with the batch's ``input_ids`` and ``attention_mask`` as usual."""
     layers = decoder_layers(model)
+    if not _takes_hidden_first(layers[layer]):
+        warn_fallback(f"hidden_states as the first argument of {type(layers[layer]).__name__}.forward",
+                      "the layers below the cached point run in full")
+        yield
+        return
     originals = [layers[i] for i in range(layer)]
 
     def hook(mod, args, kwargs):
@@ -123,12 +139,14 @@ def from_layer(model: nn.Module, layer: int, hidden: Tensor) -> Iterator[None]:
             layers[i] = orig
 
 
-def last_hidden(model: nn.Module, hidden_in: Tensor | None = None, *, start: int = 0, **forward_kwargs) -> Tensor:
+def last_hidden(model: nn.Module, hidden_in: Tensor | None = None, *, start: int = 0, cache=None,
+                **forward_kwargs) -> Tensor:
     """Final hidden states [N, T, H] (after the final norm) of the decoder called with ``forward_kwargs``
-    (input_ids, attention_mask, ...; no KV cache unless given). With ``hidden_in``, the input of layer
+    (input_ids, attention_mask, position_ids), reading and extending ``cache`` (a transformers cache; none by
+    default) under whatever keyword the installed transformers uses. With ``hidden_in``, the input of layer
     ``start`` [N, T, H], the layers below ``start`` are skipped."""
     dec = decoder(model)
-    forward_kwargs.setdefault("use_cache", False)
+    forward_kwargs.update(cache_kwargs(dec, cache))
     if hidden_in is None:
         return dec(**forward_kwargs).last_hidden_state
     with from_layer(model, start, hidden_in):

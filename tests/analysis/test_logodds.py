@@ -103,13 +103,19 @@ def test_keys_values_only_writes_the_same_cache(arch):
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if skip:
                 assert stack.enter_context(hf.keys_values_only(model, last))  # really swapped
-            hf.decoder(model)(input_ids=ids, past_key_values=cache, use_cache=True)
+            hf.decoder(model)(input_ids=ids, **hf.compat.cache_kwargs(hf.decoder(model), cache))
         caches.append(cache.layers[last])
     assert hf.decoder_layers(model)[last] is original  # restored
     torch.testing.assert_close(caches[1].keys, caches[0].keys)
     torch.testing.assert_close(caches[1].values, caches[0].values)
-    with hf.keys_values_only(model, last), pytest.raises(RuntimeError, match="without a KV cache"):
-        hf.decoder(model)(input_ids=ids, use_cache=False)
+
+    # Called without a cache, the stand-in runs the full layer (after a warning): nothing is lost.
+    with torch.no_grad():
+        plain = hf.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+        with hf.keys_values_only(model, last), pytest.warns(RuntimeWarning, match="KV cache"):
+            hf.compat._warned.clear()
+            fell_back = hf.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(fell_back, plain)
 
 
 def test_residual_site_and_length_norm():
