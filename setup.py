@@ -17,7 +17,7 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-CU_SOURCES = [os.path.join(CSRC, "cuda", f) for f in ("steered_gemv.cu", "split_epilogue.cu")]
+CU_SOURCES = [os.path.join(CSRC, "cuda", "split_epilogue.cu")]
 
 
 def _nvcc():
@@ -100,8 +100,7 @@ def _extension():
         return []
     return [Extension(
         "fastsplit._C",
-        sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "steered_gemv.cpp"),
-                 os.path.join(CSRC, "cpu", "split_epilogue.cpp")],
+        sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "split_epilogue.cpp")],
         include_dirs=[pybind11.get_include(), os.path.join(CSRC, "include")],
         extra_compile_args=["-O3", "-std=c++17"],
         language="c++",

@@ -1,18 +1,28 @@
-"""steered_linear against the usual steering code, torch.compile of the reference, and the bare GEMM.
+"""steered_linear against eager steering code and the bare GEMM, every backend side by side.
 
-Providers:
-  gemm       bare x·Wᵀ (cuBLAS on GPU): the floor the fused op is measured against
-  eager      the usual steering way: W + m·ΔW materialised (per row when m varies), LoRA as separate matmuls
-  compile    torch.compile of fastsplit.steered_linear_ref
-  fastsplit  fastsplit.steered_linear (backend="auto": Triton on GPU, the torch path on CPU)
-  native     fastsplit.steered_linear(backend="native"): the csrc skinny GEMM, decode shapes only
+Providers (each row shows its ratio to ``gemm`` and to ``eager``):
+  gemm      bare F.linear(x, W, b): the floor (cuBLAS on a GPU)
+  eager     what users write without fastsplit: W + m·ΔW folded for one m, one weight per row for per-row m,
+            LoRA as separate matmuls, the vector as an added bias
+  auto      fastsplit.steered_linear (the routing table; the torch compositions where nothing is routed)
+  torch     backend="torch": the cuBLAS compositions (ops.steered_linear.steered_linear_torch)
+  triton    backend="triton": the decode kernel (GPU; on the CPU only under TRITON_INTERPRET=1)
+  compile   torch.compile of the plain reference (--compile; seconds of compile per case)
 
-Run: python bench/bench_steered_linear.py [--quick] [--device cuda]
+Floors, written down before measuring (H200, bf16): prefill 8×512×3584→18944 is 2·4096·3584·18944 = 556 GFLOP,
+0.70 ms at the 790 TFLOP/s GEMM peak; the per-row vector's extra pass over y (2·4096·18944·2 bytes) is 74 µs at
+4.2 TB/s, so 1.10× is what a composition without a fused epilogue can reach there. Decode reads W once: 136 MB,
+32 µs at 4.2 TB/s; the goal is 80% of that (``bw`` in the decode rows counts each weight byte once, W and ΔW for
+local_weight, against the copy bandwidth measured in the same run). Decode rows are timed twice: as eager calls
+(host overhead included) and as CUDA-graph replays (device time only), so a kernel is judged by its bytes.
+
+Run: python bench/bench_steered_linear.py [--quick] [--device cuda] [--json out.json] [--compile]
 """
 from __future__ import annotations
 
-import sys
+import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -20,26 +30,29 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
-import fastsplit  # noqa: E402
 from fastsplit import steered_linear, steered_linear_ref  # noqa: E402
+from fastsplit._env import triton_interpreting  # noqa: E402
+
+FORMS = ("vector", "lora", "local_weight")
+MKINDS = ("scalar", "per_row")
 
 
 def eager_steering(x, W, b, *, delta_weight=None, lora_a=None, lora_b=None, delta_bias=None, m1):
-    """How steering is usually written: materialise the steered weight, one copy per strength."""
+    """How steering is usually written: materialise the steered weight (one copy per strength), LoRA as separate
+    matmuls, the steering vector as an added bias."""
+    per_row = isinstance(m1, torch.Tensor)
+    m = m1.to(x.dtype)[:, None, None] if per_row else m1
     if delta_weight is not None:
-        if isinstance(m1, torch.Tensor):  # per-row m: one W + m·ΔW per sequence
-            w_eff = W[None] + m1[:, None, None] * delta_weight[None]
-            y = torch.bmm(x, w_eff.transpose(1, 2))
+        if per_row:  # one W + m·ΔW per sequence
+            w_eff = W[None] + m * delta_weight[None]
+            y = torch.bmm(x, w_eff.transpose(1, 2)) + b
         else:
-            y = F.linear(x, W + m1 * delta_weight)
-        y = y + b
+            y = F.linear(x, W + m1 * delta_weight, b)
     else:
         y = F.linear(x, W, b)
         if lora_a is not None:
-            m = m1[:, None, None] if isinstance(m1, torch.Tensor) else m1
             y = y + m * F.linear(F.linear(x, lora_a), lora_b)
     if delta_bias is not None:
-        m = m1[:, None, None] if isinstance(m1, torch.Tensor) else m1
         y = y + m * delta_bias
     return y
 
@@ -60,58 +73,106 @@ def make(form, rows, seq, k, n, dtype, device, rank=16, grad=False):
     return x, W, b, d
 
 
-def providers(device):
-    # A fresh compiled callable per case: one shared one would hit dynamo's recompile limit and fall
-    # back to eager without saying so in the figures.
-    comp = torch.compile(lambda *a, **k: steered_linear_ref(*a, **k), dynamic=False)
-    return {
-        "gemm": lambda x, W, b, d, m: F.linear(x, W),
+def providers(device, *, compile_ref=False) -> dict:
+    out = {
+        "gemm": lambda x, W, b, d, m: F.linear(x, W, b),
         "eager": lambda x, W, b, d, m: eager_steering(x, W, b, **d, m1=m),
-        "compile": lambda x, W, b, d, m: comp(x, W, b, **d, m1=m),
-        "fastsplit": lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m),
-        "native": lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m, backend="native"),
+        "auto": lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m),
+        "torch": lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m, backend="torch"),
     }
+    if device.startswith("cuda") or triton_interpreting():
+        out["triton"] = lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m, backend="triton")
+    if compile_ref:
+        # A fresh compiled callable per case: one shared one would hit dynamo's recompile limit and fall back to
+        # eager without saying so in the figures.
+        comp = torch.compile(lambda *a, **k: steered_linear_ref(*a, **k), dynamic=False)
+        out["compile"] = lambda x, W, b, d, m: comp(x, W, b, **d, m1=m)
+    return out
+
+
+def shapes(device, quick):
+    """(tag, rows, seq, in, out) per case."""
+    if device.startswith("cuda"):
+        big = [(3584, 18944), (18944, 3584)]
+        pre = [("prefill", 8, 512, k, n) for k, n in big]
+        dec = [("decode", r, 1, k, n) for r in ((1, 16, 64) if quick else (1, 4, 16, 64)) for k, n in big]
+        return pre + dec
+    if quick:
+        return [("prefill", 4, 64, 576, 1536), ("decode", 16, 1, 1536, 576)]
+    return [("prefill", 8, 128, 576, 1536), ("decode", 16, 1, 1536, 576)]
+
+
+def weight_bytes(form, k, n, es) -> int:
+    return (2 if form == "local_weight" else 1) * k * n * es
+
+
+def run(device, *, quick=False, rep=10, compile_ref=False, forms=FORMS, mkinds=MKINDS):
+    """Every (form, m kind, shape) row; returns (harness rows, a dict of figures for summary.json)."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    copy_bw = harness.copy_bandwidth(device) if device.startswith("cuda") else None
+    rows, figures = [], {"device": harness.device_name(device), "dtype": str(dtype).replace("torch.", ""),
+                         "copy_bandwidth_TBps": copy_bw and copy_bw / 1e12, "cases": []}
+    for form in forms:
+        for mkind in mkinds:
+            for tag, r, t, k, n in shapes(device, quick):
+                x, W, b, d = make(form, r, t, k, n, dtype, device)
+                m = 1.5 if mkind == "scalar" else torch.linspace(-2, 2, r, device=device)
+                xv = f"{tag}:{r * t}x{k}->{n}"
+                op = f"steered_linear[{form},{mkind}]"
+                ref = eager_steering(x.double(), W.double(), b.double(), **{key: v.double() for key, v in d.items()},
+                                     m1=m.double() if isinstance(m, torch.Tensor) else m)
+                case = {"form": form, "mkind": mkind, "shape": xv, "kind": tag, "ms": {}, "graph_ms": {},
+                        "relerr": {}}
+                for name, fn in providers(device, compile_ref=compile_ref).items():
+                    call = lambda: fn(x, W, b, d, m)
+                    try:
+                        with torch.no_grad():
+                            y = call()
+                            row = harness.time_row(op, name, "fwd", "shape", xv, call, device=device, rep=rep)
+                    except Exception as exc:  # a provider that fails is a figure too
+                        case["ms"][name] = f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                        print(f"{op} {name} {xv}: {case['ms'][name]}")
+                        continue
+                    rows.append(row)
+                    case["ms"][name] = row.p50
+                    if name != "gemm":
+                        case["relerr"][name] = float((y.double() - ref).norm() / ref.norm())
+                    if tag == "decode" and device.startswith("cuda"):
+                        g = harness.measure_graph_time(call, device=device, rep=rep)
+                        case["graph_ms"][name] = g[0] if g else "capture failed"
+                        if g:
+                            rows.append(harness.Row(op, name, "graph", "time", "ms", "shape", xv, *g))
+                if copy_bw and tag == "decode":
+                    wb = weight_bytes(form, k, n, x.element_size())
+                    case["bw_share"] = {p: wb / (ms * 1e-3) / copy_bw for p, ms in case["graph_ms"].items()
+                                        if isinstance(ms, float)}
+                figures["cases"].append(case)
+                _print_case(op, xv, case)
+    return rows, figures
+
+
+def _print_case(op, xv, case):
+    ms = {p: v for p, v in case["ms"].items() if isinstance(v, float)}
+    gemm, eager = ms.get("gemm"), ms.get("eager")
+    parts = []
+    for p, v in ms.items():
+        extra = [f"{v / gemm:.2f}x gemm" if gemm else "", f"{v / eager:.2f}x eager" if eager and p != "eager" else ""]
+        bw = case.get("bw_share", {}).get(p)
+        extra.append(f"graph {case['graph_ms'][p] * 1e3:.0f} us = {bw:.0%} BW" if bw else "")
+        parts.append(f"{p} {v:.4f} ms ({', '.join(e for e in extra if e)})")
+    print(f"{op:>34} {xv:<24} " + " | ".join(parts))
 
 
 def main():
     p = harness.arg_parser(__doc__)
+    p.add_argument("--json", help="also write the figures (ms, ratios, bandwidth shares) to this JSON file")
+    p.add_argument("--compile", action="store_true", help="add torch.compile of the reference as a provider")
     args = p.parse_args()
-    dev = args.device
-    if dev == "cuda":
-        dtype = torch.bfloat16
-        shapes = [("prefill", 8, 512, 3584, 18944), ("prefill", 8, 512, 18944, 3584)]
-        shapes += [("decode", r, 1, k, n) for r in (1, 4, 16, 64)
-                   for k, n in ((3584, 18944), (18944, 3584), (4096, 4096))]
-    else:
-        dtype = torch.float32
-        shapes = [("prefill", 4, 64, 576, 1536)] if args.quick else [("prefill", 8, 128, 576, 1536),
-                                                                     ("decode", 16, 1, 1536, 576)]
-    rows = []
-    for form in ["vector", "lora", "local_weight"]:
-        for mkind in ["scalar", "per_row"]:
-            for tag, r, t, k, n in shapes:
-                provs = providers(dev)
-                x, W, b, d = make(form, r, t, k, n, dtype, dev)
-                m = 1.5 if mkind == "scalar" else torch.linspace(-2, 2, r, device=dev)
-                xv = f"{tag}:{r * t}x{k}->{n}"
-                for name, fn in provs.items():
-                    if name == "native" and (tag != "decode" or not fastsplit.build_info()["native_cpu"]):
-                        continue
-                    with torch.no_grad():
-                        rows.append(harness.time_row(f"steered_linear[{form},{mkind}]", name, "fwd",
-                                                     "shape", xv, lambda: fn(x, W, b, d, m),
-                                                     device=dev, rep=args.rep))
-                xg, W, b, dg = make(form, r, t, k, n, dtype, dev, grad=True)
-                for name in ("eager", "compile", "fastsplit"):
-                    fn = provs[name]
-
-                    def full():
-                        y = fn(xg, W, b, dg, m)
-                        y.backward(torch.ones_like(y))
-                    rows.append(harness.time_row(f"steered_linear[{form},{mkind}]", name, "full", "shape", xv,
-                                                 full, device=dev, rep=args.rep))
-    harness.print_rows(rows, baseline="gemm")
-    harness.write_rows(rows, args.csv, device=dev)
+    rows, figures = run(args.device, quick=args.quick, rep=args.rep, compile_ref=args.compile)
+    harness.write_rows(rows, args.csv, device=args.device)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

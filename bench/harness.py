@@ -75,6 +75,37 @@ def measure_time(fn: Callable[[], object], *, device: str, warmup: int = 3, rep:
     return _quantiles(times)
 
 
+def measure_graph_time(fn: Callable[[], object], *, device: str, rep: int = 10, calls: int = 20):
+    """Device time per call of ``fn`` (ms, p50/p20/p80) from replays of a CUDA graph that holds ``calls`` calls:
+    host overhead removed, what the kernels themselves take. None when ``fn`` cannot be captured."""
+    if not device.startswith("cuda"):
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(3):  # warm-up outside the graph: autotuning, lazy allocations
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            for _ in range(calls):
+                fn()
+    except Exception:
+        return None
+    p50, p20, p80 = measure_time(graph.replay, device=device, rep=rep)
+    return p50 / calls, p20 / calls, p80 / calls
+
+
+def copy_bandwidth(device: str, mib: int = 2048) -> float:
+    """Device-to-device copy bandwidth (bytes/s, read + write) of ``mib`` MiB: the memory ceiling decode is
+    judged against, measured in the same run."""
+    src = torch.empty(mib << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    p50, _, _ = measure_time(lambda: dst.copy_(src), device=device, rep=10)
+    return 2 * src.numel() / (p50 * 1e-3)
+
+
 def _proc_status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

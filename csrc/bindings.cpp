@@ -12,7 +12,6 @@ namespace py = pybind11;
 using fastsplit::GradArgs;
 using fastsplit::LseArgs;
 using fastsplit::ReduceArgs;
-using fastsplit::SteeredArgs;
 
 #ifndef FASTSPLIT_CUDA_ARCHS
 #define FASTSPLIT_CUDA_ARCHS ""
@@ -51,25 +50,9 @@ static std::vector<std::string> cuda_archs() {
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastsplit native kernels: steered skinny GEMM (decode) and the SPLIT loss epilogue";
+  m.doc() = "fastsplit native kernels: the SPLIT loss epilogue";
   m.def("cuda_built", &cuda_built);
   m.def("cuda_archs", &cuda_archs);
-
-  m.def("steered_gemv",
-        [](bool on_cuda, int dtype, std::uintptr_t x, int64_t ldx, std::uintptr_t w, int64_t ldw, std::uintptr_t dw,
-           int64_t lddw, std::uintptr_t xa, std::uintptr_t lb, int64_t ldlb, int64_t rank, std::uintptr_t bias,
-           std::uintptr_t dbias, std::uintptr_t m1_rows, std::uintptr_t m2_rows, float m1, float m2, std::uintptr_t y,
-           int64_t ldy, int64_t M, int64_t N, int64_t K, std::uintptr_t stream) {
-          SteeredArgs a{ptr<const void*>(x), ldx, ptr<const void*>(w), ldw, ptr<const void*>(dw), lddw,
-                        ptr<const float*>(xa), ptr<const void*>(lb), ldlb, rank, ptr<const void*>(bias),
-                        ptr<const void*>(dbias), ptr<const float*>(m1_rows), ptr<const float*>(m2_rows), m1, m2,
-                        ptr<void*>(y), ldy, M, N, K, dtype};
-          if (!on_cuda) return fastsplit::steered_gemv_cpu(a);
-          need_cuda("steered_gemv");
-#ifdef FASTSPLIT_WITH_CUDA
-          fastsplit::steered_gemv_cuda(a, ptr<void*>(stream));
-#endif
-        });
 
   m.def("split_lse",
         [](bool on_cuda, int dtype, std::uintptr_t z, int64_t ldz, int64_t C, int64_t Vc, std::uintptr_t tgt,

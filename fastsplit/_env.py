@@ -1,9 +1,9 @@
 """Process-wide switches, read by every layer; this module imports nothing from fastsplit.
 
-* ``FASTSPLIT_DEBUG=1`` (or :func:`set_debug`): the ops also check tensor *values* (NaN/inf multipliers,
-  out-of-range targets, a pair row without targets). Those checks read device data, so they synchronise
-  with the host; off by default, so no hot path synchronises. Shape, dtype and device checks read only
-  metadata and always run.
+* ``FASTSPLIT_DEBUG=1`` (read at import) or :func:`set_debug`: the ops also check the *values* of CUDA tensors
+  (NaN/inf multipliers, out-of-range targets, a pair row without targets). Those checks read device data, so
+  they synchronise with the host; off by default, so no hot path synchronises. On CPU tensors the value checks
+  cost no sync and always run; shape, dtype and device checks read only metadata and always run.
 * ``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through Triton's interpreter (tests only).
 * ``FASTSPLIT_FIXED_CONFIGS=1``: every Triton kernel takes one fixed launch config per shape class
   instead of autotuning (the test suite sets it, so a GPU run does not tune for every test shape; users
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import os
 
-_debug: bool | None = None
+def _from_environment() -> bool:
+    return os.environ.get("FASTSPLIT_DEBUG", "0") == "1"
+
+
+_debug: bool = _from_environment()  # read once: every op call asks, and os.environ costs half a µs
 
 
 def debug() -> bool:
     """Whether the value checks that synchronise with the host are on (see the module docstring)."""
-    if _debug is not None:
-        return _debug
-    return os.environ.get("FASTSPLIT_DEBUG", "0") == "1"
+    return _debug
 
 
 def set_debug(enabled: bool | None) -> None:
@@ -33,7 +35,7 @@ def set_debug(enabled: bool | None) -> None:
     global _debug
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
-    _debug = enabled
+    _debug = _from_environment() if enabled is None else enabled
 
 
 def triton_interpreting() -> bool:

@@ -5,8 +5,8 @@ module says so once, at import, through the ``fastsplit`` logger. Launchers pass
 strides and the current stream; the kernels are the CUDA ones for CUDA tensors and the CPU build of the
 same bodies for CPU tensors (float32; other dtypes are computed in float32 there).
 
-Ops: ``fastsplit::steered_linear_native_fwd`` (the decode skinny GEMM) and ``fastsplit::split_loss_native_fwd``
-(cuBLAS/torch GEMM chunks + the CUDA epilogue), registered with ``custom_op`` + ``register_fake``.
+Op: ``fastsplit::split_loss_native_fwd`` (cuBLAS/torch GEMM chunks + the CUDA epilogue), registered with
+``custom_op`` + ``register_fake``. steered_linear has no native kernel: its decode kernel is Triton's.
 """
 from __future__ import annotations
 
@@ -77,33 +77,6 @@ def _rows(t: Optional[Tensor], dtype) -> Optional[Tensor]:
 
 def _kernel_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.is_cuda else torch.float32  # the CPU build takes float32
-
-
-@torch.library.custom_op("fastsplit::steered_linear_native_fwd", mutates_args=())
-def steered_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: Optional[Tensor],
-                       lora_a: Optional[Tensor], lora_b: Optional[Tensor], delta_bias: Optional[Tensor],
-                       m1_rows: Optional[Tensor], m2_rows: Optional[Tensor], m1: float, m2: float) -> Tensor:
-    """Native forward: ``x`` [M, K], ``weight`` [N, K] -> [M, N] through the steered skinny GEMM."""
-    kd = _kernel_dtype(x)
-    xs, w, dw, lb = (_rows(t, kd) for t in (x, weight, delta_weight, lora_b))
-    b = bias.to(kd).contiguous() if bias is not None else None
-    db = delta_bias.to(kd).contiguous() if delta_bias is not None else None
-    xa = (xs.float() @ lora_a.float().t()).contiguous() if lora_a is not None else None  # [M, r] fp32
-    r1 = m1_rows.float().contiguous() if m1_rows is not None else None
-    r2 = m2_rows.float().contiguous() if m2_rows is not None else None
-    M, K = xs.shape
-    N = w.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=kd)
-    _C.steered_gemv(x.is_cuda, _CODES[kd], _p(xs), xs.stride(0), _p(w), w.stride(0), _p(dw),
-                    dw.stride(0) if dw is not None else 0, _p(xa), _p(lb), lb.stride(0) if lb is not None else 0,
-                    xa.shape[1] if xa is not None else 0, _p(b), _p(db), _p(r1), _p(r2), float(m1), float(m2),
-                    _p(y), y.stride(0), M, N, K, _stream(x))
-    return y.to(x.dtype)
-
-
-@steered_linear_fwd.register_fake
-def _(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1, m2):
-    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op("fastsplit::split_loss_native_fwd", mutates_args=())

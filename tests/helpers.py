@@ -53,18 +53,19 @@ def assert_close_fa(actual, expected, torch_same, name=""):
                             f"own error in {actual.dtype} plus the floor ({allowed:.3g})")
 
 
-def backend_cases(gpu_triton_dtypes=(torch.float16, torch.bfloat16)):
+def backend_cases(gpu_triton_dtypes=(torch.float16, torch.bfloat16), *, native=True):
     """(backend, dtype) pairs every op test runs: torch in f64/f32, Triton in f32 (the interpreter on the CPU),
-    the native extension in f32 when built; on a GPU also Triton and native in half precision."""
-    from fastsplit import native
+    the native extension in f32 when built and ``native`` (the op has a native kernel); on a GPU also Triton and
+    native in half precision."""
+    from fastsplit import native as ext
 
     cases = [pytest.param("torch", torch.float64, id="torch-f64"),
              pytest.param("torch", torch.float32, id="torch-f32"),
              pytest.param("triton", torch.float32, id="triton-f32")]
-    if native._C is not None:
+    if native and ext._C is not None:
         cases.append(pytest.param("native", torch.float32, id="native-f32"))
     if HAS_CUDA:
-        if native.cuda_built():
+        if native and ext.cuda_built():
             cases.append(pytest.param("native", torch.bfloat16, id="native-bf16"))
         names = {torch.float16: "f16", torch.bfloat16: "bf16"}
         cases += [pytest.param("triton", d, id=f"triton-{names[d]}") for d in gpu_triton_dtypes]

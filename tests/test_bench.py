@@ -25,5 +25,5 @@ def test_bench_collects_every_provider():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name in ("test_steered_linear_fwd", "test_steered_linear_full", "test_split_loss_full", "test_logodds_sweep"):
         assert name in r.stdout, name
-    for provider in ("gemm", "eager", "compile", "fastsplit", "native", "naive", "liger", "cce"):
+    for provider in ("gemm", "eager", "auto", "torch", "triton", "compile", "naive", "fastsplit", "liger", "cce"):
         assert f"-{provider}]" in r.stdout or f"[{provider}]" in r.stdout, provider

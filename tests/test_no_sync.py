@@ -31,7 +31,7 @@ def _steered(form, mkind, backend):
     return t["x"], kw, make_multiplier(mkind, 5)
 
 
-BACKENDS = ["torch", "triton"] + (["native"] if native._C is not None else [])
+BACKENDS = ["torch", "triton"]  # steered_linear has no native kernel
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,7 +55,7 @@ def test_steered_linear_compiles_without_graph_breaks(form, mkind):
     torch.testing.assert_close(y, steered_linear(x, w, b, **kw, m1=m, backend="torch"), atol=1e-5, rtol=1e-5)
 
 
-SPLIT_BACKENDS = ["torch", "triton"] + (["native"] if native._C is not None else [])
+SPLIT_BACKENDS = ["torch", "triton"]  # steered_linear has no native kernel
 
 
 @pytest.mark.parametrize("reduction", ["batch", "pair"])
@@ -85,7 +85,7 @@ def test_auto_routes_by_the_measured_table(monkeypatch):
     assert _routing.route((9, 0), "steered_linear", "lora", "per_row", 4) == "torch"  # nothing measured green
     assert _routing.route((7, 5), "steered_linear", "lora", "per_row", 4) == "torch"  # unknown device
     monkeypatch.setitem(_routing.TABLE, (8, 9), {"measured": "test", "routes": {
-        ("steered_linear", "local_weight", "per_row", "decode"): "native"}})
-    assert _routing.route((8, 9), "steered_linear", "local_weight", "per_row", 16) == "native"
+        ("steered_linear", "local_weight", "per_row", "decode"): "triton"}})
+    assert _routing.route((8, 9), "steered_linear", "local_weight", "per_row", 16) == "triton"
     assert _routing.route((8, 9), "steered_linear", "local_weight", "per_row", 4096) == "torch"
     assert _routing.row_class(64) == "decode" and _routing.row_class(65) == "prefill"

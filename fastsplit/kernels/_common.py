@@ -1,11 +1,12 @@
 """What the Triton kernels share: autotune keys, shared-memory estimates, config pruning and fixed configs.
 
 Why estimate shared memory ourselves: an autotune config whose pipelined tiles exceed the device's
-per-block shared memory fails to compile with ``OutOfResources`` (seen on an H100: 245,760 bytes asked
+per-block shared memory fails to compile with ``OutOfResources`` (seen on an H100 and an H200: 245,760 bytes asked
 for local_weight per-row in bf16, against 232,448). Each kernel states its footprint as
 ``stages × (bytes of the operand tiles loaded per K step) + bytes of epilogue operands``, which is what
-Triton's software pipeliner allocates; the autotuner's ``early_config_prune`` drops every config over
-the device's budget before anything compiles, so a user never meets ``OutOfResources``.
+Triton's software pipeliner allocates. :func:`tuned` builds each autotuner from the configs that fit the device
+(Triton's own ``max_shared_mem``), so no config over the budget ever reaches the autotuner: an
+``early_config_prune`` hook alone was not enough (the H200 still met the config above under autotuning).
 """
 from __future__ import annotations
 
@@ -29,12 +30,19 @@ def bucket(n: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def smem_budget(device_index: int) -> int:
-    """The opt-in shared memory per block of CUDA device ``device_index`` (bytes)."""
+    """The shared memory a block of CUDA device ``device_index`` may use (bytes): the figure Triton itself checks
+    ("Hardware limit" in its OutOfResources), else torch's opt-in figure, else the smaller consumer budget."""
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        if props.get("max_shared_mem"):
+            return int(props["max_shared_mem"])
+    except Exception:  # pragma: no cover - depends on the driver
+        pass
     props = torch.cuda.get_device_properties(device_index)
     for name in ("shared_memory_per_block_optin", "max_shared_memory_per_block_optin"):
         if getattr(props, name, 0):
             return int(getattr(props, name))
-    return CONSUMER_SMEM  # the smaller budget when torch does not say: every config kept then fits anywhere
+    return CONSUMER_SMEM  # the smaller budget when neither says: every config kept then fits anywhere
 
 
 def config_meta(cfg: triton.Config) -> dict:
@@ -60,6 +68,31 @@ def pruner(footprint_of: Callable[[dict, dict], Callable[[dict], int]]):
         return fits(configs, footprint_of(named_args, kwargs), smem_budget(first.device.index or 0))
 
     return {"early_config_prune": prune}
+
+
+_TUNERS: dict = {}
+
+
+def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int], device: torch.device, *,
+          key: list[str], fixed: triton.Config, interpret: triton.Config):
+    """What to launch for ``kernel`` (a ``triton.jit`` function) on ``device``: ``(launchable, meta)``.
+
+    * Under the interpreter: the kernel itself and ``interpret``'s block sizes.
+    * With ``FASTSPLIT_FIXED_CONFIGS=1`` (the test suite): the kernel and ``fixed`` (block sizes, warps, stages).
+    * Else an autotuner over exactly the configs of ``configs()`` whose ``footprint`` fits the device's budget,
+      built once per (kernel, budget, footprints) and cached; ``meta`` is empty.
+    """
+    if triton_interpreting() or device.type != "cuda":
+        return kernel, dict(interpret.kwargs)
+    if fixed_configs():
+        return kernel, {**fixed.kwargs, "num_warps": fixed.num_warps, "num_stages": fixed.num_stages}
+    budget = smem_budget(device.index if device.index is not None else torch.cuda.current_device())
+    space = configs()
+    needs = tuple(footprint(config_meta(c)) for c in space)
+    cache_key = (kernel, budget, needs)
+    if cache_key not in _TUNERS:
+        _TUNERS[cache_key] = triton.autotune(configs=fits(space, footprint, budget), key=key)(kernel)
+    return _TUNERS[cache_key], {}
 
 
 def elem_bytes(t: torch.Tensor) -> int:

@@ -1,7 +1,8 @@
 """Input checks shared by the ops: each error names the argument and its shape.
 
-Metadata checks (type, shape, dtype, device) always run. Value checks read device data, so they
-synchronise with the host: they run only with ``fastsplit.set_debug(True)`` / ``FASTSPLIT_DEBUG=1``.
+Metadata checks (type, shape, dtype, device) always run. Value checks read the data: on CPU tensors that costs no
+device sync, so they always run there; on a GPU they would synchronise with the host, so they run only with
+``fastsplit.set_debug(True)`` / ``FASTSPLIT_DEBUG=1``. Never while tracing (torch.compile) or capturing a graph.
 """
 from __future__ import annotations
 
@@ -16,11 +17,19 @@ from .. import _env
 Multiplier = Union[float, int, Tensor]
 
 
-def _value_checks() -> bool:
-    """Value checks need a host sync: on only in debug mode, and never while tracing or capturing a graph."""
-    if not _env.debug() or torch.compiler.is_compiling():
+def value_checks(t: Tensor) -> bool:
+    """Whether to read ``t``'s values: always on the CPU (no device sync), on a GPU only in debug mode; never while
+    tracing or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.is_cpu:
+        return True
+    if not _env.debug():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+_SMALL = 64  # up to this many values, a Python pass over tolist() beats launching isfinite + all + a read-back
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, like: Tensor | None = None,
@@ -39,28 +48,35 @@ def check_tensor(name: str, t, *, ndim: int | None = None, like: Tensor | None =
 
 
 def check_finite(name: str, t: Tensor) -> None:
-    """Debug mode only: ``t`` holds no NaN or inf."""
-    if _value_checks() and not bool(torch.isfinite(t).all()):
+    """``t`` holds no NaN or inf (CPU tensors always; CUDA tensors in debug mode: see :func:`value_checks`)."""
+    if not value_checks(t):
+        return
+    if t.numel() <= _SMALL:  # tolist() of a 1-D tensor is flat; reshape(-1) alone would cost more than the check
+        ok = all(map(math.isfinite, t.tolist() if t.dim() == 1 else t.flatten().tolist()))
+    else:
+        ok = bool(torch.isfinite(t).all())
+    if not ok:
         raise ValueError(f"{name} holds NaN or inf values")
 
 
 def check_multiplier(name: str, m: Multiplier, lead: tuple, device: torch.device) -> None:
-    """A multiplier is a number, or a tensor whose shape is a prefix of ``lead`` (x.shape[:-1])."""
-    if isinstance(m, bool) or not isinstance(m, (float, int, Tensor)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(m).__name__}")
-    if not isinstance(m, Tensor):
-        if not math.isfinite(float(m)):
-            raise ValueError(f"{name} must be finite, got {m}")
+    """A multiplier is a finite number, or a floating tensor on ``device`` whose shape is a prefix of ``lead``
+    (x.shape[:-1]) and, where its values can be read without a sync (:func:`value_checks`), finite."""
+    if isinstance(m, Tensor):
+        if not m.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {m.dtype}")
+        if m.device != device:
+            raise ValueError(f"{name} is on {m.device} but the input is on {device}")
+        if m.shape != lead[: m.dim()]:
+            raise ValueError(f"{name} has shape {tuple(m.shape)}, which is not a prefix of the input's "
+                             f"leading shape {tuple(lead)} (use [B] for one factor per sequence, "
+                             f"[B, T] for one per token)")
+        check_finite(name, m)
         return
-    if not m.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got dtype {m.dtype}")
-    if m.device != device:
-        raise ValueError(f"{name} is on {m.device} but the input is on {device}")
-    if tuple(m.shape) != tuple(lead[: m.dim()]):
-        raise ValueError(f"{name} has shape {tuple(m.shape)}, which is not a prefix of the input's "
-                         f"leading shape {tuple(lead)} (use [B] for one factor per sequence, "
-                         f"[B, T] for one per token)")
-    check_finite(name, m)
+    if isinstance(m, bool) or not isinstance(m, (float, int)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(m).__name__}")
+    if not math.isfinite(m):
+        raise ValueError(f"{name} must be finite, got {m}")
 
 
 def check_strengths(name: str, values, *, min_count: int = 1) -> list[float]:

@@ -1,13 +1,13 @@
 """The steered linear op: ``y = x·(W + m1·ΔW)ᵀ + (b + m2·Δb)`` (arXiv 2602.02343, eq. 1).
 
-Layers, top to bottom: ``steered_linear()`` (public, validates and dispatches) →
-``SteeredLinearFunction`` (autograd) → the launchers of the chosen backend
-(``fastsplit.kernels.steered_linear`` for Triton, ``fastsplit.native`` for the extension) →
-the kernels. ``steered_linear_ref`` is the pure-torch reference: the CPU path, the test oracle
-and the benchmark baseline.
+Layers, top to bottom: ``steered_linear()`` (public, validates and dispatches) → the torch backend
+``steered_linear_torch`` (cuBLAS compositions, the CPU path and ``auto``'s default) or ``SteeredLinearFunction``
+(autograd over the Triton decode kernel, ``fastsplit.kernels.steered_linear``) → the kernels.
+``steered_linear_ref`` is the plain pure-torch reference: the test oracle and the benchmark baseline.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from ._checks import (Multiplier, check_multiplier, check_tensor, expand_multiplier,
-                      multiplier_rows)
+from ._checks import Multiplier, check_multiplier, expand_multiplier, multiplier_rows
+from ._chunks import CPU_CACHE_BYTES
 
-__all__ = ["steered_linear", "steered_linear_ref", "SteeredLinearFunction"]
+__all__ = ["steered_linear", "steered_linear_ref", "steered_linear_torch", "SteeredLinearFunction"]
 
 
 def steered_linear_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *,
@@ -42,6 +42,94 @@ def steered_linear_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
         y = y + expand_multiplier(m1, lead, y.dtype) * F.linear(F.linear(x, lora_a), lora_b)
     if delta_bias is not None:
         y = y + expand_multiplier(m2, lead, y.dtype) * delta_bias
+    return y
+
+
+# local_weight with one scalar m: forming W + m·ΔW once costs 3·N·K element reads/writes, a second GEMM costs
+# 2·M·N·K FLOPs, so folding wins from M > 1.5·bytes·FLOPS/BW rows. H200 in bf16 (790 TFLOP/s, 4.2 TB/s): 564
+# rows. On the CPU the fold runs at cache speed while the three weights fit the last-level cache (measured on
+# the 2-core machine, fp32 576x1536: the fold wins from 4 rows, 0.30 against 0.45 ms at 16) and at memory speed
+# past it (2048x8192: two GEMMs win up to about 100 rows). Below the threshold (decode), two GEMMs read less.
+FOLD_ROWS = {"cuda": 512, "cpu": 4, "cpu-uncached": 128}
+
+
+def fold_rows(device: torch.device, weight_bytes: int) -> int:
+    """The fewest rows from which local_weight with one scalar m folds W + m·ΔW (see FOLD_ROWS)."""
+    if device.type == "cuda":
+        return FOLD_ROWS["cuda"]
+    return FOLD_ROWS["cpu"] if 3 * weight_bytes <= CPU_CACHE_BYTES else FOLD_ROWS["cpu-uncached"]
+
+
+def _scale_rows(t: Tensor, m, lead: tuple) -> Tensor:
+    """``t`` [M, c] with row i scaled by the per-row or per-token multiplier ``m`` (broadcast, never copied into
+    rows): one elementwise kernel, output in t's dtype."""
+    return (t.view(*lead, t.shape[-1]) * _lead_view(m, lead).to(t.dtype)).view(-1, t.shape[-1])
+
+
+def _column(m, lead: tuple, dtype) -> Tensor:
+    """The multiplier as an [..., 1] column (an expanded view) to concatenate beside [..., c]."""
+    return _lead_view(m, lead).to(dtype).expand(*lead, 1)
+
+
+def _lead_view(m, lead: tuple):
+    """A per-row or per-token multiplier [B] / [B, T] as a broadcastable view [..., 1] against [*lead, N]."""
+    return m.reshape(tuple(m.shape) + (1,) * (len(lead) - m.dim() + 1))
+
+
+def steered_linear_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                         delta_weight: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
+                         lora_b: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                         m1: Multiplier = 1.0, m2: Optional[Multiplier] = None) -> Tensor:
+    """The torch backend: the same result as :func:`steered_linear_ref` in the fewest launches and bytes that
+    torch ops allow (cuBLAS on a GPU), differentiable by autograd (m included). No input checks.
+
+    Per form, with scalar m folded into the bias ``b + m2·Δb`` (one N-vector op) and per-row m broadcast
+    from [B] / [B, T] without copies:
+
+    * vector: one GEMM with that bias; per-row m2 adds ``m2⊙Δb`` in place (one pass over y).
+    * LoRA: one GEMM for ``x·Wᵀ + b``, the skinny ``u = x·Aᵀ`` [M, r], then one in-place GEMM
+      ``y += [m1⊙u | m2]·[B | Δb]ᵀ`` (rank r+1): a per-row Δb rides in the rank product, no full-size temporary.
+    * local_weight, scalar m, at least :func:`fold_rows` rows: **a transient copy** ``W + m1·ΔW`` [N, K] in x's
+      dtype (as large as W) and one GEMM; fewer rows: two GEMMs, the second accumulating in place.
+    * local_weight, per-row m: ``y = x·Wᵀ + b``, then ``y += (m1⊙x)·ΔWᵀ`` in place (m scales x's rows, an
+      [M, K] temporary, never a weight); a per-row Δb adds in place.
+
+    ``weight=None`` (no base layer) takes :func:`steered_linear_ref`.
+    """
+    if weight is None:
+        return steered_linear_ref(x, None, bias, delta_weight=delta_weight, lora_a=lora_a, lora_b=lora_b,
+                                  delta_bias=delta_bias, m1=m1, m2=m2)
+    m2 = m1 if m2 is None else m2
+    lead = tuple(x.shape[:-1])
+    row1, row2 = isinstance(m1, Tensor), isinstance(m2, Tensor)
+    b_eff = bias
+    if delta_bias is not None and not row2:
+        b_eff = torch.add(bias, delta_bias, alpha=float(m2)) if bias is not None else delta_bias * float(m2)
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]; a view for contiguous x (what F.linear does inside)
+    fold = (delta_weight is not None and not row1
+            and x2.shape[0] >= fold_rows(x.device, weight.numel() * weight.element_size()))
+    # y [M, N] is the base of every in-place update below (an in-place op on a view of a leaf that needs no grad,
+    # followed by another, would trip autograd when only the deltas require grad).
+    y = F.linear(x2, torch.add(weight, delta_weight, alpha=float(m1)) if fold else weight, b_eff)
+    rank_db = delta_bias is not None and row2 and lora_a is not None  # a per-row Δb joins the rank product
+    if lora_a is not None:
+        u = F.linear(x2, lora_a)  # [M, r]
+        if row1 or rank_db:
+            u = _scale_rows(u, m1, lead) if row1 else u * float(m1)
+            lb = lora_b
+            if rank_db:
+                u = torch.cat([u.view(*lead, -1), _column(m2, lead, u.dtype)], dim=-1).view(-1, u.shape[-1] + 1)
+                lb = torch.cat([lora_b, delta_bias[:, None]], dim=1)
+            y.addmm_(u, lb.t())
+        else:
+            y.addmm_(u, lora_b.t(), alpha=float(m1))
+    elif delta_weight is not None and row1:
+        y.addmm_(_scale_rows(x2, m1, lead), delta_weight.t())
+    elif delta_weight is not None and not fold:
+        y.addmm_(x2, delta_weight.t(), alpha=float(m1))
+    y = y.view(*lead, y.shape[-1])
+    if delta_bias is not None and row2 and not rank_db:
+        y.addcmul_(_lead_view(m2, lead), delta_bias)
     return y
 
 
@@ -83,80 +171,94 @@ def _out_features(weight, delta_weight, lora_b, delta_bias) -> int:
     return delta_bias.shape[0]
 
 
-def _launchers(backend: str):
-    if backend == "triton":
-        from ..kernels import steered_linear as k
-
-        return k.steered_linear_fwd, k.steered_linear_bwd
-    from .. import native
-
-    # The native extension is a forward (decode) kernel; its backward is the torch one (cuBLAS on a GPU).
-    return native.steered_linear_fwd, steered_linear_bwd_torch
-
-
 class SteeredLinearFunction(torch.autograd.Function):
-    """Autograd over the fused launchers. ``x`` is [M, K]; m1/m2 rows are fp32 [M] or None."""
+    """Autograd over the Triton forward launcher; the backward is the torch one (cuBLAS GEMMs). ``x`` is [M, K];
+    m1/m2 rows are fp32 [M] or None; the factors are constants here (``backend="torch"`` differentiates m)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta_weight, lora_a, lora_b, delta_bias,
-                m1_rows, m2_rows, m1: float, m2: float, backend: str):
-        fwd, _ = _launchers(backend)
-        y = fwd(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1, m2)
+    def forward(ctx, x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1: float,
+                m2: float):
+        from ..kernels import steered_linear as k
+
+        args = (x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1, m2)
+        # Inside torch.compile the registered op (traceable); eagerly the launcher itself (no op dispatch).
+        y = k.steered_linear_fwd(*args) if torch.compiler.is_compiling() else k.launch_fwd(*args)
         ctx.save_for_backward(x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows)
-        ctx.scalars = (m1, m2, backend)
+        ctx.scalars = (m1, m2)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows = ctx.saved_tensors
-        m1, m2, backend = ctx.scalars
+        m1, m2 = ctx.scalars
         needs = [bool(n) for n in ctx.needs_input_grad[:7]]
-        _, bwd = _launchers(backend)
-        grads = bwd(grad, x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows, m1, m2, needs)
+        grads = steered_linear_bwd_torch(grad, x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows, m1, m2,
+                                         needs)
         out = [g if need else None for g, need in zip(grads, needs)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None)
+
+
+def _like(name: str, t, dev, dt, shape=None, ndim=None) -> None:
+    """``t`` is a tensor on ``dev`` in ``dt`` (and of ``shape`` / ``ndim``): metadata only, a fraction of a µs."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype is not dt:
+        raise TypeError(f"{name} has dtype {t.dtype} but the input has dtype {dt}")
+    if t.device != dev:
+        raise ValueError(f"{name} is on {t.device} but the input is on {dev}")
 
 
 def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2) -> None:
-    check_tensor("x", x)
-    if x.dim() < 1:
+    """Every metadata check of :func:`steered_linear`, each error naming the argument. Written flat, since it runs
+    on every call: the whole check costs about a µs (the goal: the op within 1.3x of the bare composition)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    xs = x.shape
+    if not xs:
         raise ValueError("x must have at least one dimension [..., in]")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+    dev, dt, in_f = x.device, x.dtype, xs[-1]
     if weight is None:
         if bias is not None:
             raise ValueError("bias was given without weight: weight=None means no base layer")
         if delta_weight is None and lora_b is None and delta_bias is None:
             raise ValueError("weight=None (no base layer) needs an update: delta_weight, lora_a/lora_b or delta_bias")
-        out_f, in_f = _out_features(None, delta_weight, lora_b, delta_bias), x.shape[-1]
+        if lora_b is not None and not isinstance(lora_b, Tensor):
+            raise TypeError(f"lora_b must be a torch.Tensor, got {type(lora_b).__name__}")
+        out_f = _out_features(None, delta_weight, lora_b, delta_bias)
     else:
-        check_tensor("weight", weight, ndim=2, like=x)
-        out_f, in_f = weight.shape
-        if x.shape[-1] != in_f:
-            raise ValueError(f"x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but weight "
-                             f"has shape {tuple(weight.shape)} = [out, in] with in={in_f}")
+        _like("weight", weight, dev, dt, ndim=2)
+        out_f = weight.shape[0]
+        if weight.shape[1] != in_f:
+            raise ValueError(f"x has {in_f} input features (shape {tuple(xs)}) but weight has shape "
+                             f"{tuple(weight.shape)} = [out, in] with in={weight.shape[1]}")
     if bias is not None:
-        check_tensor("bias", bias, shape=(out_f,), like=x)
+        _like("bias", bias, dev, dt, shape=(out_f,))
     if delta_bias is not None:
-        check_tensor("delta_bias", delta_bias, shape=(out_f,), like=x)
+        _like("delta_bias", delta_bias, dev, dt, shape=(out_f,))
     if delta_weight is not None:
         if lora_a is not None or lora_b is not None:
             raise ValueError("pass either delta_weight or the LoRA pair (lora_a, lora_b), not both")
-        check_tensor("delta_weight", delta_weight, shape=(out_f, in_f), like=x)
+        _like("delta_weight", delta_weight, dev, dt, shape=(out_f, in_f))
     if (lora_a is None) != (lora_b is None):
         given, missing = ("lora_a", "lora_b") if lora_a is not None else ("lora_b", "lora_a")
         raise ValueError(f"{given} was given without {missing}: LoRA needs both")
     if lora_a is not None:
-        check_tensor("lora_a", lora_a, ndim=2, like=x)
-        check_tensor("lora_b", lora_b, ndim=2, like=x)
+        _like("lora_a", lora_a, dev, dt, ndim=2)
+        _like("lora_b", lora_b, dev, dt, ndim=2)
         r = lora_a.shape[0]
-        if lora_a.shape[1] != in_f or tuple(lora_b.shape) != (out_f, r):
+        if lora_a.shape[1] != in_f or lora_b.shape != (out_f, r):
             raise ValueError(f"LoRA shapes must be lora_a [r, in] and lora_b [out, r] with in={in_f}, "
                              f"out={out_f}; got lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}")
-    lead = tuple(x.shape[:-1])
-    check_multiplier("m1", m1, lead, x.device)
+    if type(m1) is not float or not math.isfinite(m1):  # a plain finite float is the common case: done
+        check_multiplier("m1", m1, xs[:-1], dev)
     if m2 is not None:
-        check_multiplier("m2", m2, lead, x.device)
+        check_multiplier("m2", m2, xs[:-1], dev)
 
 
 def steered_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *,
@@ -178,7 +280,8 @@ def steered_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] =
     ``weight=None`` means no base layer, only the update ``m1·ΔW·x + m2·Δb`` (the residual-stream site
     adds it to the stream itself); it runs on the torch backend.
 
-    No host synchronisation: value checks (NaN/inf multipliers) run only with ``fastsplit.set_debug(True)``.
+    No host synchronisation: a NaN/inf multiplier is an error on CPU tensors always and on CUDA tensors with
+    ``fastsplit.set_debug(True)`` (the check reads the values); shapes, dtypes and devices are always checked.
 
     Returns [..., out]. Differentiable in ``x`` and every tensor argument that requires grad.
 
@@ -192,27 +295,32 @@ def steered_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] =
         True
     """
     _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
-    m_grad = any(isinstance(m, Tensor) and m.requires_grad for m in (m1, m2))
-    form = "local_weight" if delta_weight is not None else "lora" if lora_a is not None else "vector"
-    mkind = "scalar" if not isinstance(m1, Tensor) else "per_row" if m1.dim() <= 1 else "per_token"
-    rows = x.numel() // max(x.shape[-1], 1)
     if weight is None:
         if backend not in ("auto", "torch"):
             _backend.resolve(backend, x.device)  # an unknown or unavailable name still gets its own error
             raise ValueError(f"weight=None (no base layer) runs on the torch backend, not backend={backend!r}")
-        chosen = "torch"
+        return steered_linear_ref(x, None, bias, delta_weight=delta_weight, lora_a=lora_a, lora_b=lora_b,
+                                  delta_bias=delta_bias, m1=m1, m2=m2)
+    if backend == "native":
+        raise ValueError("steered_linear has no native kernel: the CUDA decode kernel lost to cuBLAS on every "
+                         "measured shape and was removed; use backend='auto', 'torch' or 'triton' (the decode kernel)")
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        chosen = "torch"  # the common CPU call: no routing to consult
     else:
-        chosen = _backend.resolve(backend, x.device, needs_autograd_m=m_grad, form=form, mkind=mkind, rows=rows)
-    if weight is not None and not isinstance(m1, Tensor) and m1 == 0 and \
-            (m2 is None or (not isinstance(m2, Tensor) and m2 == 0)):
+        m_grad = (isinstance(m1, Tensor) and m1.requires_grad) or (isinstance(m2, Tensor) and m2.requires_grad)
+        form = "local_weight" if delta_weight is not None else "lora" if lora_a is not None else "vector"
+        mkind = "scalar" if not isinstance(m1, Tensor) else "per_row" if m1.dim() <= 1 else "per_token"
+        chosen = _backend.resolve(backend, x.device, needs_autograd_m=m_grad, form=form, mkind=mkind,
+                                  rows=x.numel() // max(x.shape[-1], 1))
+    if not isinstance(m1, Tensor) and m1 == 0 and (m2 is None or (not isinstance(m2, Tensor) and m2 == 0)):
         # m = 0 is exactly the base layer, on every backend.
         deltas = (delta_weight, lora_a, lora_b, delta_bias)
         if not (torch.is_grad_enabled() and any(d is not None and d.requires_grad for d in deltas)):
             return F.linear(x, weight, bias)
         chosen = "torch"  # base output + 0·update: exact, and the deltas still get their (zero) grads
     if chosen == "torch" or x.numel() == 0:
-        return steered_linear_ref(x, weight, bias, delta_weight=delta_weight, lora_a=lora_a,
-                                  lora_b=lora_b, delta_bias=delta_bias, m1=m1, m2=m2)
+        return steered_linear_torch(x, weight, bias, delta_weight=delta_weight, lora_a=lora_a,
+                                    lora_b=lora_b, delta_bias=delta_bias, m1=m1, m2=m2)
     m2 = m1 if m2 is None else m2
     lead = tuple(x.shape[:-1])
     rows1, rows2 = multiplier_rows(m1, lead), multiplier_rows(m2, lead)
@@ -220,5 +328,5 @@ def steered_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] =
     s2 = 0.0 if rows2 is not None else float(m2)
     x2 = x.reshape(-1, x.shape[-1])
     y = SteeredLinearFunction.apply(x2, weight, bias, delta_weight, lora_a, lora_b, delta_bias,
-                                    rows1, rows2, s1, s2, chosen)
+                                    rows1, rows2, s1, s2)
     return y.reshape(*lead, weight.shape[0])

@@ -1,7 +1,7 @@
 """Every Triton autotune config against the shared memory a block may use, on the CPU (no GPU needed).
 
-The footprints are what Triton's pipeliner allocates; they reproduce the three figures an H100 refused
-(245,760 and 393,216 / 327,680 bytes), so a config that would fail to compile is pruned before launch.
+The footprints are what Triton's pipeliner allocates; they reproduce the figures an H100 and an H200 refused
+(245,760 and 393,216 / 327,680 bytes), so a config that would fail to compile never reaches the autotuner.
 """
 import itertools
 
@@ -17,16 +17,11 @@ DTYPES = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 def _steered_cases():
-    """(name, footprint, configs, fixed configs) for every form, m kind and dtype of both kernels."""
-    fixed_fwd = list(kst.FIXED_FWD.values())
-    for (dt, es), (form, per_row) in itertools.product(DTYPES.items(), [
-            ("vector", False), ("vector", True), ("lora", False), ("lora", True),
-            ("local_weight", False), ("local_weight", True)]):
-        # FOLD (scalar m) still loads the ΔW tile, so both local_weight cases count two B operands.
-        fp = kst.fwd_footprint(es, has_dw=form == "local_weight", has_lora=form == "lora", block_r=16)
-        yield f"fwd-{form}-{'row' if per_row else 'scalar'}-{dt}", fp, kst.gpu_fwd_configs(), fixed_fwd
-        fp = kst.bwd_footprint(es, per_row_dw=form == "local_weight" and per_row)
-        yield f"bwd-{form}-{'row' if per_row else 'scalar'}-{dt}", fp, kst.gpu_bwd_configs(), [kst.FIXED_BWD["any"]]
+    """(name, footprint, configs, fixed configs) for every form, row tile and dtype of the decode kernel."""
+    for (dt, es), form, bm in itertools.product(DTYPES.items(), ["vector", "lora", "local_weight"], [16, 32, 64]):
+        fp = kst.footprint(es, block_m=bm, block_n=kst.BLOCK_N_DECODE, has_dw=form == "local_weight",
+                           has_lora=form == "lora", block_r=16)
+        yield f"decode-{form}-bm{bm}-{dt}", fp, kst.gpu_configs(), [kst.FIXED]
     for dt, es in DTYPES.items():
         yield (f"split-fwd-{dt}", ksl.fwd_footprint(es, ksl.GPU_BLOCK_V),
                ksl._configs(ksl.FWD_NAMES, ksl.FWD_TABLE, interpret=False), [ksl.FIXED_FWD])
@@ -37,12 +32,48 @@ def _steered_cases():
 CASES = list(_steered_cases())
 
 
-def test_footprints_reproduce_what_an_h100_refused():
-    meta = lambda bm, bn, bk, s: {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": s, "num_warps": 8}
-    lw = lambda es: kst.fwd_footprint(es, has_dw=True, has_lora=False, block_r=16)
-    assert lw(2)(meta(128, 256, 64, 3)) == 245_760  # local_weight per-row, bf16
-    assert lw(4)(meta(128, 128, 64, 4)) == 393_216  # fp32
-    assert lw(4)(meta(64, 128, 64, 4)) == 327_680
+H200_REFUSED = {"BLOCK_K": 64, "num_stages": 3, "num_warps": 8}  # with a 128 x 256 tile: what the H200 refused
+
+
+def test_footprints_reproduce_what_an_h100_and_an_h200_refused():
+    lw = lambda es, bm, bn: kst.footprint(es, block_m=bm, block_n=bn, has_dw=True, has_lora=False, block_r=16)
+    assert lw(2, 128, 256)(H200_REFUSED) == 245_760  # local_weight per-row, bf16: "Required: 245760"
+    assert lw(4, 128, 128)({"BLOCK_K": 64, "num_stages": 4}) == 393_216  # fp32
+    assert lw(4, 64, 128)({"BLOCK_K": 64, "num_stages": 4}) == 327_680
+
+
+def test_the_refused_config_is_pruned_at_the_h200_budget():
+    """The config that raised OutOfResources under autotuning: 245,760 bytes against the H200's 232,448."""
+    import triton
+
+    fp = kst.footprint(2, block_m=128, block_n=256, has_dw=True, has_lora=False, block_r=16)
+    refused = triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=3)
+    smaller = triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2)
+    assert _common.fits([refused, smaller], fp, 232_448) == [smaller]
+    assert _common.fits([refused, smaller], fp, 245_760) == [refused, smaller]
+
+
+def test_tuned_builds_the_autotuner_from_fitting_configs_only(monkeypatch):
+    """On a (faked) CUDA device the autotuner is made from the configs that fit, before anything compiles."""
+    monkeypatch.setattr(_common, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(_common, "fixed_configs", lambda: False)
+    monkeypatch.setattr(_common, "smem_budget", lambda index: 232_448)
+    monkeypatch.setattr(_common, "_TUNERS", {})
+    fp = kst.footprint(2, block_m=64, block_n=64, has_dw=True, has_lora=False, block_r=16)
+    device = torch.device("cuda", 0)
+    tuner, meta = _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fp, device, key=["M"],
+                                fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG)
+    assert meta == {}
+    kept = tuner.configs
+    assert kept and all(fp(_common.config_meta(c)) <= 232_448 for c in kept)
+    assert len(kept) == sum(fp(_common.config_meta(c)) <= 232_448 for c in kst.gpu_configs()) < len(kst.gpu_configs())
+    again, _ = _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fp, device, key=["M"],
+                             fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG)
+    assert again is tuner  # built once per kernel, budget and footprints
+    monkeypatch.setattr(_common, "fixed_configs", lambda: True)
+    kernel, meta = _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fp, device, key=["M"],
+                                 fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG)
+    assert kernel is kst._steered_linear_fwd_kernel and meta["num_stages"] == kst.FIXED.num_stages
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS.values()), ids=list(BUDGETS))
@@ -57,23 +88,7 @@ def test_pruning_keeps_exactly_the_configs_that_fit(name, footprint, configs, fi
         assert footprint(_common.config_meta(c)) <= budget, f"{name}: fixed config {c} overflows"
 
 
-def test_pruner_leaves_cpu_launches_alone_and_prunes_on_a_device_budget(monkeypatch):
-    prune = _common.pruner(lambda named, kw: kst.fwd_footprint(4, has_dw=True, has_lora=False, block_r=16))
-    configs = kst.gpu_fwd_configs()
-    assert prune["early_config_prune"](configs, {"X": torch.zeros(1)}) == configs  # CPU tensor: untouched
-
-    class FakeCuda:  # a CUDA tensor as the pruner sees it
-        device = torch.device("cuda", 0)
-
-        def data_ptr(self):
-            return 0
-
-    monkeypatch.setattr(_common, "smem_budget", lambda index: _common.CONSUMER_SMEM)
-    kept = prune["early_config_prune"](configs, {"X": FakeCuda()})
-    assert 0 < len(kept) < len(configs)
-
-
 def test_fits_never_returns_an_empty_list():
-    configs = kst.gpu_fwd_configs()
+    configs = kst.gpu_configs()
     kept = _common.fits(configs, lambda c: 10 ** 9, budget=1)
     assert len(kept) == 1

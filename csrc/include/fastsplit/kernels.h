@@ -6,21 +6,6 @@
 
 namespace fastsplit {
 
-// y[M, N] = x·Wᵀ + m1⊙(x·ΔWᵀ | xa·Bᵀ) + b + m2⊙Δb. Rows of x, W, ΔW, B and y are contiguous; ld* are row
-// strides in elements. xa [M, R] fp32 is x·Aᵀ for LoRA (null otherwise). m1_rows/m2_rows fp32 [M] or null
-// (then the scalars m1/m2). bias/dbias [N] or null.
-struct SteeredArgs {
-  const void* x; int64_t ldx;
-  const void* w; int64_t ldw;
-  const void* dw; int64_t lddw;
-  const float* xa; const void* lb; int64_t ldlb; int64_t rank;
-  const void* bias; const void* dbias;
-  const float* m1_rows; const float* m2_rows; float m1; float m2;
-  void* y; int64_t ldy;
-  int64_t M, N, K;
-  int dtype;
-};
-
 // SPLIT epilogue over one logits chunk z [C, V] (row stride ldz): merge the chunk into the running
 // (max, sumexp) of each row and record the target logit.
 struct LseArgs {
@@ -53,13 +38,11 @@ struct ReduceArgs {
   float* loss;       // [1]
 };
 
-void steered_gemv_cpu(const SteeredArgs& a);
 void split_lse_cpu(const LseArgs& a);
 void split_grad_cpu(const GradArgs& a);
 void split_reduce_cpu(const ReduceArgs& a);
 
 #ifdef FASTSPLIT_WITH_CUDA
-void steered_gemv_cuda(const SteeredArgs& a, void* stream);
 void split_lse_cuda(const LseArgs& a, void* stream);
 void split_grad_cuda(const GradArgs& a, void* stream);
 void split_reduce_cuda(const ReduceArgs& a, void* stream);

@@ -16,12 +16,6 @@ namespace fastsplit {
 // dtype codes passed from Python
 enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
-// y = acc + m1·acc_delta + bias + m2·dbias: the steered update's epilogue for one output element.
-// acc = x·W_n, acc_delta = x·ΔW_n or (x·Aᵀ)·B_n, all accumulated in fp32.
-FS_HD float steered_epilogue(float acc, float acc_delta, float m1, float bias, float dbias, float m2) {
-  return acc + m1 * acc_delta + bias + m2 * dbias;
-}
-
 // Online log-sum-exp state: max and the sum of exp(z - max).
 struct LseState {
   float m;
