@@ -120,6 +120,33 @@ def _global_loss(h_pos, t_pos, h_neg, t_neg, head, softcap, hp, reduction, n_glo
     return surrogate, value, {"pos": pos, "neg": neg, "pref_log_odds": neg - pos}
 
 
+def _check_encoded(enc, pairs, vocab: int) -> None:
+    """Training data, checked when encoded and before any model runs: every token id inside the model's
+    vocabulary (a label outside it would make the loss NaN on a GPU, where the op does not read labels back)."""
+    for i, (prompt, pos, neg) in enumerate(enc):
+        top = max(max(prompt, default=0), max(pos), max(neg))
+        if top >= vocab:
+            raise ValueError(f"pair {i} ({pairs[i].prompt[:60]!r}) encodes to token id {top}, outside the model's "
+                             f"vocabulary of {vocab}: the tokenizer does not match the model")
+
+
+@torch.no_grad()
+def _raise_bad_pair(pairs, idx, h_pos, t_pos, h_neg, t_neg, head, softcap, epoch, batch):
+    """The loss was not finite: name the first pair of the batch whose hidden states or per-pair NLLs are not."""
+    _, parts = split_loss(h_pos.detach(), h_neg.detach(), head.weight, t_pos, t_neg, reduction="pair",
+                          lm_head_bias=head.bias, logit_softcap=softcap, shift=False, return_parts=True)
+    finite = torch.isfinite(parts["pos"]) & torch.isfinite(parts["neg"])
+    finite &= torch.isfinite(h_pos).flatten(1).all(1) & torch.isfinite(h_neg).flatten(1).all(1)
+    bad = [j for j, ok in enumerate(finite.tolist()) if not ok]
+    where = f"epoch {epoch + 1}, batch {batch + 1}"
+    if not bad:
+        raise RuntimeError(f"the SPLIT loss is not finite at {where}, though every pair's NLLs are")
+    i = idx[bad[0]]
+    raise RuntimeError(f"the SPLIT loss is not finite at {where}: first bad pair is #{i} "
+                             f"({pairs[i].prompt[:60]!r}); its hidden states or NLLs are NaN/inf (a diverged "
+                             "steering parameter? try a lower lr)")
+
+
 def _checkpoints(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "checkpoint-epoch*.pt")),
                   key=lambda p: int(p.rsplit("epoch", 1)[1].split(".")[0]))
@@ -178,6 +205,7 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
     device = next(steering.module.parameters()).device
     params = steering.parameters()
     enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
+    _check_encoded(enc, pairs, hf.lm_head(model).weight.shape[0])
     mine = dist.shard_range(len(pairs), group)
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -237,7 +265,9 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
                     value, parts = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction=reduction,
                                               lm_head_bias=head.bias, logit_softcap=softcap,
                                               return_parts=True, shift=False, **hp)
-                    objective, value = value, float(value.detach())
+                    objective, value = value, float(value.detach())  # the one read of the step
+                    if not math.isfinite(value):
+                        _raise_bad_pair(pairs, idx, h_pos, t_pos, h_neg, t_neg, head, softcap, epoch, b)
                     stats = {k: float(parts[k].mean()) for k in ("pos", "neg", "pref_log_odds")}
                 else:
                     # This rank's pairs of the global batch; a rank that owns none of them runs one of its own
@@ -250,6 +280,11 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
                                             dtype=params[0].dtype))
                     objective, value, stats = _global_loss(*out, head, softcap, hp, reduction, len(idx), group,
                                                            empty=not own)
+                    if not math.isfinite(value):  # every rank sees the global value: every rank stops here
+                        if not own:
+                            raise RuntimeError(f"the SPLIT loss is not finite at epoch {epoch + 1}, batch {b + 1} "
+                                               "(the bad pair is on another rank)")
+                        _raise_bad_pair(pairs, local, *out, head, softcap, epoch, b)
                 (objective / grad_accum).backward()
                 if (b + 1) % grad_accum == 0 or b + 1 == n_batches:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -17,11 +17,20 @@ MKINDS = ["scalar", "per_row", "per_token"]
 
 @contextlib.contextmanager
 def no_host_reads(monkeypatch):
+    """Reading data back (item, bool, tolist) raises, as it would cost a sync on a GPU; the value checks that
+    CPU tensors get (no sync there) are switched to what CUDA tensors get without the debug switch: none."""
     def refuse(*args, **kwargs):
-        raise AssertionError("a host sync: Tensor.item / Tensor.__bool__ was called on the op's path")
+        raise AssertionError("a host sync: Tensor.item / __bool__ / tolist was called on the op's path")
 
+    from fastsplit.ops import _checks
+    from fastsplit.ops import split_loss as split_loss_module
+
+    as_on_cuda = lambda t: False
+    monkeypatch.setattr(_checks, "value_checks", as_on_cuda)
+    monkeypatch.setattr(split_loss_module, "value_checks", as_on_cuda)
     monkeypatch.setattr(torch.Tensor, "item", refuse)
     monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
     yield
 
 

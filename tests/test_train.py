@@ -120,3 +120,20 @@ def test_short_sliding_window_turns_packing_off():
     enc = [fastsplit.encode_pair(tiny_tokenizer(), p) for p in PAIRS]
     assert not hf.packable(tiny_model("gemma2"), enc)  # window 8 is shorter than a packed row
     assert hf.packable(tiny_model("llama"), enc)
+
+
+def test_tokens_outside_the_vocabulary_are_refused_before_the_model_runs():
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", config={"vocab_size": 50})  # smaller than the tokenizer's
+    s = fastsplit.attach(model, 1, "vector")
+    with pytest.raises(ValueError, match=r"pair 0 .* outside the model's vocabulary of 50"):
+        fastsplit.train(model, tok, s, fastsplit.demo_pairs()[:4], progress=False)
+
+
+def test_a_nan_loss_names_the_first_bad_pair():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    s = fastsplit.attach(model, 1, "vector")
+    with torch.no_grad():
+        s.module.delta_bias[3] = float("nan")  # every row NaN from the steered layer on
+    with pytest.raises(RuntimeError, match=r"not finite at epoch 1, batch 1: first bad pair is #\d+"):
+        fastsplit.train(model, tok, s, fastsplit.demo_pairs()[:6], batch_size=3, progress=False)

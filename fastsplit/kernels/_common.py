@@ -1,4 +1,4 @@
-"""What the Triton kernels share: autotune keys, shared-memory estimates, config pruning and fixed configs.
+"""What the Triton kernels share: shared-memory budgets and estimates, config pruning, fixed configs.
 
 Why estimate shared memory ourselves: an autotune config whose pipelined tiles exceed the device's
 per-block shared memory fails to compile with ``OutOfResources`` (seen on an H100 and an H200: 245,760 bytes asked
@@ -21,11 +21,6 @@ from .._env import fixed_configs, triton_interpreting
 # Per-block shared memory a kernel may opt into (bytes).
 HOPPER_SMEM = 227 * 1024  # H100 / H200 (sm_90)
 CONSUMER_SMEM = 99 * 1024  # Ada and consumer Ampere (sm_86, sm_89)
-
-
-def bucket(n: int) -> int:
-    """Autotune key for a row count: powers of two up to 4096, so decode steps of any length reuse one tuning."""
-    return min(triton.next_power_of_2(max(n, 1)), 4096)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,19 +52,6 @@ def fits(configs: Sequence[triton.Config], footprint: Callable[[dict], int], bud
     return keep or [min(sized, key=lambda s: s[0])[1]]
 
 
-def pruner(footprint_of: Callable[[dict, dict], Callable[[dict], int]]):
-    """An ``early_config_prune`` for ``triton.autotune``: ``footprint_of(named_args, constexprs)`` returns the
-    footprint function of this launch (dtype and flags decide it); configs over the device's budget go."""
-
-    def prune(configs, named_args, **kwargs):
-        first = next(v for v in named_args.values() if hasattr(v, "device") and hasattr(v, "data_ptr"))
-        if first.device.type != "cuda":
-            return list(configs)
-        return fits(configs, footprint_of(named_args, kwargs), smem_budget(first.device.index or 0))
-
-    return {"early_config_prune": prune}
-
-
 _TUNERS: dict = {}
 
 
@@ -95,22 +77,3 @@ def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int],
     return _TUNERS[cache_key], {}
 
 
-def elem_bytes(t: torch.Tensor) -> int:
-    return t.element_size()
-
-
-def use_fixed() -> bool:
-    """One fixed config per shape class (tests), instead of the autotuner; never under the interpreter,
-    whose own single config is already fixed."""
-    return fixed_configs() and not triton_interpreting()
-
-
-def launch(kernel, grid, args: tuple, constexprs: dict, fixed: triton.Config | None):
-    """Launch ``kernel`` (an autotuned Triton kernel) through ``wrap_triton``; with ``fixed`` the autotuner is
-    bypassed and that config's block sizes, warps and stages are passed directly."""
-    from torch.library import wrap_triton
-
-    if fixed is None:
-        return wrap_triton(kernel)[grid](*args, **constexprs)
-    return wrap_triton(kernel.fn)[grid](*args, **constexprs, **fixed.kwargs, num_warps=fixed.num_warps,
-                                        num_stages=fixed.num_stages)

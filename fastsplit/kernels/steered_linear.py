@@ -104,7 +104,7 @@ def _steered_linear_fwd_kernel(
     stride_xm, stride_wn, stride_dwn, stride_xam, stride_lbn, stride_ym,
     m1_scalar, m2_scalar,
     HAS_DW: tl.constexpr, FOLD_DW: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DBIAS: tl.constexpr, M1_ROWS: tl.constexpr, M2_ROWS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, M1_ROWS: tl.constexpr, M2_ROWS: tl.constexpr, PARTIAL: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -143,7 +143,7 @@ def _steered_linear_fwd_kernel(
             acc += tl.load(M1 + offs_m, mask=mask_m, other=0.0)[:, None] * acc_d
         else:
             acc += m1_scalar * acc_d
-    if SPLIT > 1:  # an fp32 partial plane per split; _steered_linear_reduce_kernel finishes
+    if PARTIAL:  # K is split: an fp32 partial plane per split; _steered_linear_reduce_kernel finishes
         part = PART + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(part, acc, mask=mask_m[:, None] & mask_n[None, :])
     else:
@@ -156,9 +156,9 @@ def _steered_linear_fwd_kernel(
 @triton.jit
 def _steered_linear_reduce_kernel(
     PART, XA, LB, BIAS, DBIAS, M2, Y,
-    M, N, R, stride_xam, stride_lbn, stride_ym, m2_scalar,
+    M, N, R, split, stride_xam, stride_lbn, stride_ym, m2_scalar,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, M2_ROWS: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # The split partials in a fixed order (the same sum every call), then the epilogue.
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -168,7 +168,7 @@ def _steered_linear_reduce_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     ptrs = PART + offs_m[:, None] * N + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT):
+    for s in range(split):
         acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
     acc = _epilogue(acc, offs_m, offs_n, mask_m, mask_n, XA, LB, BIAS, DBIAS, M2, R, stride_xam, stride_lbn,
                     m2_scalar, HAS_LORA, HAS_BIAS, HAS_DBIAS, M2_ROWS, BLOCK_R)
@@ -216,6 +216,15 @@ def _launch(kernel, grid, args, meta, *, traced: bool):
     return kernel[grid](*args, **meta)
 
 
+def variant(M: int, N: int, K: int, dtype: torch.dtype, *, has_dw: bool, m1_rows: bool, has_lora: bool, rank: int,
+            has_bias: bool, has_dbias: bool, m2_rows: bool, sm_count: int) -> dict:
+    """The constexprs one launch compiles with (a distinct dict is a distinct compile), and its plan."""
+    bm, bn, split, per = plan(M, N, K, sm_count)
+    return dict(HAS_DW=has_dw, FOLD_DW=has_dw and not m1_rows, HAS_LORA=has_lora, HAS_BIAS=has_bias,
+                HAS_DBIAS=has_dbias, M1_ROWS=m1_rows, M2_ROWS=m2_rows, PARTIAL=split > 1,
+                IEEE=dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_rank_block(rank)), split, per
+
+
 def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: Optional[Tensor],
                lora_a: Optional[Tensor], lora_b: Optional[Tensor], delta_bias: Optional[Tensor],
                m1_rows: Optional[Tensor], m2_rows: Optional[Tensor], m1: float, m2: float, *,
@@ -226,41 +235,41 @@ def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: 
     launch through ``wrap_triton`` (inside ``torch.compile``); eager calls launch directly (less host time).
     """
     x, weight, delta_weight = _k_contiguous(x), _k_contiguous(weight), _k_contiguous(delta_weight)
+    lora_b, bias, delta_bias = _k_contiguous(lora_b), _k_contiguous(bias), _k_contiguous(delta_bias)
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return y
-    bm, bn, split, per = plan(M, N, K, _sm_count(x.device))
     xa = None
     if lora_a is not None:  # the skinny rank product m1⊙(x·Aᵀ) [M, r] in fp32, by cuBLAS
         xa = (x @ lora_a.t()).float()
         xa = xa * (m1_rows[:, None] if m1_rows is not None else m1)
     R = xa.shape[1] if xa is not None else 0
-    has_dw, fold = delta_weight is not None, delta_weight is not None and m1_rows is None
+    flags, split, per = variant(M, N, K, x.dtype, has_dw=delta_weight is not None, m1_rows=m1_rows is not None,
+                                has_lora=xa is not None, rank=R, has_bias=bias is not None,
+                                has_dbias=delta_bias is not None, m2_rows=m2_rows is not None,
+                                sm_count=_sm_count(x.device))
+    bm, bn = flags["BLOCK_M"], flags["BLOCK_N"]
     dummy = y  # never read: the constexpr flags switch those loads off
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else dummy
-    flags = dict(HAS_DW=has_dw, FOLD_DW=fold, HAS_LORA=xa is not None, HAS_BIAS=bias is not None,
-                 HAS_DBIAS=delta_bias is not None, M1_ROWS=m1_rows is not None, M2_ROWS=m2_rows is not None,
-                 SPLIT=split, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_rank_block(R))
     pick = lambda t: t if t is not None else dummy
     args = (x, weight, pick(delta_weight), pick(xa), pick(lora_b), pick(bias), pick(delta_bias), pick(m1_rows),
             pick(m2_rows), y, part, M, N, K, R, per, x.stride(0), weight.stride(0),
-            delta_weight.stride(0) if has_dw else 0, xa.stride(0) if xa is not None else 0,
+            delta_weight.stride(0) if delta_weight is not None else 0, xa.stride(0) if xa is not None else 0,
             lora_b.stride(0) if lora_b is not None else 0, y.stride(0), float(m1), float(m2))
-    es = x.element_size()
-    need = footprint(es, block_m=bm, block_n=bn, has_dw=has_dw, has_lora=xa is not None, block_r=_rank_block(R))
+    need = footprint(x.element_size(), block_m=bm, block_n=bn, has_dw=flags["HAS_DW"], has_lora=flags["HAS_LORA"],
+                     block_r=flags["BLOCK_R"])
     kernel, fixed = _common.tuned(_steered_linear_fwd_kernel, gpu_configs, need, x.device,
-                                  key=["M", "N", "K", "SPLIT"], fixed=FIXED, interpret=INTERPRET_CONFIG)
-    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
-    _launch(kernel, grid, args, {**flags, **fixed}, traced=traced)
+                                  key=["M", "N", "K", "K_PER_SPLIT"], fixed=FIXED, interpret=INTERPRET_CONFIG)
+    _launch(kernel, (triton.cdiv(N, bn), split, triton.cdiv(M, bm)), args, {**flags, **fixed}, traced=traced)
     if split > 1:
         rbm, rbn = min(bm, 16), 128
-        red = (part, pick(xa), pick(lora_b), pick(bias), pick(delta_bias), pick(m2_rows), y, M, N, R,
+        red = (part, pick(xa), pick(lora_b), pick(bias), pick(delta_bias), pick(m2_rows), y, M, N, R, split,
                xa.stride(0) if xa is not None else 0, lora_b.stride(0) if lora_b is not None else 0, y.stride(0),
                float(m2))
-        rflags = dict(HAS_LORA=xa is not None, HAS_BIAS=bias is not None, HAS_DBIAS=delta_bias is not None,
-                      M2_ROWS=m2_rows is not None, SPLIT=split, BLOCK_M=rbm, BLOCK_N=rbn, BLOCK_R=_rank_block(R))
+        rflags = dict(HAS_LORA=flags["HAS_LORA"], HAS_BIAS=flags["HAS_BIAS"], HAS_DBIAS=flags["HAS_DBIAS"],
+                      M2_ROWS=flags["M2_ROWS"], BLOCK_M=rbm, BLOCK_N=rbn, BLOCK_R=flags["BLOCK_R"])
         _launch(_steered_linear_reduce_kernel, (triton.cdiv(N, rbn), triton.cdiv(M, rbm)), red, rflags,
                 traced=traced)
     return y

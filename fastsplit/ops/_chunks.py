@@ -79,6 +79,32 @@ def chunk_rows(n: int, vocab: int, hidden: int, device: torch.device) -> int:
     return max(1, min(n, rows))
 
 
+# The fused SPLIT path (Triton pass between cuBLAS GEMMs) holds one [C, V] logits chunk in the hidden states' dtype;
+# C is sized by bytes so the chunk stays within this budget at any V (the issue's goal is <= 256 MiB of extra
+# memory for the whole step, which also holds both sides' dH). 128 MiB is C = 441 rows at V 152064 in bf16 and
+# 262 at V 256000: enough rows that the logits GEMM runs thousands of tiles, while the dH GEMM ([C, V]·[V, H],
+# long K) leans on cuBLAS's split-K.
+FUSED_LOGITS_BYTES = 128 << 20
+FUSED_ROW_ALIGN = 64
+
+
+def fused_chunk_rows(n: int, vocab: int, elem_bytes: int, device: torch.device,
+                     budget: int = FUSED_LOGITS_BYTES) -> int:
+    """Token rows per logits chunk of the fused SPLIT path: as many as fit ``budget`` bytes (a multiple of
+    ``FUSED_ROW_ALIGN`` rows, at least that many) on a GPU; on the CPU (the interpreter) the cache-sized rule.
+
+    Example::
+
+        >>> fused_chunk_rows(8192, 256000, 2, torch.device("cuda"))
+        256
+    """
+    if device.type != "cuda":
+        return chunk_rows(n, vocab, 1, device)
+    rows = budget // max(1, vocab * elem_bytes)
+    rows = max(FUSED_ROW_ALIGN, rows // FUSED_ROW_ALIGN * FUSED_ROW_ALIGN)
+    return max(1, min(n, rows))
+
+
 def spans(n: int, chunk: int) -> Iterator[tuple[int, int]]:
     """``(start, end)`` of each chunk of ``n`` rows."""
     for s in range(0, n, chunk):

@@ -31,11 +31,19 @@ TABLE: dict[tuple[int, int], dict] = {
 }
 
 
+# Where the table says nothing for a CUDA device. split_loss takes the fused path by design (issue: "auto on CUDA
+# takes this path"): the torch path's own cuBLAS GEMMs, with one fused elementwise pass over bf16 logits in place of
+# five fp32 torch kernels, so it cannot add work. Not yet measured: bench/gpu_check.sh reports it beside the torch
+# path, and a measured entry above overrides this.
+DEFAULTS = {"split_loss": "triton"}
+
+
 def route(capability: tuple[int, int] | None, op: str, form: str | None, mkind: str | None,
           rows: int | None) -> str:
-    """The measured backend for this call, or "torch" where nothing was measured."""
+    """The measured backend for this call on a CUDA device of ``capability``; else the op's default (DEFAULTS),
+    else "torch"."""
     entry = TABLE.get(capability) if capability is not None else None
-    if entry is None:
-        return "torch"
     key = (op, form, mkind, row_class(rows) if rows is not None else None)
-    return entry["routes"].get(key, "torch")
+    if entry is not None and key in entry["routes"]:
+        return entry["routes"][key]
+    return DEFAULTS.get(op, "torch")

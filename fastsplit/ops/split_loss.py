@@ -10,7 +10,9 @@ loss and each row's coefficient ``∂loss/∂NLL``; backward only rescales dH by
 the coefficient). A trainable lm_head gets its gradient from a chunked recompute in backward.
 
 ``split_loss_ref`` is the naive full-logits reference (test oracle, benchmark baseline).
-``split_loss_fwd_torch`` is the chunked torch launcher (the CPU path).
+``split_loss_fwd_torch`` is the chunked torch launcher (the CPU path); ``backend="triton"`` (``auto`` on CUDA) is
+cuBLAS GEMMs around one fused Triton pass per chunk (``fastsplit.kernels.split_loss``); ``"native"`` the same
+GEMMs around the compiled extension's epilogue.
 """
 from __future__ import annotations
 
@@ -20,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _env
 from . import _backend
-from ._checks import check_tensor
+from ._checks import check_tensor, value_checks
 from ._chunks import chunk_rows as _chunk_rows
-from ._chunks import spans
+from ._chunks import fused_chunk_rows, spans
 
 __all__ = ["split_loss", "split_loss_ref", "SplitLossFunction", "REDUCTIONS"]
 
@@ -171,29 +172,34 @@ def _reduce(nll_p, rows_p, nll_n, rows_n, B: int, reduction: str, lp: float, ln:
     return loss, (pos, neg, pref, active), coefs[0], coefs[1]
 
 
-def _launcher(backend: str):
-    if backend == "torch":
-        return split_loss_fwd_torch
+def _launcher(backend: str, h: Tensor, V: int):
+    """(launcher, chunk rows) of ``backend`` for rows ``h`` [n, H] over a vocabulary of V."""
+    n, H = h.shape
     if backend == "triton":
-        from ..kernels.split_loss import split_loss_fwd
+        from ..kernels import split_loss as k
 
-        return split_loss_fwd
+        # Inside torch.compile the registered op (traceable); eagerly the launcher itself (no op dispatch).
+        fwd = k.split_loss_fwd if torch.compiler.is_compiling() else k.fused_split_fwd
+        return fwd, fused_chunk_rows(n, V, h.element_size(), h.device)
+    chunk = _chunk_rows(n, V, H, h.device)
+    if backend == "torch":
+        return split_loss_fwd_torch, chunk
     from .. import native
 
-    return native.split_loss_fwd
+    return native.split_loss_fwd, chunk
 
 
 def _side(hidden: Tensor, labels: Tensor, V: int, name: str, shift: bool, ignore_index: int):
     """Every token row of one side: (h [B·T, H], target [B·T] in [0, V), batch row [B·T] or -1 if masked).
 
-    A target outside [0, V) that is not ``ignore_index`` gives a NaN NLL (loud, and no host sync); with
-    ``fastsplit.set_debug(True)`` it is an error naming the position instead."""
+    A target outside [0, V) that is not ``ignore_index`` is an error naming the position on CPU tensors (and on
+    CUDA with ``fastsplit.set_debug(True)``); on CUDA without it, its NLL is NaN (loud, and no host sync)."""
     tgt = _targets(labels, shift, ignore_index)
     B, T = tgt.shape
     flat = tgt.reshape(-1)
     masked = flat == ignore_index
     bad = ~masked & ((flat < 0) | (flat >= V))
-    if _env.debug() and not torch.compiler.is_compiling() and bool(bad.any()):
+    if value_checks(flat) and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name}[{i // T}, {i % T + (1 if shift else 0)}] = {int(flat[i])} is outside "
                          f"[0, V={V}) and is not ignore_index={ignore_index}")
@@ -210,18 +216,17 @@ class SplitLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_pos, hidden_neg, weight, bias, labels_pos, labels_neg, opts: dict):
         B, V = hidden_pos.shape[0], weight.shape[0]
-        fwd = _launcher(opts["backend"])
         need_dh = ctx.needs_input_grad[:2]
         sides = []
         for name, hid, lab, need in (("labels_pos", hidden_pos, labels_pos, need_dh[0]),
                                      ("labels_neg", hidden_neg, labels_neg, need_dh[1])):
             h, t, rows, bad = _side(hid, lab, V, name, opts["shift"], opts["ignore_index"])
-            chunk = _chunk_rows(h.shape[0], V, h.shape[1], h.device)
+            fwd, chunk = _launcher(opts["backend"], h, V)
             nll, lse, dh = fwd(h, t, weight, bias, opts["softcap"], need, chunk)
             nll = torch.where(bad, torch.full((), float("nan"), device=nll.device, dtype=nll.dtype), nll)
             sides.append((h, t, rows, nll, lse, dh))
         (hp, tp, rp, nll_p, lse_p, dh_p), (hn, tn, rn, nll_n, lse_n, dh_n) = sides
-        if _env.debug():
+        if value_checks(rp):
             _check_counts(rp, rn, B, opts["reduction"])
         reduce = _reduce
         if opts["backend"] == "native":
@@ -262,9 +267,8 @@ class SplitLossFunction(torch.autograd.Function):
 
 
 def _check_counts(rows_p: Tensor, rows_n: Tensor, B: int, reduction: str) -> None:
-    """Debug-only (host sync): every side, and with reduction='pair' every row, has a target token."""
-    if torch.compiler.is_compiling():
-        return
+    """Every side, and with reduction='pair' every row, has a target token (reads the rows: CPU tensors, or CUDA
+    in debug mode; see ``_checks.value_checks``)."""
     for side, rows in (("positive", rows_p), ("negative", rows_n)):
         if not bool((rows >= 0).any()):
             raise ValueError(f"the {side} side has no unmasked target token in the batch")

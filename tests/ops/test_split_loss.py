@@ -80,19 +80,65 @@ def test_no_shift_and_mixed_hinge(backend, dtype):
     assert parts["hinge_active"].numel() == B
 
 
-def test_triton_chunks_agree():
-    """Small chunks push the Triton launcher through several workspace refills."""
-    from fastsplit.kernels.split_loss import split_loss_fwd
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "softcap"])
+def test_fused_chunks_agree(softcap):
+    """Small chunks push the fused launcher through several reuses of its one logits buffer (a chunk of 16
+    rows, then the 13 left: the buffer's tail from the previous chunk must not leak)."""
+    from fastsplit.kernels.split_loss import fused_split_fwd
     from fastsplit.ops.split_loss import split_loss_fwd_torch
 
     h = torch.randn(45, H, device=DEVICE)
     W = torch.randn(1000, H, device=DEVICE) * 0.4
+    b = torch.randn(1000, device=DEVICE)
     tgt = torch.randint(0, 1000, (45,), device=DEVICE)
-    ref = split_loss_fwd_torch(h.double(), tgt, W.double(), None, None, True)
-    for chunk in (16, 0):
-        out = split_loss_fwd(h, tgt, W, None, None, True, chunk)
-        for a, b, name in zip(out, ref, ("nll", "lse", "dh")):
-            assert_close(a, b, torch.float32, f"{name} chunk={chunk}")
+    ref = split_loss_fwd_torch(h.double(), tgt, W.double(), b.double(), softcap, True)
+    for chunk in (16, 45, 1000):
+        out = fused_split_fwd(h, tgt, W, b, softcap, True, chunk)
+        for a, r, name in zip(out, ref, ("nll", "lse", "dh")):
+            assert_close(a, r, torch.float32, f"{name} chunk={chunk}")
+    nll, lse, dh = fused_split_fwd(h, tgt, W, b, softcap, False, 16)
+    assert dh.numel() == 0
+    assert_close(nll, ref[0], torch.float32, "nll without dH")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_large_vocabulary_against_float64(backend):
+    """V 32771 (odd, > 32000) with few rows: a long row through the fused pass's two sweeps, loss and dH against
+    the float64 full-logits reference."""
+    V, Hs = 32771, 24
+    g = torch.Generator().manual_seed(3)
+    hp = torch.randn(2, 5, Hs, generator=g, dtype=torch.float64)
+    hn = torch.randn(2, 4, Hs, generator=g, dtype=torch.float64)
+    W = torch.randn(V, Hs, generator=g, dtype=torch.float64) * 0.5
+    lp, ln = torch.randint(0, V, (2, 5), generator=g), torch.randint(0, V, (2, 4), generator=g)
+    lp[0, 1] = V - 1  # the last vocabulary entry, in the last (partial) block of a row
+    ref = {}
+    for name, dt in (("ref", torch.float64), ("run", torch.float32)):
+        a, b = hp.to(DEVICE, dt).requires_grad_(), hn.to(DEVICE, dt).requires_grad_()
+        fn = split_loss_ref if name == "ref" else (lambda *x, **k: split_loss(*x, backend=backend, **k))
+        loss = fn(a, b, W.to(DEVICE, dt), lp.to(DEVICE), ln.to(DEVICE), reduction="pair", theta=5.0)
+        ref[name] = (loss, *torch.autograd.grad(loss, [a, b]))
+    for got, want, what in zip(ref["run"], ref["ref"], ("loss", "dhidden_pos", "dhidden_neg")):
+        assert_close(got, want, torch.float32, what)
+
+
+@pytest.mark.gpu
+def test_gemma_vocabulary_on_the_gpu():
+    """V 256000 (Gemma-2) in bf16 on a GPU: loss and dH of a few rows within flash-attention's rule."""
+    V, Hs = 256000, 256
+    g = torch.Generator().manual_seed(4)
+    hp = torch.randn(2, 9, Hs, generator=g, dtype=torch.float64)
+    hn = torch.randn(2, 7, Hs, generator=g, dtype=torch.float64)
+    W = torch.randn(V, Hs, generator=g, dtype=torch.float64) * Hs ** -0.5
+    lp, ln = torch.randint(0, V, (2, 9), generator=g), torch.randint(0, V, (2, 7), generator=g)
+    out = {}
+    for name, dt, fn in (("ref", torch.float64, split_loss_ref), ("same", torch.bfloat16, split_loss_ref),
+                         ("run", torch.bfloat16, lambda *x, **k: split_loss(*x, **k))):
+        a, b = hp.cuda().to(dt).requires_grad_(), hn.cuda().to(dt).requires_grad_()
+        loss = fn(a, b, W.cuda().to(dt), lp.cuda(), ln.cuda(), reduction="pair", logit_softcap=30.0)
+        out[name] = (loss, *torch.autograd.grad(loss, [a, b]))
+    for got, want, base, what in zip(out["run"], out["ref"], out["same"], ("loss", "dpos", "dneg")):
+        assert_close_fa(got, want, base, what)
 
 
 def test_module_matches_function():
@@ -125,8 +171,8 @@ def test_ce_parts_match_cut_cross_entropy():
         torch.testing.assert_close(parts[side], per_row, **TOL[torch.float32])
 
 
-# Value errors (the first three) read device data, so they need fastsplit.set_debug(True); the others are
-# metadata checks and always run.
+# Value errors (the first three) read the data: always on CPU tensors, on CUDA only with fastsplit.set_debug(True);
+# the others are metadata checks and always run.
 DATA_ERRORS = ("pair-empty-row", "batch-empty-side", "label-range")
 BAD = {
     "pair-empty-row": (dict(mask_row=1), dict(reduction="pair"), "row 1 has no unmasked target token"),
@@ -162,11 +208,22 @@ def test_bad_input(case, debug_mode):
         split_loss(*args, backend="torch", **kw)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", DATA_ERRORS)
-def test_bad_values_without_debug_give_nan_not_a_number(case):
-    """Without the debug switch a value error is never silent: the loss is NaN (and nothing synchronised)."""
+def test_bad_values_on_cpu_tensors_raise_without_debug(case, backend):
+    """Reading a CPU tensor costs no device sync, so these checks always run there (3 cases that once returned
+    NaN without a word)."""
+    args, kw, message = _bad_case(case)
+    with pytest.raises(ValueError, match=message):
+        split_loss(*args, backend=backend, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_bad_values_on_cuda_without_debug_give_nan_not_a_number(case):
+    """On CUDA without the debug switch a value error is never silent: the loss is NaN (and nothing synced)."""
     args, kw, _ = _bad_case(case)
-    loss = split_loss(*args, backend="torch", **kw)
+    loss = split_loss(*(a.cuda() for a in args), **kw)
     assert torch.isnan(loss)
 
 
