@@ -5,9 +5,10 @@
   they synchronise with the host; off by default, so no hot path synchronises. On CPU tensors the value checks
   cost no sync and always run; shape, dtype and device checks read only metadata and always run.
 * ``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through Triton's interpreter (tests only).
-* ``FASTSPLIT_FIXED_CONFIGS=1``: every Triton kernel takes one fixed launch config per shape class
-  instead of autotuning (the test suite sets it, so a GPU run does not tune for every test shape; users
-  and benchmarks autotune).
+* ``FASTSPLIT_FIXED_CONFIGS=1``: every Triton kernel takes one small fixed launch config (the test suite sets
+  it: one compile per kernel variant, a config that fits every device).
+* ``FASTSPLIT_AUTOTUNE=1``: the decode kernel benchmarks every config that fits the device on the first call of
+  each shape, instead of taking the first fitting one of its preference-ordered list (the default).
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def set_debug(enabled: bool | None) -> None:
 def triton_interpreting() -> bool:
     """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune() -> bool:
+    """True when the Triton kernels autotune over their fitting configs (``FASTSPLIT_AUTOTUNE=1``)."""
+    return os.environ.get("FASTSPLIT_AUTOTUNE", "0") == "1"
 
 
 def fixed_configs() -> bool:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import triton
 
-from .._env import fixed_configs, triton_interpreting
+from .._env import autotune, fixed_configs, triton_interpreting
 
 # Per-block shared memory a kernel may opt into (bytes).
 HOPPER_SMEM = 227 * 1024  # H100 / H200 (sm_90)
@@ -55,25 +55,42 @@ def fits(configs: Sequence[triton.Config], footprint: Callable[[dict], int], bud
 _TUNERS: dict = {}
 
 
+def autotuning() -> bool:
+    """``FASTSPLIT_AUTOTUNE=1`` (``_env.autotune``): benchmark every fitting config on the first call of each shape,
+    instead of the first fitting one of the kernel's preference-ordered list (the default: one compile per
+    variant, no compile storm on a first call, the same config on every run)."""
+    return autotune()
+
+
 def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int], device: torch.device, *,
           key: list[str], fixed: triton.Config, interpret: triton.Config):
     """What to launch for ``kernel`` (a ``triton.jit`` function) on ``device``: ``(launchable, meta)``.
 
     * Under the interpreter: the kernel itself and ``interpret``'s block sizes.
     * With ``FASTSPLIT_FIXED_CONFIGS=1`` (the test suite): the kernel and ``fixed`` (block sizes, warps, stages).
-    * Else an autotuner over exactly the configs of ``configs()`` whose ``footprint`` fits the device's budget,
-      built once per (kernel, budget, footprints) and cached; ``meta`` is empty.
+    * By default: the kernel and the first config of ``configs()`` (ordered by preference) whose ``footprint``
+      fits the device's budget.
+    * With ``FASTSPLIT_AUTOTUNE=1``: an autotuner over exactly the fitting configs, built once per (kernel,
+      budget, footprints) and cached; ``meta`` is empty.
+    A config over the budget never reaches a launch or the autotuner.
     """
     if triton_interpreting() or device.type != "cuda":
         return kernel, dict(interpret.kwargs)
     if fixed_configs():
-        return kernel, {**fixed.kwargs, "num_warps": fixed.num_warps, "num_stages": fixed.num_stages}
+        return kernel, config_launch_meta(fixed)
     budget = smem_budget(device.index if device.index is not None else torch.cuda.current_device())
     space = configs()
+    if not autotuning():
+        return kernel, config_launch_meta(fits(space, footprint, budget)[0])
     needs = tuple(footprint(config_meta(c)) for c in space)
     cache_key = (kernel, budget, needs)
     if cache_key not in _TUNERS:
         _TUNERS[cache_key] = triton.autotune(configs=fits(space, footprint, budget), key=key)(kernel)
     return _TUNERS[cache_key], {}
+
+
+def config_launch_meta(cfg: triton.Config) -> dict:
+    """A config as launch keywords: its block sizes, warps and stages."""
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 

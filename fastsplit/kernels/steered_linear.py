@@ -24,7 +24,8 @@ How it streams the weights once:
 
 The launcher ``steered_linear_fwd`` takes plain tensors (``x`` [M, K]) and is registered as the torch.library
 op ``fastsplit::steered_linear_fwd`` (``torch.compile`` traces through it); eager calls skip the op dispatch.
-Autotune configs are pruned by their shared memory *before* the autotuner sees them (``_common.tuned``).
+The launch config is the first of ``gpu_configs()`` that fits the device's shared memory (one compile per variant,
+the same config every run); ``FASTSPLIT_AUTOTUNE=1`` autotunes over the fitting ones instead (``_common.tuned``).
 Backward runs on the torch backend's GEMMs (cuBLAS), for every backend.
 """
 from __future__ import annotations
@@ -49,12 +50,16 @@ BLOCK_N_DECODE = 64
 
 
 def gpu_configs() -> list[triton.Config]:
-    """The decode kernel's autotune space (BLOCK_N is the launcher's; BLOCK_K, warps and stages are tuned)."""
-    # Deep pipelines keep many weight bytes in flight per SM (the point at decode); the shallow ones are there so
-    # that fp32 and local_weight at 64 rows still find configs that fit.
+    """The decode kernel's configs in order of preference (BLOCK_N is the launcher's): the launch takes the first
+    that fits the device's shared memory, or autotunes over all that fit with ``FASTSPLIT_AUTOTUNE=1``.
+
+    Why this order: the kernel is bound by weight bytes in flight. (128, 4 warps, 4 stages) keeps 80 KB of bf16
+    tiles in flight per program at 16 rows, so two programs share an SM (160 KB in flight, several times what
+    HBM latency needs); the deeper and wider configs after it hold more per program; the shallow ones at the end
+    are there so that fp32 and local_weight at 64 rows still find a config that fits."""
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(128, 4, 4), (256, 4, 3), (256, 8, 4), (128, 8, 5), (64, 4, 6), (256, 4, 5),
-                             (128, 4, 6), (64, 2, 8), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 4, 2)]]
+            for bk, w, s in [(128, 4, 4), (256, 4, 3), (128, 4, 6), (256, 8, 4), (128, 8, 5), (64, 4, 6),
+                             (256, 4, 5), (64, 2, 8), (128, 4, 3), (64, 4, 4), (64, 4, 3), (128, 4, 2), (64, 4, 2)]]
 
 
 # One config under FASTSPLIT_FIXED_CONFIGS (the test suite): fits every budget in fp32 with both operands.

@@ -7,6 +7,7 @@ device sync, so they always run there; on a GPU they would synchronise with the 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Union
 
 import torch
@@ -47,8 +48,16 @@ def check_tensor(name: str, t, *, ndim: int | None = None, like: Tensor | None =
             raise TypeError(f"{name} has dtype {t.dtype} but the input has dtype {like.dtype}")
 
 
+_last_finite: tuple = (None, -1)  # (weakref to the last tensor found finite, its version): checked once per write
+
+
 def check_finite(name: str, t: Tensor) -> None:
-    """``t`` holds no NaN or inf (CPU tensors always; CUDA tensors in debug mode: see :func:`value_checks`)."""
+    """``t`` holds no NaN or inf (CPU tensors always; CUDA tensors in debug mode: see :func:`value_checks`).
+    A multiplier tensor reused call after call (a module's per-row m) is read again only after it was written."""
+    global _last_finite
+    ref, version = _last_finite
+    if ref is not None and ref() is t and version == t._version:
+        return
     if not value_checks(t):
         return
     if t.numel() <= _SMALL:  # tolist() of a 1-D tensor is flat; reshape(-1) alone would cost more than the check
@@ -57,6 +66,7 @@ def check_finite(name: str, t: Tensor) -> None:
         ok = bool(torch.isfinite(t).all())
     if not ok:
         raise ValueError(f"{name} holds NaN or inf values")
+    _last_finite = (weakref.ref(t), t._version)
 
 
 def check_multiplier(name: str, m: Multiplier, lead: tuple, device: torch.device) -> None:

@@ -47,10 +47,29 @@ def test_the_refused_config_is_pruned_at_the_h200_budget():
     assert _common.fits([refused, smaller], fp, 245_760) == [refused, smaller]
 
 
-def test_tuned_builds_the_autotuner_from_fitting_configs_only(monkeypatch):
-    """On a (faked) CUDA device the autotuner is made from the configs that fit, before anything compiles."""
+def test_default_launch_takes_the_first_fitting_config(monkeypatch):
+    """Without autotuning the launch takes the first config (in preference order) that fits the budget."""
     monkeypatch.setattr(_common, "triton_interpreting", lambda: False)
     monkeypatch.setattr(_common, "fixed_configs", lambda: False)
+    monkeypatch.setattr(_common, "autotuning", lambda: False)
+    device = torch.device("cuda", 0)
+    for budget in (232_448, 101_376):
+        monkeypatch.setattr(_common, "smem_budget", lambda index: budget)
+        for es, bm, has_dw in itertools.product((2, 4), (16, 64), (False, True)):
+            fp = kst.footprint(es, block_m=bm, block_n=64, has_dw=has_dw, has_lora=False, block_r=16)
+            kernel, meta = _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fp, device, key=["M"],
+                                         fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG)
+            first = next(c for c in kst.gpu_configs() if fp(_common.config_meta(c)) <= budget)
+            assert kernel is kst._steered_linear_fwd_kernel and meta == _common.config_launch_meta(first)
+            assert fp(meta) <= budget
+
+
+def test_tuned_builds_the_autotuner_from_fitting_configs_only(monkeypatch):
+    """With FASTSPLIT_AUTOTUNE=1 on a (faked) CUDA device the autotuner is made from the configs that fit, before
+    anything compiles."""
+    monkeypatch.setattr(_common, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(_common, "fixed_configs", lambda: False)
+    monkeypatch.setattr(_common, "autotuning", lambda: True)
     monkeypatch.setattr(_common, "smem_budget", lambda index: 232_448)
     monkeypatch.setattr(_common, "_TUNERS", {})
     fp = kst.footprint(2, block_m=64, block_n=64, has_dw=True, has_lora=False, block_r=16)
