@@ -97,9 +97,13 @@ def agree(fn: Callable[[], Any], group=None, *, what: str = "work"):
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: a reader (or a failed launch) never sees half a file."""
+    """``write(tmp_path)`` then rename onto ``path``: a reader (or a failed launch) never sees half a file. An
+    error names ``path``, not the temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    except OSError as exc:
+        raise OSError(f"cannot write {path}: {exc.strerror}") from None
     os.close(fd)
     try:
         write(tmp)
@@ -107,6 +111,10 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets a new file's usual mode
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

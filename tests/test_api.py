@@ -9,7 +9,7 @@ def test_public_names():
         "__version__", "build_info", "set_debug", "steered_linear", "steered_linear_ref", "SteeredLinear",
         "split_loss", "split_loss_ref", "SplitLoss",
         "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs",
-        "train", "generate_sweep", "load_default_model", "load_model",
+        "train", "generate_sweep", "load_default_model", "load_model", "export_steering",
         "logodds_sweep", "Sweep", "fit_curves", "Fit", "operating_point", "analyze", "plot_sweep",
     ])
     for name in fastsplit.__all__:
@@ -24,6 +24,13 @@ def test_steered_linear_signature():
     assert kw_only == ["delta_weight", "lora_a", "lora_b", "delta_bias", "m1", "m2", "backend"]
     assert sig.parameters["m1"].default == 1.0 and sig.parameters["m2"].default is None
     assert sig.parameters["backend"].default == "auto"
+
+
+def test_export_signatures():
+    kw = lambda f: [n for n, p in inspect.signature(f).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert list(inspect.signature(fastsplit.export_steering).parameters)[:2] == ["steering", "out"]
+    assert kw(fastsplit.export_steering) == ["m", "format", "model", "full", "check_model_name"]
+    assert kw(fastsplit.Steering.export) == ["m", "format", "full"]
 
 
 def test_build_info_keys():

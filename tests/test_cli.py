@@ -65,12 +65,25 @@ def test_seed_fixes_the_lora_initialisation(model_dir, tmp_path):
 
 def test_demo_on_a_tiny_model(model_dir, tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--model", model_dir, "--layer", "1", "--epochs", "1", "--test-size", "10",
-                 "--max-new-tokens", "4", "--bootstrap", "3", "--out", out, "--quiet"]) == 0
+    assert main(["demo", "--model", model_dir, "--layer", "1", "--quick", "--out", out, "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "preference fit R²" in text and "held-out m" in text and "operating point" in text
-    for name in ("steering.safetensors", "sweep.csv", "fit.json", "plot.png", "plot.svg", "generations.json"):
+    for name in ("steering.safetensors", "test_pairs.jsonl", "sweep.csv", "fit.json", "plot.png", "plot.svg",
+                 "generations.json"):
         assert os.path.exists(os.path.join(out, name)), name
+    assert len(open(os.path.join(out, "test_pairs.jsonl")).readlines()) == 8  # the held-out split, re-sweepable
+    gens = json.load(open(os.path.join(out, "generations.json")))
+    assert [g["multiplier"] for g in gens[0]["generations"]][0] == 0.0 and set(gens[0]) == {"prompt", "generations"}
+    command = next(line for line in text.splitlines() if line.startswith("re-sweep the held-out pairs: "))
+    argv = command.split(": ", 1)[1].split()[1:] + ["--bootstrap", "0", "--quiet"]
+    assert argv[0] == "sweep" and f"--model" in argv and os.path.join(out, "test_pairs.jsonl") in argv
+    assert main(argv) == 0  # the printed command re-sweeps exactly the held-out split
+    resweep = json.load(open(os.path.join(out, "resweep", "fit.json")))
+    assert resweep["pairs"] == 8 and resweep["multipliers"] == json.load(open(os.path.join(out, "fit.json")))["multipliers"]
+    # --resume: the checkpoint of the finished epoch is found; training does not run again.
+    before = os.path.getmtime(os.path.join(out, "checkpoints", "checkpoint-epoch1.pt"))
+    assert main(["demo", "--model", model_dir, "--layer", "1", "--quick", "--out", out, "--quiet", "--resume"]) == 0
+    assert os.path.getmtime(os.path.join(out, "checkpoints", "checkpoint-epoch1.pt")) == before
 
 
 def test_errors_exit_nonzero_with_one_line(model_dir, tmp_path):
@@ -160,3 +173,126 @@ def test_every_option_has_help_and_a_shown_default():
         for opt in ("--model", "--quiet"):
             assert opt in flat
     assert "(default: 2.0)" in " ".join(_cli("train", "--help").stdout.split())  # θ shared with the demo
+
+
+@pytest.fixture(scope="module")
+def steering_file(model_dir, tmp_path_factory):
+    """A steering file of the tiny model, beside a held-out split as train writes it."""
+    import fastsplit
+    from tests.tiny import randomize, tiny_model
+
+    folder = tmp_path_factory.mktemp("run")
+    model = tiny_model("llama")
+    model.config.name_or_path = model_dir
+    s = fastsplit.attach(model, 1, "vector")
+    randomize(s, scale=2.0)
+    s.save(str(folder / "steering.safetensors"))
+    from fastsplit.cli._common import write_pairs
+
+    write_pairs(fastsplit.demo_pairs()[:5], str(folder / "test_pairs.jsonl"))
+    return str(folder / "steering.safetensors")
+
+
+def _one_line_failure(r, code=1):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == code, r.stderr
+    assert len(lines) == 1, r.stderr  # the one line, no usage text, no traceback
+    assert "Loading weights" not in r.stderr
+    return lines[0]
+
+
+def _timed_cli(*args):
+    import time
+
+    t0 = time.time()
+    r = _cli(*args)
+    return r, time.time() - t0
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "sweep", "generate"])
+def test_unwritable_output_fails_first_in_one_line(command, model_dir, steering_file, tmp_path):
+    """An output that cannot be written is found before any model loads, within 8 s, leaving nothing behind."""
+    bad = "/proc/fastsplit-test/out" if command != "generate" else "/proc/fastsplit-test/g.jsonl"
+    extra = {"train": ["--layer", "1"], "demo": ["--layer", "1"], "sweep": ["--steering", steering_file],
+             "generate": ["--steering", steering_file, "--prompt", "hi"]}[command]
+    r, seconds = _timed_cli(command, "--model", model_dir, *extra, "--out", bad)
+    line = _one_line_failure(r)
+    assert line.startswith(f"fastsplit {command}: error: --out {bad} cannot be written"), line
+    assert seconds < 8, f"{seconds:.1f} s before the error"
+    assert not os.path.exists("/proc/fastsplit-test")
+
+
+def test_output_check_leaves_no_folder_behind(model_dir, tmp_path):
+    out = tmp_path / "new" / "deeper" / "run"
+    r = _cli("train", "--model", model_dir, "--data", str(tmp_path / "missing.jsonl"), "--out", str(out))
+    _one_line_failure(r)
+    assert not (tmp_path / "new").exists()
+    from fastsplit.cli._common import writable_dir
+
+    writable_dir(str(out))  # a writable path passes, and the check itself leaves nothing
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        writable_dir(str(tmp_path / "file"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a CPU-only torch build")
+@pytest.mark.parametrize("command", ["train", "sweep", "generate", "demo"])
+def test_missing_cuda_device_fails_first_in_one_line(command, model_dir, steering_file, tmp_path):
+    extra = {"train": ["--layer", "1", "--out", str(tmp_path / "o")], "demo": ["--layer", "1", "--out", str(tmp_path / "o")],
+             "sweep": ["--steering", steering_file, "--out", str(tmp_path / "o")],
+             "generate": ["--steering", steering_file, "--prompt", "hi"]}[command]
+    r, seconds = _timed_cli(command, "--model", model_dir, *extra, "--device", "cuda")
+    line = _one_line_failure(r)
+    assert "--device cuda: no CUDA device is available" in line and seconds < 8
+    assert not (tmp_path / "o").exists()
+    assert "not a device" in _one_line_failure(_cli(command, "--model", model_dir, *extra, "--device", "tpu:x"))
+
+
+@pytest.mark.parametrize("args", [["train", "--epochs", "0", "--out", "o"], ["sweep", "--multipliers", "a", "--steering",
+                                                                            "s", "--out", "o"],
+                                  ["generate", "--steering", "s", "--nope"], ["demo", "--test-size", "x"]],
+                         ids=["train", "sweep", "generate", "demo"])
+def test_usage_errors_are_one_line(args):
+    line = _one_line_failure(_cli(*args), code=2)
+    assert line.startswith(f"fastsplit {args[0]}: error:")
+
+
+def test_a_missing_required_argument_shows_the_usage():
+    r = _cli("train")
+    assert r.returncode == 2 and r.stderr.startswith("usage: fastsplit train")
+    assert "the following arguments are required: --out" in r.stderr
+
+
+def test_help_shows_defaults_as_typed():
+    flat = {cmd: " ".join(_cli(cmd, "--help").stdout.split()) for cmd in ("train", "generate", "sweep", "demo")}
+    assert "(default: add,sub)" in flat["train"] and "['add', 'sub']" not in flat["train"]
+    assert "(default: -4,-2,0,2,4)" in flat["generate"]
+    assert "(default: stdout) (default: None)" not in flat["generate"] and "(default: None)" not in flat["sweep"]
+    assert "--steering STEERING [STEERING ...] one or more" in flat["sweep"]  # required: no default shown
+    for text in flat.values():
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_sweep_without_data_takes_the_runs_held_out_split(model_dir, steering_file, tmp_path, capsys):
+    out = str(tmp_path / "sw")
+    assert main(["sweep", "--model", model_dir, "--steering", steering_file, "--bootstrap", "0", "--out", out,
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    held = os.path.join(os.path.dirname(steering_file), "test_pairs.jsonl")
+    assert f"sweeping the held-out pairs of {steering_file}'s run: {held}" in text
+    fit = json.load(open(os.path.join(out, "fit.json")))
+    assert fit["pairs"] == 5 and "5 held-out pairs of test_pairs.jsonl" in fit["title"]
+    assert {"identifiability", "max_util_drop"} <= set(fit)
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(open(steering_file, "rb").read())
+    assert main(["sweep", "--model", model_dir, "--steering", str(lone), "--bootstrap", "0", "--max-pairs", "4",
+                 "--out", str(tmp_path / "sw2"), "--quiet"]) == 0
+    assert "sweeping the built-in demo pairs (no test_pairs.jsonl beside" in capsys.readouterr().out
+
+
+def test_generate_makes_the_output_folder(model_dir, steering_file, tmp_path):
+    out = tmp_path / "nodir" / "g.jsonl"
+    assert main(["generate", "--model", model_dir, "--steering", steering_file, "--prompt", "hi",
+                 "--multipliers=0,1", "--max-new-tokens", "2", "--out", str(out), "--quiet"]) == 0
+    assert len(out.read_text().splitlines()) == 2

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Fit", "OperatingPoint", "fit_curves", "operating_point", "validity_decay", "MIN_POINTS"]
+__all__ = ["Fit", "OperatingPoint", "fit_curves", "operating_point", "simpler_member", "validity_decay", "MIN_POINTS"]
 
 KINDS = ("preference", "utility")
 _DECAY = ("m_pos", "L_pos", "p_pos", "m_neg", "L_neg", "p_neg")
@@ -74,8 +74,11 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 class Fit:
     """A fitted curve: ``params`` by name (with the value at 0: ``p0`` or ``u0``; utility also ``A_pos``,
     ``A_neg``), ``r2`` on the fitted points, ``at_bounds`` (parameters within 0.1% of a bound), ``restarts``
-    (converged local runs; 0 means none converged and the best iterate is shown, flagged by ``converged``) and,
-    for preference, ``regions``: the linear / transitional / convergence m ranges."""
+    (converged local runs; 0 means none converged and the best iterate is shown, flagged by ``converged``),
+    ``not_identified`` ({name: reason}: on a bound, or a standard error too large for the data to pin it),
+    ``std_errors`` (in the search space: log L, log p), ``bic``, ``member`` ("full", or the simpler member of the
+    family it is) and, for preference, ``regions``: the linear / transitional / convergence m ranges, and
+    "reversal" where the fitted slope has turned against its sign at m = 0."""
 
     kind: str
     params: dict[str, float]
@@ -84,6 +87,10 @@ class Fit:
     restarts: int = 0
     regions: dict | None = None
     m_range: tuple[float, float] = (0.0, 0.0)
+    not_identified: dict[str, str] = field(default_factory=dict)
+    std_errors: dict[str, float] = field(default_factory=dict)
+    bic: float = float("nan")
+    member: str = "full"
     _params: np.ndarray = field(default=None, repr=False)
 
     @property
@@ -98,10 +105,15 @@ class Fit:
         m, y = _prepare(multipliers, values, min_points=2)
         return _r2(y, self.predict(m))
 
+    @property
+    def identified(self) -> bool:
+        return not self.not_identified
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "params": self.params, "r2": self.r2, "converged": self.converged,
-                "at_bounds": self.at_bounds, "restarts": self.restarts, "regions": self.regions,
-                "m_range": list(self.m_range)}
+        return {"kind": self.kind, "member": self.member, "params": self.params, "r2": self.r2,
+                "converged": self.converged, "at_bounds": self.at_bounds,
+                "not_identified": self.not_identified, "std_errors": self.std_errors, "bic": self.bic,
+                "restarts": self.restarts, "regions": self.regions, "m_range": list(self.m_range)}
 
 
 def _prepare(multipliers, values, min_points=MIN_POINTS):
@@ -202,40 +214,150 @@ def _jacobian(kind: str, x: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.stack(lin + decay, axis=1)
 
 
-def _local(kind, m, y, x0, lo, hi):
+def _local(kind, m, y, x0, lo, hi, fixed: dict | None = None):
+    """One bounded least-squares run from ``x0``; ``fixed`` {index: model-space value} holds parameters out of
+    the search (a simpler member of the family). Returns (cost, x, z, zlo, zhi, converged) over all parameters."""
     from scipy.optimize import least_squares
 
     n_lin = len(_NAMES[kind]) - 6
+    fixed = fixed or {}
+    free = np.array([i for i in range(len(x0)) if i not in fixed])
     zlo, zhi = _to_search(lo, n_lin), _to_search(hi, n_lin)
-    z0 = np.clip(_to_search(x0, n_lin), zlo + 1e-9 * (zhi - zlo), zhi - 1e-9 * (zhi - zlo))
-    res = least_squares(lambda z: _model(kind, _from_search(z, n_lin), m) - y, z0, bounds=(zlo, zhi), method="trf",
-                        jac=lambda z: _jacobian(kind, _from_search(z, n_lin), m),
+    with np.errstate(divide="ignore"):  # a fixed p = 0 has no log; it is overwritten in full() anyway
+        z0 = np.clip(_to_search(x0, n_lin), zlo + 1e-9 * (zhi - zlo), zhi - 1e-9 * (zhi - zlo))
+
+    def full(zf):
+        z = z0.copy()
+        z[free] = zf
+        x = _from_search(z, n_lin)
+        for i, v in fixed.items():
+            x[i] = v
+        return x
+
+    res = least_squares(lambda zf: _model(kind, full(zf), m) - y, z0[free], bounds=(zlo[free], zhi[free]),
+                        method="trf", jac=lambda zf: _jacobian(kind, full(zf), m)[:, free],
                         x_scale="jac", xtol=1e-9, ftol=1e-9, gtol=1e-9, max_nfev=5000)
     if res.status < 0 or not np.isfinite(res.cost):
         return None
-    return res.cost, _from_search(res.x, n_lin), res.x, zlo, zhi, res.status > 0
+    x = full(res.x)
+    z = z0.copy()
+    z[free] = res.x
+    return res.cost, x, z, zlo, zhi, res.status > 0
 
 
-def _solve(kind: str, m: np.ndarray, y: np.ndarray, starts: list[np.ndarray]):
+def _solve(kind: str, m: np.ndarray, y: np.ndarray, starts: list[np.ndarray], fixed: dict | None = None):
     scale = float(np.abs(m).max()) or 1.0
     lo, hi = _bounds(kind, scale, y)
-    tried = [r for r in (_local(kind, m, y, x0, lo, hi) for x0 in starts) if r is not None]
+    tried = [r for r in (_local(kind, m, y, x0, lo, hi, fixed) for x0 in starts) if r is not None]
     if not tried:
         raise RuntimeError(f"the {kind} fit failed from all {len(starts)} starts")
     runs = [r for r in tried if r[-1]] or tried  # converged runs only, unless none converged (then flagged)
     _, x, z, zlo, zhi, converged = min(runs, key=lambda r: r[0])
     tol = 1e-3 * (zhi - zlo)  # 0.1% of each range, in the search space (log for L and p)
-    at = [n for n, v, a, b, t in zip(_NAMES[kind], z, zlo, zhi, tol)
-          if n.startswith(("m_", "L_", "p_")) and (v - a < t or b - v < t)]
+    at = [n for i, (n, v, a, b, t) in enumerate(zip(_NAMES[kind], z, zlo, zhi, tol))
+          if i not in (fixed or {}) and n.startswith(("m_", "L_", "p_")) and (v - a < t or b - v < t)]
     return x, at, len(runs) if converged else 0
 
 
-def _make_fit(kind, m, y, params, at, runs) -> Fit:
+_AMPLITUDE_REACH = 100.0
+
+
+def _identifiability(kind, m, y, x, at, fixed) -> tuple[dict, dict, float]:
+    """(not identified {name: reason}, standard errors {name: se in the search space}, BIC) of a fit.
+
+    Standard errors from the Jacobian at the optimum, σ²·(JᵀJ)⁺ with σ² = SSE/(points − free parameters), in the
+    search space (log L, log p). A parameter is not identified when it sits on a bound, or when its standard
+    error exceeds what would pin it: the larger of |value| and the data's range for the linear parameters, the
+    swept range for the centres m±, a factor of e (1 in log space) for L± and p±; and an amplitude (β, α over the
+    swept range, utility's A± = β·p±) over 100x the data's range is one that props up a decay on its bound."""
+    n_lin = len(_NAMES[kind]) - 6
+    free = [i for i in range(len(x)) if i not in (fixed or {})]
+    resid = _model(kind, x, m) - y
+    sse = float((resid ** 2).sum())
+    M, k = len(m), len(free)
+    bic = M * math.log(max(sse, 1e-300) / M) + k * math.log(M)
+    out: dict[str, str] = {name: "on its bound" for name in at}
+    if M <= k:
+        return {**{_NAMES[kind][i]: "more parameters than points" for i in free}, **out}, {}, bic
+    J = _jacobian(kind, x, m)[:, free]
+    with np.errstate(all="ignore"):
+        cov = np.linalg.pinv(J.T @ J) * sse / (M - k)
+        se = np.sqrt(np.abs(np.diag(cov)))
+    span = float(np.ptp(y)) or 1.0
+    scale = float(np.abs(m).max()) or 1.0
+    with np.errstate(divide="ignore"):
+        z = _to_search(x, n_lin)
+    errors = {}
+    for j, i in enumerate(free):
+        name, e = _NAMES[kind][i], float(se[j])
+        errors[name] = e
+        limit = max(abs(float(z[i])), span) if i < n_lin else scale if name.startswith("m_") else 1.0
+        if name not in out and not (math.isfinite(e) and e <= limit):
+            what = "its log" if name.startswith(("L_", "p_")) else "it"
+            out[name] = f"standard error {e:.3g} of {what} against {limit:.3g}: the data do not determine it"
+    # An amplitude far beyond the data's range is compensating a decay that ran to a bound: its value (and the
+    # A± = β·p± it makes) is the bound's, not the data's, however small its standard error.
+    reach = _AMPLITUDE_REACH * span
+    amps = {"beta": float(x[1])}
+    if kind == "preference":
+        amps["alpha"] = float(x[0]) * scale
+    else:
+        amps.update(A_pos=float(x[1] * x[-4]), A_neg=float(x[1] * x[-1]))
+    for name, value in amps.items():
+        if name not in out and abs(value) > reach:
+            out[name] = (f"|{name}| = {abs(value):.3g} is over {_AMPLITUDE_REACH:g}x the data's range ({span:.3g}): "
+                         "it compensates a decay parameter on its bound")
+    return out, errors, bic
+
+
+# Simpler members of the family: a side without decay (D = 1 there: its centre and width then mean nothing and are
+# fixed too), or no decay at all (a straight preference line, a constant utility; β then multiplies zero).
+def _members(kind: str, scale: float) -> dict[str, dict]:
+    names = _NAMES[kind]
+    flat = lambda side: {names.index(f"m_{side}"): 0.0, names.index(f"L_{side}"): scale ** 2,
+                         names.index(f"p_{side}"): 0.0}
+    return {"no decay for m > 0": flat("pos"), "no decay for m < 0": flat("neg"),
+            "no decay": {**flat("pos"), **flat("neg"), names.index("beta"): 0.0}}
+
+
+def simpler_member(fit: "Fit", multipliers, values, *, delta_bic: float = 2.0) -> "Fit | None":
+    """A simpler member of the paper's family that fits as well as ``fit`` (its BIC at most ``delta_bic`` above:
+    a difference "not worth more than a bare mention"; with as many parameters as points, its R² within 0.02),
+    fewest parameters first; None when ``fit`` is identified or no simpler member fits as well.
+
+    Example::
+
+        >>> simple = simpler_member(fit, sweep.multipliers, sweep.util_odds)
+        >>> simple.member if simple else "full"
+    """
+    if fit.identified:
+        return None
+    m, y = _prepare(multipliers, values)
+    scale = float(np.abs(m).max()) or 1.0
+    saturated = len(_NAMES[fit.kind]) >= len(m)  # as many parameters as points: BIC says nothing, compare R²
+    found = []
+    for member, fixed in _members(fit.kind, scale).items():
+        start = fit._params.copy()
+        for i, v in fixed.items():
+            start[i] = v
+        try:
+            x, at, runs = _solve(fit.kind, m, y, [start], fixed)
+        except RuntimeError:
+            continue
+        simple = _make_fit(fit.kind, m, y, x, at, runs, fixed=fixed, member=member)
+        if (simple.r2 >= fit.r2 - 0.02) if saturated else (simple.bic <= fit.bic + delta_bic):
+            found.append((len(fixed), -simple.bic, simple))
+    return max(found, key=lambda t: (t[0], t[1]))[2] if found else None
+
+
+def _make_fit(kind, m, y, params, at, runs, *, fixed=None, member="full") -> Fit:
     named = dict(zip(_NAMES[kind], map(float, params)))
     if kind == "utility":
         named["A_pos"], named["A_neg"] = named["beta"] * named["p_pos"], named["beta"] * named["p_neg"]
+    unknown, errors, bic = _identifiability(kind, m, y, np.asarray(params, np.float64), at, fixed)
     fit = Fit(kind, named, _r2(y, _model(kind, params, m)), at_bounds=at, restarts=runs,
-              m_range=(float(m.min()), float(m.max())), _params=np.asarray(params, np.float64))
+              m_range=(float(m.min()), float(m.max())), not_identified=unknown, std_errors=errors, bic=bic,
+              member=member, _params=np.asarray(params, np.float64))
     if kind == "preference":
         fit.regions = _regions(fit, float(m.min()), float(m.max()))
     return fit
@@ -293,12 +415,18 @@ def _regions(fit: Fit, m_lo: float, m_hi: float, *, linear_tol=0.25, flat_tol=0.
             continue
         grid = np.linspace(0.0, end, 2001)
         s = slope(grid)
-        lin = np.nonzero(np.abs(s - s0) > linear_tol * abs(s0))[0]
-        flat = np.nonzero(np.abs(s) <= flat_tol * abs(s0))[0]
+        # Past the point where the slope turns against its sign at 0 the curve heads back: not a convergence.
+        turned = np.nonzero(s * np.sign(s0) < -flat_tol * abs(s0))[0]
+        stop = int(turned[0]) if turned.size else len(grid)
+        lin = np.nonzero(np.abs(s[:stop] - s0) > linear_tol * abs(s0))[0]
+        flat = np.nonzero(np.abs(s[:stop]) <= flat_tol * abs(s0))[0]
         b1 = float(grid[lin[0]]) if lin.size else None
         b2 = float(grid[flat[0]]) if flat.size else None
-        out[side] = {"linear": [0.0, b1], "transitional": [b1, b2] if b1 is not None else None,
-                     "convergence": [b2, float(end)] if b2 is not None else None}
+        b3 = float(grid[stop]) if stop < len(grid) else None
+        out[side] = {"linear": [0.0, b1 if b1 is not None else b3],
+                     "transitional": [b1, b2 if b2 is not None else b3] if b1 is not None else None,
+                     "convergence": [b2, b3 if b3 is not None else float(end)] if b2 is not None else None,
+                     "reversal": [b3, float(end)] if b3 is not None else None}
     return out
 
 

@@ -80,7 +80,10 @@ class Sweep:
                 "util_clamped": self.util_clamped.sum(0)}
 
     def to_csv(self, path: str) -> None:
-        """Long format: one row per (pair, multiplier)."""
+        """Long format, one row per (pair, multiplier). Columns: ``pair`` (index in the swept list), ``group`` (the
+        positive completion's first token as scored), ``multiplier`` (m), ``nll_pos`` / ``nll_neg`` (summed NLL in
+        nats of the positive / negative completion; token means with ``length_norm``), ``pref_odds``
+        (L_n − L_p), ``util_odds`` (the utility log-odds), ``util_clamped`` (1 where its denominator was floored)."""
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["pair", "group", "multiplier", "nll_pos", "nll_neg", "pref_odds", "util_odds", "util_clamped"])
@@ -197,7 +200,9 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
     longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)  # a padded row
     c = 0 if hf.window_shorter_than(model, longest) else _shared_prefix([p for p, _, _ in enc])
     pre_below, pre_above = _prefix_caches(model, steering, enc[0][0][:c], m_all, start, last) if c else (None, None)
-    for s in tqdm(range(0, len(enc), per), desc="log-odds sweep", disable=not progress, leave=False):
+    # The bar counts pairs (each is 2·M sequences), so it moves with the work whatever the batch size.
+    bar = tqdm(total=len(enc), desc=f"log-odds sweep ({M} m)", unit="pair", disable=not progress, leave=False)
+    for s in range(0, len(enc), per):
         chunk = enc[s:s + per]
         b = len(chunk)
         S = max(len(p) for p, _, _ in chunk) - c  # the longest rest of a prompt (>= 1: its last token)
@@ -250,6 +255,8 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
         if length_norm:
             row_nll = row_nll / valid.sum(1)
         nll[s:s + b] = row_nll.view(M, b, 2).transpose(0, 1).double().cpu().numpy()
+        bar.update(b)
+    bar.close()
     return nll
 
 

@@ -1,4 +1,5 @@
-"""Preference and utility against m: data with error bars, fitted curves, regions, operating point."""
+"""Preference and utility against m: data with error bars, fitted curves, regions, the utility limit, the operating
+point, and what the fits leave undetermined."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,12 +9,26 @@ from .logodds import Sweep
 
 __all__ = ["plot_sweep"]
 
-_REGION_COLOURS = {"linear": "#d8ecd8", "transitional": "#fbe8c8", "convergence": "#f4d0d0"}
+# Regions are drawn as a strip along the bottom of the preference panel, so they never mix with the data's band.
+_REGION_COLOURS = {"linear": "#7fbf7f", "transitional": "#f0b050", "convergence": "#d9534f", "reversal": "#8e7cc3"}
+_STRIP = 0.06  # height of the region strip, as a fraction of the axes
 
 
 def plot_sweep(sweep: Sweep, pref_fit: Fit | None, util_fit: Fit | None, op: OperatingPoint | None,
-               path_prefix: str, *, title: str = "") -> list[str]:
-    """Write ``path_prefix``.png and .svg (two panels); returns the paths."""
+               path_prefix: str, *, title: str = "", heldout_r2: dict | None = None,
+               max_util_drop: float | None = None, identifiability: dict | None = None) -> list[str]:
+    """Write ``path_prefix``.png and .svg (two panels: preference, utility); returns the paths.
+
+    ``heldout_r2`` ({"preference": R², "utility": R²}, leave-one-m-out) goes into the legend beside the in-sample
+    R²; ``max_util_drop`` draws the utility limit that defines the operating point (measured utility at m = 0
+    minus the drop); ``identifiability`` (``analyze``'s) notes the parameters the data do not determine.
+
+    Example::
+
+        >>> report = analyze(sweep)
+        >>> plot_sweep(sweep, report["preference"], report["utility"], report["operating_point"], "out/plot",
+        ...            heldout_r2=report["heldout_m"], max_util_drop=1.0)
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,32 +37,52 @@ def plot_sweep(sweep: Sweep, pref_fit: Fit | None, util_fit: Fit | None, op: Ope
     s = sweep.summary()
     m = s["multiplier"]
     fine = np.linspace(m.min(), m.max(), 400)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = ((axes[0], "pref", pref_fit, r"preference log-odds  $L_n - L_p$", sweep.pref_odds),
-              (axes[1], "util", util_fit, "utility log-odds", sweep.util_odds))
-    for ax, key, fit, label, per_pair in panels:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    panels = ((axes[0], "pref", "preference", pref_fit, r"preference log-odds $L_n - L_p$ (nats)", sweep.pref_odds),
+              (axes[1], "util", "utility", util_fit, "utility log-odds (nats)", sweep.util_odds))
+    for ax, key, kind, fit, label, per_pair in panels:
+        if per_pair.shape[0] >= 2:  # the spread across pairs: a mean can hide pairs moving apart
+            lo, hi = np.quantile(per_pair, [0.1, 0.9], axis=0)
+            ax.fill_between(m, lo, hi, color="#9ecae1", alpha=0.35, lw=0, label="pairs, 10–90% quantile")
+        ax.errorbar(m, s[f"{key}_mean"], yerr=s[f"{key}_se"], fmt="o", ms=4, color="k", capsize=2,
+                    label="mean ± s.e.", zorder=3)
+        if fit is not None:
+            held = (heldout_r2 or {}).get(kind)
+            r2 = f"held-out-m $R^2$ = {held:.3f}, in-sample {fit.r2:.3f}" if held is not None else \
+                f"in-sample $R^2$ = {fit.r2:.3f}"
+            ax.plot(fine, fit.predict(fine), color="C0", lw=2, label=f"fit ({r2})", zorder=2)
         if key == "pref" and fit is not None and fit.regions:
             for side in fit.regions.values():
                 for name, span in (side or {}).items():
-                    if span and span[0] is not None and span[1] is not None:
-                        ax.axvspan(min(span), max(span), color=_REGION_COLOURS[name], alpha=0.6, lw=0,
-                                   label=name if name not in ax.get_legend_handles_labels()[1] else None)
-        if per_pair.shape[0] >= 2:  # the spread across pairs: a mean can hide pairs moving apart
-            lo, hi = np.quantile(per_pair, [0.1, 0.9], axis=0)
-            ax.fill_between(m, lo, hi, color="0.6", alpha=0.25, lw=0, label="pairs, 10–90% quantile")
-        ax.errorbar(m, s[f"{key}_mean"], yerr=s[f"{key}_se"], fmt="o", ms=4, color="k", capsize=2,
-                    label="mean ± s.e.")
-        if fit is not None:
-            ax.plot(fine, fit.predict(fine), color="C0", lw=2, label=f"fit ($R^2$ = {fit.r2:.3f})")
+                    if span and span[0] is not None and span[1] is not None and span[0] != span[1]:
+                        ax.axvspan(min(span), max(span), ymin=0, ymax=_STRIP, color=_REGION_COLOURS[name],
+                                   lw=0, label=f"region: {name}" if f"region: {name}" not in
+                                   ax.get_legend_handles_labels()[1] else None)
+        if key == "util" and op is not None and max_util_drop is not None:
+            limit = op.utility_at_zero - max_util_drop
+            ax.axhline(limit, color="C3", ls=":", lw=1.2,
+                       label=f"utility limit: {max_util_drop:g} nat below m = 0 ({limit:+.2f})")
         if op is not None:
-            y = op.preference if key == "pref" else op.utility
+            y = op.preference if key == "pref" else op.measured_utility
             ax.axvline(op.multiplier, color="C3", ls="--", lw=1)
-            ax.plot([op.multiplier], [y], marker="*", ms=14, color="C3",
-                    label=f"operating point $m$ = {op.multiplier:.2f}")
+            ax.plot([op.multiplier], [y], marker="*", ms=14, color="C3", zorder=4,
+                    label=f"operating point $m$ = {op.multiplier:.2f}" + ("" if key == "pref" else " (measured)"))
+        notes = []
+        unknown = ((identifiability or {}).get(kind) or {}).get("not_identified") or {}
+        if unknown:
+            notes.append("not identified: " + ", ".join(unknown))
+            simpler = (identifiability or {}).get(kind, {}).get("simpler")
+            if simpler:
+                notes.append(f"'{simpler['member']}' fits as well")
+        if key == "util" and fit is not None:
+            notes.append("kink at m = 0: the paper's decay has one branch per sign of m")
+        if notes:
+            ax.text(0.02, 0.97, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="top", color="0.3")
+        ax.set_title(kind.capitalize(), fontsize=11)
         ax.set_xlabel("steering factor $m$")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .fit import MIN_POINTS, fit_curves, operating_point
+from .fit import MIN_POINTS, fit_curves, operating_point, simpler_member
 
 __all__ = ["analyze", "heldout_m_r2", "bootstrap", "answer_groups"]
 
@@ -101,7 +101,9 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
     against *measured* utility), answer-group diagnostics, and the warnings a reader must see.
 
     Returns {"preference": Fit, "utility": Fit, "operating_point": OperatingPoint, "heldout_m": {kind: R²},
-    "bootstrap": {...}, "groups": {...}, "warnings": [str]}.
+    "bootstrap": {...}, "groups": {...}, "identifiability": {kind: {"not_identified", "simpler", "at_zero"}},
+    "warnings": [str]}. ``simpler`` is a simpler member of the paper's family that fits as well (or None);
+    ``at_zero`` compares each fit's value at m = 0 with the measured mean there.
 
     Example::
 
@@ -123,12 +125,29 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
         moves = ", ".join(f"{g!r} {v['change_at_probe']:+.2f}" for g, v in groups["by_group"].items())
         warnings.append(f"answer groups move in opposite directions at m = {probe:g} ({moves}): the vector follows "
                         "the answer token, not the concept; balance the answers per group or change the format")
-    for fit in (pref, util):
+    ident = {}
+    for fit, values in ((pref, sweep.pref_odds), (util, sweep.util_odds)):
         if not fit.converged:
             warnings.append(f"the {fit.kind} fit did not converge from any start: its curve is the best iterate "
                             "found, not an optimum; do not read its parameters")
-        if fit.at_bounds:
-            warnings.append(f"the {fit.kind} fit sits on the bounds of {fit.at_bounds}: those parameters (and any "
-                            "region derived from them) are limited by the bounds, not the data")
+        simple = simpler_member(fit, m, values)
+        measured = float(np.interp(0.0, np.sort(m), values.mean(0)[np.argsort(m)]))
+        fitted = float(fit.predict(np.array([0.0]))[0])
+        ident[fit.kind] = {"not_identified": fit.not_identified, "simpler": simple.to_dict() if simple else None,
+                           "at_zero": {"fitted": fitted, "measured": measured, "gap": fitted - measured}}
+        if fit.not_identified:
+            names = ", ".join(fit.not_identified)
+            better = (f"; the simpler member '{simple.member}' fits as well (R² {simple.r2:.3f})" if simple
+                      else "")
+            warnings.append(f"the {fit.kind} fit's parameters {names} are not identified (on a bound, or not "
+                            f"determined by the data): read the curve, not those values{better}")
+        gap = fitted - measured
+        n = values.shape[0]
+        se0 = float(np.interp(0.0, np.sort(m), (values.std(0, ddof=1) / math.sqrt(n))[np.argsort(m)])) if n > 1 else 0.0
+        ident[fit.kind]["at_zero"]["measured_se"] = se0
+        if abs(gap) > 2 * se0:  # the curve misses the measurement at 0 by more than its uncertainty
+            warnings.append(f"the {fit.kind} fit gives {fitted:+.3f} at m = 0 where the measured mean is "
+                            f"{measured:+.3f} ± {se0:.3f} (a gap of {gap:+.3f}): the two-sided decay cannot match "
+                            "m = 0 and its neighbours at once; judge utility by the measured values")
     return {"preference": pref, "utility": util, "operating_point": op, "heldout_m": heldout, "bootstrap": boot,
-            "groups": groups, "warnings": warnings}
+            "groups": groups, "identifiability": ident, "warnings": warnings}

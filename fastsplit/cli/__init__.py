@@ -1,4 +1,4 @@
-"""Command line: ``fastsplit train | generate | sweep | demo | info``. Thin: check, call the library, print.
+"""Command line: ``fastsplit train | generate | sweep | demo | export | info``. Thin: check, call the library, print.
 
 Every input is checked before a model loads. Exit status: 0 on success, 2 for a usage error (a bad option,
 reported by argparse), 1 for a runtime failure (bad data, a missing file, a model that does not fit), each
@@ -16,8 +16,8 @@ import logging
 import os
 import sys
 
-from . import analysis, generate, train
-from ._common import HelpFormatter, launched_world, process_group
+from . import analysis, export, generate, train
+from ._common import ArgumentParser, HelpFormatter, check_device, launched_world, process_group
 
 
 def _cmd_info(args) -> int:
@@ -28,12 +28,13 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastsplit", description="Fused kernels and workflows for steering language "
-                                "models. Exit status: 0 ok, 1 runtime failure, 2 usage error.")
+    p = ArgumentParser(prog="fastsplit", description="Fused kernels and workflows for steering language "
+                       "models. Exit status: 0 ok, 1 runtime failure, 2 usage error.")
     sub = p.add_subparsers(dest="command", required=True)
     train.add_command(sub, HelpFormatter)
     generate.add_command(sub, HelpFormatter)
     analysis.add_commands(sub, HelpFormatter)
+    export.add_command(sub, HelpFormatter)
     i = sub.add_parser("info", help="print what this install can run (build_info) as JSON")
     i.set_defaults(func=_cmd_info)
     return p
@@ -49,10 +50,15 @@ def _quiet() -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # said by the subcommand's parser, so the line names the command
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        sub.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "quiet", False):
         _quiet()
     try:
+        check_device(getattr(args, "device", "auto"))  # before a process group or a model needs it
         with process_group(getattr(args, "device", "auto")):
             return args.func(args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, OSError) as exc:

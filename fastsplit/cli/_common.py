@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import os
+import sys
+import tempfile
 
 
 def floats(text: str) -> list[float]:
@@ -193,5 +195,80 @@ def is_main() -> bool:
     return dist.is_main()
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown after every option's help."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, as it would be typed (lists comma-joined); none for required options,
+    flags, options without a default, or help that already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (action.required or d is None or d is argparse.SUPPRESS or "default:" in text
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))):
+            return text
+        if isinstance(d, (list, tuple)):
+            d = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in d)
+        return f"{text} (default: {str(d).replace('%', '%%')})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """One line on stderr for a usage error (``fastsplit train: error: ...``, exit 2); the usage text only when a
+    required argument is missing, where it is what the user needs."""
+
+    def error(self, message):
+        if message.startswith("the following arguments are required"):
+            self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def writable_dir(path: str, flag: str = "--out", *, shown: str | None = None) -> None:
+    """That folder ``path`` can be made (as the command will make it) and written, checked by making it and writing a
+    probe file there; every folder made for the check is removed again, so a failing command leaves nothing."""
+    target = os.path.abspath(path)
+    shown = shown or path
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"{flag} {shown} is a file, not a folder")
+    missing, up = [], target
+    while not os.path.exists(up):
+        missing.append(up)
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise ValueError(f"{flag} {shown} cannot be made: {up} is a file")
+    made = []
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            made.append(folder)
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".fastsplit-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {shown} cannot be written: {exc.strerror or exc}") from None
+    finally:
+        for folder in reversed(made):
+            os.rmdir(folder)
+
+
+def writable_file(path: str, flag: str = "--out") -> None:
+    """That file ``path`` can be written (its folder made if missing, as the command will), before any work."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+    writable_dir(os.path.dirname(os.path.abspath(path)), flag, shown=path)
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this torch build has: auto, cpu, cuda or cuda:N (N below the GPU count)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if d.type != "cuda":
+        raise ValueError(f"--device {device}: fastsplit runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"--device {device}: no CUDA device is available (torch {torch.__version__}, {build})")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")

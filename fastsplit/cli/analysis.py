@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, nonneg_float,
-                      nonneg_int, positive_int, read_pairs, save_json, write_pairs)
+                      nonneg_int, positive_int, read_pairs, save_json, writable_dir, write_pairs)
 from .train import add_training_options, attach_steering, prepare, train_options
 
 DEMO_PROMPTS = ["How do you feel about the coming year?", "Describe your plans for the weekend.",
@@ -26,13 +26,15 @@ def _multipliers(values: list[float]) -> list[float]:
     return values
 
 
-def write_report(sweep, result: dict, out: str, title: str) -> dict:
+def write_report(sweep, result: dict, out: str, title: str, max_util_drop: float) -> dict:
     """fit.json (every score named) and plot.png/.svg beside sweep.csv; returns the report."""
     from fastsplit.analysis import plot_sweep
 
     os.makedirs(out, exist_ok=True)
     op = result["operating_point"]
-    plots = plot_sweep(sweep, result["preference"], result["utility"], op, os.path.join(out, "plot"), title=title)
+    plots = plot_sweep(sweep, result["preference"], result["utility"], op, os.path.join(out, "plot"), title=title,
+                       heldout_r2=result["heldout_m"], max_util_drop=max_util_drop,
+                       identifiability=result["identifiability"])
     report = {
         "title": title,
         "preference": result["preference"].to_dict(), "utility": result["utility"].to_dict(),
@@ -41,8 +43,8 @@ def write_report(sweep, result: dict, out: str, title: str) -> dict:
                    "utility_r2_heldout_m": result["heldout_m"]["utility"],
                    "about": "r2_fit: R² of each curve on the per-m means it was fitted to; r2_heldout_m: R² of "
                             "predictions for each m from a fit without that m (leave one m out)"},
-        "bootstrap": result["bootstrap"], "operating_point": op.to_dict(), "groups": result["groups"],
-        "warnings": result["warnings"], "pairs": int(sweep.pref_odds.shape[0]),
+        "bootstrap": result["bootstrap"], "operating_point": op.to_dict(), "max_util_drop": max_util_drop,
+        "identifiability": result["identifiability"], "groups": result["groups"], "warnings": result["warnings"], "pairs": int(sweep.pref_odds.shape[0]),
         "multipliers": sweep.multipliers.tolist(), "util_clamped": int(sweep.util_clamped.sum()), "plots": plots}
     save_json(os.path.join(out, "fit.json"), report)
     return report
@@ -71,12 +73,33 @@ def print_report(report: dict) -> None:
     g = report["groups"]
     groups = ", ".join(f"{k!r} ({v['pairs']}): {v['change_at_probe']:+.2f}" for k, v in g["by_group"].items())
     print(f"  answer groups, preference change at m = {g['m_probe']:g}: {groups}")
+    for kind, ident in report["identifiability"].items():
+        z = ident["at_zero"]
+        simple = ident["simpler"]
+        unknown = ", ".join(ident["not_identified"]) or "none"
+        print(f"  {kind}: at m = 0 fitted {z['fitted']:+.3f}, measured {z['measured']:+.3f} (gap {z['gap']:+.3f}); "
+              f"not identified: {unknown}" + (f"; the simpler member '{simple['member']}' fits as well "
+                                              f"(R² {simple['r2']:.3f})" if simple else ""))
     for w in report["warnings"]:
         print(f"warning: {w}")
 
 
-def _title(model: str, layer: int, form: str, data: str, n: int) -> str:
-    return f"{os.path.basename(model.rstrip('/')) or model}, {form} at layer {layer}, {n} pairs of {data}"
+def _title(model: str, layer: int, form: str, data: str, n: int, held_out: bool) -> str:
+    name = "the built-in demo set" if data == "demo" else os.path.basename(data)
+    pairs = f"{n} held-out pairs" if held_out else f"{n} pairs"
+    return f"{os.path.basename(model.rstrip('/')) or model}, {form} at layer {layer}: {pairs} of {name}"
+
+
+def sweep_data(steering: str, data: str | None) -> tuple[str, bool, str]:
+    """(the pairs to sweep for ``steering``, whether they are a run's held-out split, a line saying which). Without
+    ``--data``: the ``test_pairs.jsonl`` that train or demo wrote beside the steering file, else the demo set."""
+    if data is not None:
+        return data, os.path.basename(data) == "test_pairs.jsonl", f"sweeping {data}"
+    held = os.path.join(os.path.dirname(os.path.abspath(steering)), "test_pairs.jsonl")
+    if os.path.exists(held):
+        return held, True, f"sweeping the held-out pairs of {steering}'s run: {held}"
+    return "demo", False, (f"sweeping the built-in demo pairs (no test_pairs.jsonl beside {steering}; --data "
+                           "chooses others)")
 
 
 def sweep_folders(out: str, steering_files: list[str]) -> list[str]:
@@ -98,15 +121,20 @@ def run_sweep(args) -> int:
     from fastsplit.hf import load_model
 
     ms = _multipliers(args.multipliers)
-    pairs = read_pairs(args.data)
-    if args.max_pairs:
-        pairs = pairs[: args.max_pairs]
     config = model_config(args)
-    metas = [checked_steering(path, config, args.any_model) for path in args.steering]
-    fastsplit.dist.check_world(len(pairs), "pairs")  # before the model loads (torchrun's WORLD_SIZE)
+    plans = []
+    for path, out in zip(args.steering, sweep_folders(args.out, args.steering)):
+        meta = checked_steering(path, config, args.any_model)
+        data, held, says = sweep_data(path, args.data)
+        pairs = read_pairs(data)[: args.max_pairs or None]
+        fastsplit.dist.check_world(len(pairs), "pairs")  # before the model loads (torchrun's WORLD_SIZE)
+        plans.append((path, out, meta, data, held, says, pairs))
+    writable_dir(args.out)
     model, tok = load_model(args.model, device=device_of(args))
     model_label = fastsplit.hf.model_name(model) if args.model == "default" else args.model
-    for path, meta, out in zip(args.steering, metas, sweep_folders(args.out, args.steering)):
+    for path, out, meta, data, held, says, pairs in plans:
+        if is_main():
+            print(says)
         steering = fastsplit.load_steering(model, path, check_model_name=not args.any_model)
         sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm, progress=not args.quiet)
         steering.detach()
@@ -115,8 +143,8 @@ def run_sweep(args) -> int:
         write_sweep(sweep, out)
         result = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
                          progress=not args.quiet)
-        report = write_report(sweep, result, out, _title(model_label, int(meta["layer"]), meta["form"],
-                                                         os.path.basename(args.data), len(pairs)))
+        title = _title(model_label, int(meta["layer"]), meta["form"], data, len(pairs), held)
+        report = write_report(sweep, result, out, title, args.max_util_drop)
         if len(args.steering) > 1:
             print(f"== {path} (layer {meta['layer']}, {meta['form']})")
         print_report(report)
@@ -148,13 +176,15 @@ def run_demo(args) -> int:
         raise ValueError("the demo sweeps held-out pairs: --test-size must be above 0")
     if args.quick:
         train_pairs, test_pairs = train_pairs[:QUICK["train_pairs"]], test_pairs[:QUICK["test_pairs"]]
-    print("fastsplit demo: SPLIT-train a steering vector, sweep m on held-out pairs, fit, plot")
     fastsplit.dist.check_world(min(len(test_pairs), len(DEMO_PROMPTS)), "held-out pairs or demo prompts")
+    writable_dir(args.out)
+    print("fastsplit demo: SPLIT-train a steering vector, sweep m on held-out pairs, fit, plot")
     model, tok = fastsplit.hf.load_model(args.model, device=device_of(args))
+    os.makedirs(args.out, exist_ok=True)
     steering = attach_steering(model, layer, args)
     print(f"[{time.time() - t0:5.0f}s] training a {args.form} at layer {layer} on {len(train_pairs)} pairs")
-    result = fastsplit.train(model, tok, steering, train_pairs, **train_options(args))
-    os.makedirs(args.out, exist_ok=True)
+    result = fastsplit.train(model, tok, steering, train_pairs, checkpoint_dir=os.path.join(args.out, "checkpoints"),
+                             resume=args.resume, **train_options(args))
     if is_main():
         fastsplit.dist.atomic_write(os.path.join(args.out, "steering.safetensors"), steering.save)
         fastsplit.dist.atomic_write(os.path.join(args.out, "test_pairs.jsonl"), lambda p: write_pairs(test_pairs, p))
@@ -167,22 +197,27 @@ def run_demo(args) -> int:
         analysis = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
                            progress=not args.quiet)
         report = write_report(sweep, analysis, args.out, _title(fastsplit.hf.model_name(model), layer, args.form,
-                                                                 args.data, len(test_pairs)))
+                                                                 args.data, len(test_pairs), True),
+                              args.max_util_drop)
         print_report(report)
         m_op = [report["operating_point"]["multiplier"]]
     m_op = fastsplit.dist.broadcast_object(m_op[0])
     texts = fastsplit.generate_sweep(model, tok, steering, DEMO_PROMPTS, [0.0, m_op], max_new_tokens=args.max_new_tokens,
                                      progress=not args.quiet)
-    gens = [{"prompt": p, "m=0": t[0], f"m={m_op:.2f}": t[1]} for p, t in zip(DEMO_PROMPTS, texts)]
+    gens = [{"prompt": p, "generations": [{"multiplier": 0.0, "text": t[0]}, {"multiplier": m_op, "text": t[1]}]}
+            for p, t in zip(DEMO_PROMPTS, texts)]
     if is_main():
         save_json(os.path.join(args.out, "generations.json"), gens)
     for g in gens:
-        print(f"\nprompt: {g['prompt']}\n  m=0     : {g['m=0']!r}\n  m={m_op:<6.2f}: {g[f'm={m_op:.2f}']!r}")
+        lines = "".join(f"\n  m = {x['multiplier']:<6.2f}: {x['text']!r}" for x in g["generations"])
+        print(f"\nprompt: {g['prompt']}{lines}")
     print(f"\n[{time.time() - t0:5.0f}s] done; wrote {args.out}/ (steering.safetensors, test_pairs.jsonl, sweep.csv, "
           "fit.json, plot.png, plot.svg, generations.json)")
-    resweep = os.path.join(args.out, "resweep")
+    extra = "" if args.model == "default" else f" --model {args.model}"
+    if args.multipliers != DEFAULT_MS:
+        extra += " --multipliers=" + ",".join(f"{v:g}" for v in args.multipliers)
     print(f"re-sweep the held-out pairs: fastsplit sweep --steering {os.path.join(args.out, 'steering.safetensors')} "
-          f"--data {os.path.join(args.out, 'test_pairs.jsonl')} --out {resweep}")
+          f"--data {os.path.join(args.out, 'test_pairs.jsonl')} --out {os.path.join(args.out, 'resweep')}{extra}")
     return 0
 
 
@@ -202,8 +237,9 @@ def add_commands(sub, formatter) -> None:
     s.add_argument("--steering", required=True, nargs="+",
                    help="one or more steering.safetensors written by 'fastsplit train' (several files, e.g. one per "
                         "layer, are swept one after the other with the model loaded once; each gets OUT/<folder>-<name>)")
-    s.add_argument("--data", default="demo",
-                   help="pairs file or 'demo'; OUT/test_pairs.jsonl from 'fastsplit train' sweeps its held-out split")
+    s.add_argument("--data", default=None,
+                   help="pairs file or 'demo' (default: the test_pairs.jsonl that train or demo wrote beside each "
+                        "steering file, its held-out split; else the demo set, and the command says which)")
     _analysis_options(s)
     s.add_argument("--max-pairs", type=nonneg_int, default=0, help="use only the first N pairs (0: all)")
     s.add_argument("--length-norm", action="store_true", help="token-mean NLLs instead of sums")
@@ -219,6 +255,8 @@ def add_commands(sub, formatter) -> None:
     _analysis_options(d)
     d.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated at m = 0 and m_op")
     d.add_argument("--out", default="fastsplit-demo", help="output folder")
+    d.add_argument("--resume", action="store_true",
+                   help="continue training from the newest checkpoint in OUT/checkpoints, then sweep")
     d.add_argument("--quick", action="store_true",
                    help=f"a smoke run in about a minute: {QUICK['train_pairs']} training and {QUICK['test_pairs']} "
                         f"held-out pairs, {QUICK['epochs']} epoch, {len(QUICK['multipliers'])} multipliers, "

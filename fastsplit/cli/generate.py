@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, positive_int,
-                      read_prompts)
+                      read_prompts, writable_file)
 
 
 def run(args) -> int:
@@ -13,6 +13,8 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     checked_steering(args.steering, model_config(args), args.any_model)
+    if args.out:
+        writable_file(args.out)
     model, tok = load_model(args.model, device=device_of(args))
     steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
     texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
@@ -22,11 +24,14 @@ def run(args) -> int:
     rows = [{"prompt": p, "multiplier": m, "text": texts[i][j]}
             for i, p in enumerate(prompts) for j, m in enumerate(args.multipliers)]
     if args.out:
+        import os
+
         from fastsplit.dist import atomic_write
 
         def write(path):
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # as train makes its folder
         atomic_write(args.out, write)
     else:
         for r in rows:
@@ -44,7 +49,7 @@ def add_command(sub, formatter) -> None:
     g.add_argument("--multipliers", type=floats, default=[-4.0, -2.0, 0.0, 2.0, 4.0],
                    help="comma-separated strengths; write --multipliers=-4,0,4 when the list starts with '-'")
     g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per row")
-    g.add_argument("--out", help="JSONL output (default: stdout)")
+    g.add_argument("--out", help="JSONL output file, its folder made if missing (default: stdout)")
     g.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
     add_device_option(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")

@@ -6,7 +6,8 @@ import argparse
 import os
 
 from ._common import (add_device_option, checked_layer, device_of, floats, is_main, model_config, nonneg_float,
-                      pair_types, positive_float, positive_int, read_pairs, save_json, test_size, write_pairs)
+                      pair_types, positive_float, positive_int, read_pairs, save_json, test_size, writable_dir,
+                      write_pairs)
 
 
 def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
@@ -86,8 +87,9 @@ def run(args) -> int:
     from fastsplit.hf import load_model
 
     _, layer, train_pairs, test_pairs = prepare(args)
-    os.makedirs(args.out, exist_ok=True)
+    writable_dir(args.out)
     model, tok = load_model(args.model, device=device_of(args))
+    os.makedirs(args.out, exist_ok=True)
     steering = attach_steering(model, layer, args)
     result = fastsplit.train(model, tok, steering, train_pairs, checkpoint_dir=os.path.join(args.out, "checkpoints"),
                              resume=args.resume, **train_options(args))

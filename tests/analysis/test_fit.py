@@ -158,3 +158,69 @@ def test_analyze_and_plot(tmp_path):
                        str(tmp_path / "plot"), title="tiny, vector at layer 2, 8 pairs")
     for p in paths:
         assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
+
+
+def test_plot_artists(tmp_path, monkeypatch):
+    """What a reviewer checks, read back from the figure: units and titles, the utility limit that defines the
+    operating point (at the measured utility at 0 minus the drop), held-out R² in the legend, regions as a strip
+    apart from the data's band, and the parameters the fits leave undetermined."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(5)
+    pref = _model("preference", PREF, M) + rng.normal(0, 0.2, (8, M.size))
+    util = _model("utility", UTIL, M) + rng.normal(0, 0.2, (8, M.size))
+    sweep = _sweep(pref, util)
+    result = analyze(sweep, bootstrap_samples=0)
+    result["identifiability"]["utility"]["not_identified"] = {"beta": "standard error 1e5 against 3"}  # as shown
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    plot_sweep(sweep, result["preference"], result["utility"], result["operating_point"], str(tmp_path / "p"),
+               heldout_r2=result["heldout_m"], max_util_drop=0.7, identifiability=result["identifiability"])
+    (fig,) = figs
+    ax_p, ax_u = fig.axes[:2]
+    assert "(nats)" in ax_p.get_ylabel() and "(nats)" in ax_u.get_ylabel()
+    assert (ax_p.get_title(), ax_u.get_title()) == ("Preference", "Utility")
+    op = result["operating_point"]
+    limit = [line for line in ax_u.get_lines() if "utility limit" in line.get_label()]
+    assert len(limit) == 1 and np.allclose(limit[0].get_ydata(), op.utility_at_zero - 0.7)
+    legend = " ".join(t.get_text() for ax in (ax_p, ax_u) for t in ax.get_legend().get_texts())
+    assert f"held-out-m $R^2$ = {result['heldout_m']['preference']:.3f}" in legend
+    assert f"held-out-m $R^2$ = {result['heldout_m']['utility']:.3f}" in legend
+    strips = [p for p in ax_p.patches if (p.get_label() or "").startswith("region: ")]
+    assert strips and all(isinstance(p, matplotlib.patches.Rectangle) or p.get_extents() for p in strips)
+    for patch in ax_p.patches:  # every region drawn as a strip at the bottom, not over the data
+        if isinstance(patch, matplotlib.patches.Polygon):
+            assert max(y for _, y in patch.get_xy()) <= 0.06 + 1e-9
+    notes = " ".join(t.get_text() for t in ax_u.texts)
+    assert "not identified: beta" in notes and "kink at m = 0" in notes
+    # The legend sits below the axes, clear of the data.
+    assert ax_p.get_legend().get_bbox_to_anchor().y0 < ax_p.get_window_extent().y0
+
+
+def test_identifiability_and_the_simpler_member():
+    """Data drawn from a straight line: the full decay has nothing to decay to, so its decay parameters are not
+    identified, and the 'no decay' member (a line) fits as well and is reported."""
+    from fastsplit.analysis.fit import simpler_member
+
+    rng = np.random.default_rng(1)
+    y = 0.8 * M + 0.3 + rng.normal(0, 0.05, M.size)
+    fit = fit_curves(M, y, "preference")
+    assert not fit.identified and fit.not_identified
+    simple = simpler_member(fit, M, y)
+    assert simple is not None and simple.member == "no decay" and simple.r2 > 0.99
+    assert simple.identified and abs(simple.params["alpha"] - 0.8) < 0.05
+    curve = _model("preference", PREF, M) + rng.normal(0, 0.05, M.size)  # every feature of the family present
+    full = fit_curves(M, curve, "preference")
+    assert full.identified and not full.not_identified and simpler_member(full, M, curve) is None
+
+
+def test_value_at_zero_is_compared_with_the_measurement():
+    rng = np.random.default_rng(2)
+    pref = _model("preference", PREF, M) + rng.normal(0, 0.2, (8, M.size))
+    util = _model("utility", UTIL, M) + rng.normal(0, 0.2, (8, M.size))
+    result = analyze(_sweep(pref, util), bootstrap_samples=0)
+    for kind, values in (("preference", pref), ("utility", util)):
+        z = result["identifiability"][kind]["at_zero"]
+        assert np.isclose(z["measured"], np.interp(0.0, M, values.mean(0)))
+        assert np.isclose(z["gap"], z["fitted"] - z["measured"]) and abs(z["gap"]) < 0.5

@@ -138,6 +138,20 @@ class Steering:
 
         save_file({n: t.contiguous().cpu() for n, t in self.state_dict().items()}, path, metadata=self.metadata())
 
+    def export(self, out: str, *, m: float, format: str, full: bool = False) -> list[str]:
+        """Write this intervention at strength ``m`` as ``format`` ("control-vector", "peft" or "merged") to ``out``;
+        returns the written paths. See :mod:`fastsplit.hf.export` for what each format holds and refuses.
+
+        Example::
+
+            >>> steering.export("optimism.gguf", m=3.2, format="control-vector")   # llama.cpp --control-vector
+        """
+        from ..export import export_tensors
+
+        self._check_attached()
+        return export_tensors(self.metadata(), self.state_dict(), out, m=m, format=format, model=self.model,
+                              config=self.model.config, full=full)
+
     def __repr__(self) -> str:
         rank = f", rank={self.rank}" if self.rank else ""
         return f"Steering(layer={self.layer}, site={self.site}, form={self.form}{rank}, module={self.module!r})"

@@ -1,0 +1,289 @@
+"""Deploying a trained intervention at a chosen strength m, in the formats serving engines read.
+
+* ``control-vector``: a GGUF file in llama.cpp's control-vector layout (``--control-vector`` in llama.cpp and
+  ollama): ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (llama.cpp's name of the
+  architecture), ``controlvector.layer_count``, and one float32 ``direction.<k>`` tensor per layer k = 1 … n−1.
+  llama.cpp adds ``direction.k`` to the residual stream after (0-based) layer k and has no direction for layer
+  0's output, so the vector m·Δb of a steering at layer L is ``direction.L`` and the others are zeros. It is the
+  same intervention only for the vector form, where the update enters the residual stream by addition: the
+  residual site, or the MLP's down_proj on architectures without a norm after the MLP (not Gemma-2/3, OLMo-2).
+* ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads
+  on the base model: a LoRA on layer L's ``mlp.down_proj`` with ``lora_alpha = m·r`` (peft's scaling alpha/r is
+  then m) and ``lora_bias`` holding Δb (peft multiplies it by the same scaling: m·Δb). The vector form is
+  written exactly as a rank-1 LoRA whose B is zero (only its bias acts); local_weight exactly as a full-rank
+  LoRA (r = min(in, out): ΔW = I·ΔW or ΔW·I). peft ≥ 0.14 reads ``lora_bias``.
+* ``merged``: the changed tensors of the base model only (``model.layers.L.mlp.down_proj.weight`` = W + m·ΔW,
+  and ``.bias`` = b + m·Δb), or with ``full=True`` a complete ``save_pretrained`` folder. A bias on a down_proj
+  that has none needs the architecture's ``mlp_bias`` option (Llama, Mistral-style configs) in the full folder.
+
+Every check (file, form, architecture, layer, m) runs before any model loads, and every output is written whole
+or not at all (a temporary file or folder, then a rename).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .. import dist
+from .loading import load_config, load_model
+from .steer.model import check_steering_metadata, read_steering_metadata
+
+__all__ = ["FORMATS", "export_steering", "export_tensors", "check_export", "read_steering_tensors",
+           "operating_point_of"]
+
+FORMATS = ("control-vector", "peft", "merged")
+# Architectures whose MLP output passes a norm before the residual add: the down_proj vector is not a fixed
+# residual offset there (hf/internals.py lists the post-feed-forward norm as an internal relied on).
+_POST_FFN_NORM = ("gemma2", "gemma3", "gemma3_text", "olmo2")
+# llama.cpp's architecture names (controlvector.model_hint), where they differ from Hugging Face's model_type.
+_LLAMA_CPP_ARCH = {"mistral": "llama"}
+
+
+def read_steering_tensors(path: str) -> tuple[dict, dict]:
+    """(metadata, tensors) of a steering file, both checked: a missing or corrupt file is one clear error."""
+    meta = read_steering_metadata(path)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+    need = {"vector": {"delta_bias"}, "lora": {"delta_bias", "lora_a", "lora_b"},
+            "local_weight": {"delta_bias", "delta_weight"}}.get(meta["form"])
+    if need is None or set(tensors) != need:
+        raise ValueError(f"{path}: a {meta['form']!r} steering file should hold {sorted(need or [])}, "
+                         f"not {sorted(tensors)}")
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: steering tensors {bad} hold NaN or inf values")
+    return meta, tensors
+
+
+def operating_point_of(fit_path: str) -> float:
+    """The operating point m_op from a ``fit.json`` that ``fastsplit sweep`` or ``demo`` wrote."""
+    if not os.path.isfile(fit_path):
+        raise FileNotFoundError(f"no fit file at {fit_path}")
+    try:
+        with open(fit_path) as f:
+            m = json.load(f)["operating_point"]["multiplier"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{fit_path} is not a fit.json with an operating point ({type(exc).__name__})") from None
+    if not isinstance(m, (int, float)) or not math.isfinite(m):
+        raise ValueError(f"{fit_path}: the operating point {m!r} is not a finite number")
+    return float(m)
+
+
+def check_export(meta: dict, config, fmt: str, *, m: float, full: bool = False) -> None:
+    """Whether ``fmt`` can hold this intervention exactly; a one-line reason when it cannot."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+        raise ValueError(f"m must be a finite number, got {m!r}")
+    form, layer, site = meta["form"], int(meta["layer"]), meta["site"]
+    if fmt == "control-vector":
+        if form != "vector":
+            raise ValueError(f"a control vector is one fixed vector per layer; a {form} update depends on the input "
+                             "(export it as peft or merged)")
+        if site == "down_proj" and config.model_type in _POST_FFN_NORM:
+            raise ValueError(f"on {config.model_type} a norm follows the MLP, so a vector at down_proj is not a fixed "
+                             "offset of the residual stream (train with --site residual, or export as peft/merged)")
+        if layer == 0:
+            raise ValueError("llama.cpp control vectors start after layer 1 (there is no direction.0): a steering at "
+                             "layer 0 cannot be written as one")
+    if fmt == "peft" and site != "down_proj":
+        raise ValueError("peft adapts a module; a residual-site steering has none (export it as a control vector)")
+    if fmt == "merged" and site != "down_proj":
+        raise ValueError("merged weights change a module; a residual-site steering has none (export it as a "
+                         "control vector)")
+
+
+def export_steering(steering: str, out: str, *, m: float, format: str, model="default", full: bool = False,
+                    check_model_name: bool = True) -> list[str]:
+    """Write the steering file ``steering`` at strength ``m`` as ``format`` to ``out``; returns the written paths.
+
+    ``model`` is "default", a local model folder, or a loaded model (needed by ``merged`` only; the config is
+    enough for the others, so they load no weights). ``full`` (merged): a complete ``save_pretrained`` folder
+    instead of the changed tensors.
+
+    Example::
+
+        >>> export_steering("run/steering.safetensors", "optimism.gguf", m=3.2, format="control-vector")
+        >>> export_steering("run/steering.safetensors", "adapter", m=3.2, format="peft")
+    """
+    meta, tensors = read_steering_tensors(steering)
+    config = model.config if isinstance(model, torch.nn.Module) else load_config(model)
+    check_steering_metadata(meta, config, steering, check_model_name=check_model_name)
+    return export_tensors(meta, tensors, out, m=m, format=format, model=model, config=config, full=full)
+
+
+def export_tensors(meta: dict, tensors: dict, out: str, *, m: float, format: str, model, config,
+                   full: bool = False) -> list[str]:
+    """:func:`export_steering` on an intervention's metadata and tensors (``Steering.export`` passes its own)."""
+    check_export(meta, config, format, m=m, full=full)
+    tensors = {k: v.detach().float().cpu() for k, v in tensors.items()}
+    if format == "control-vector":
+        return [_control_vector(out, meta, tensors, float(m), config)]
+    if format == "peft":
+        return _peft(out, meta, tensors, float(m), config)
+    loaded = model if isinstance(model, torch.nn.Module) else load_model(model)[0]
+    return _merged(out, meta, tensors, float(m), loaded, full=full,
+                   tokenizer_source=None if isinstance(model, torch.nn.Module) else model)
+
+
+def _control_vector(out, meta, tensors, m, config) -> str:
+    import gguf
+    import numpy as np
+
+    layer, n = int(meta["layer"]), int(config.num_hidden_layers)
+    v = (m * tensors["delta_bias"].double()).float().numpy()
+
+    def write(tmp):
+        writer = gguf.GGUFWriter(tmp, "controlvector")
+        writer.add_string("controlvector.model_hint", _LLAMA_CPP_ARCH.get(config.model_type, config.model_type))
+        writer.add_uint32("controlvector.layer_count", n)
+        for k in range(1, n):
+            writer.add_tensor(f"direction.{k}", v if k == layer else np.zeros_like(v))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    _atomic_file(out, write)
+    return out
+
+
+def _down_proj_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_proj"
+
+
+def _lora_factors(meta, tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) with B·A = the update's ΔW, exactly, for every form."""
+    db = tensors["delta_bias"]
+    if meta["form"] == "lora":
+        return tensors["lora_a"], tensors["lora_b"]
+    if meta["form"] == "local_weight":
+        dw = tensors["delta_weight"]
+        out_f, in_f = dw.shape
+        if out_f <= in_f:
+            return dw, torch.eye(out_f, dtype=dw.dtype)
+        return torch.eye(in_f, dtype=dw.dtype), dw
+    in_f = int(meta.get("intermediate_size") or 0)
+    return torch.zeros(1, in_f, dtype=db.dtype), torch.zeros(db.shape[0], 1, dtype=db.dtype)
+
+
+def _peft(out, meta, tensors, m, config) -> list[str]:
+    from safetensors.torch import save_file
+
+    layer = int(meta["layer"])
+    a, b = _lora_factors(meta, tensors)
+    r = a.shape[0]
+    prefix = f"base_model.model.{_down_proj_name(layer)}"
+    weights = {f"{prefix}.lora_A.weight": a.contiguous(), f"{prefix}.lora_B.weight": b.contiguous(),
+               f"{prefix}.lora_B.bias": tensors["delta_bias"].contiguous()}
+    adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": meta.get("model"),
+               "r": int(r), "lora_alpha": m * r, "target_modules": ["down_proj"], "layers_to_transform": [layer],
+               "lora_dropout": 0.0, "bias": "none", "lora_bias": True, "fan_in_fan_out": False,
+               "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+               "inference_mode": True, "fastsplit": {"form": meta["form"], "m": m, "layer": layer}}
+
+    def write(folder):
+        save_file(weights, os.path.join(folder, "adapter_model.safetensors"))
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(adapter, f, indent=2)
+    return _atomic_folder(out, write)
+
+
+def _merged(out, meta, tensors, m, model, *, full, tokenizer_source) -> list[str]:
+    from safetensors.torch import save_file
+
+    from .runner import decoder_layers
+
+    layer = int(meta["layer"])
+    base = decoder_layers(model)[layer].mlp.down_proj  # nn.Linear, or an attached SteeredLinear sharing its W, b
+    a, b = _lora_factors(meta, tensors)
+    w = base.weight.detach().double().cpu()
+    w_new = (w + m * (b.double() @ a.double())).to(base.weight.dtype)
+    bias = base.bias.detach().double().cpu() if base.bias is not None else torch.zeros(w.shape[0], dtype=torch.double)
+    b_new = (bias + m * tensors["delta_bias"].double()).to(base.weight.dtype)
+    name = _down_proj_name(layer)
+    if not full:
+        def write(tmp):
+            save_file({f"{name}.weight": w_new.contiguous(), f"{name}.bias": b_new.contiguous()}, tmp,
+                      metadata={"fastsplit_merged": json.dumps({"form": meta["form"], "m": m, "layer": layer})})
+        _atomic_file(out, write)
+        return [out]
+    needs_bias = base.bias is None and bool(b_new.abs().max() > 0)
+    if needs_bias and not hasattr(model.config, "mlp_bias"):
+        raise ValueError(f"{model.config.model_type}'s MLP has no bias option, so a steering bias cannot be merged "
+                         "into a full model folder (export the tensors alone, or as peft / a control vector)")
+    return _atomic_folder(out, lambda folder: _save_full(folder, model, layer, w_new, b_new, needs_bias,
+                                                         tokenizer_source))
+
+
+def _save_full(folder, model, layer, w_new, b_new, needs_bias, tokenizer_source) -> None:
+    """The base model with layer L's down_proj merged, saved with save_pretrained; the model is left as it was."""
+    import copy
+
+    from .runner import decoder_layers
+
+    merged = copy.deepcopy(model)
+    merged.config.name_or_path = model.config.name_or_path
+    if needs_bias:  # mlp_bias gives every MLP linear a bias: zeros but the merged one
+        merged.config.mlp_bias = True
+        for dec in decoder_layers(merged):
+            for lin in (getattr(dec.mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")):
+                if isinstance(lin, torch.nn.Linear) and lin.bias is None:
+                    lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                              device=lin.weight.device))
+    mlp = decoder_layers(merged)[layer].mlp
+    old = mlp.down_proj  # a plain Linear in its place, also where a fastsplit steering was attached
+    has_bias = old.bias is not None or needs_bias
+    down = torch.nn.Linear(w_new.shape[1], w_new.shape[0], bias=has_bias, dtype=old.weight.dtype,
+                           device=old.weight.device)
+    with torch.no_grad():
+        down.weight.copy_(w_new.to(down.weight.device))
+        if has_bias:
+            down.bias.copy_(b_new.to(down.bias.device))
+    mlp.down_proj = down
+    merged.save_pretrained(folder)
+    if isinstance(tokenizer_source, str):
+        from transformers import AutoTokenizer
+
+        from .loading import cache_dir
+
+        src = cache_dir() if tokenizer_source == "default" else tokenizer_source
+        AutoTokenizer.from_pretrained(src).save_pretrained(folder)
+
+
+def _atomic_file(out: str, write) -> None:
+    """``write(tmp)`` then renamed onto ``out``, its folder made if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    dist.atomic_write(out, write)
+
+
+def _atomic_folder(out: str, write) -> list[str]:
+    """``write(folder)`` into a temporary folder beside ``out``, then swapped in whole; returns the files written."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        write(tmp)
+        names = sorted(os.listdir(tmp))
+        old = None
+        if os.path.exists(out):
+            if not os.path.isdir(out):
+                raise ValueError(f"{out} is a file; a {os.path.basename(out)!r} export is a folder")
+            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(out, n) for n in names]

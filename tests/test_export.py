@@ -1,0 +1,186 @@
+"""Exports, each checked by its real loader against fastsplit at the same m: peft's PeftModel.from_pretrained,
+transformers' from_pretrained on a merged folder, the merged tensors applied by hand, and the control vector read
+back with gguf and applied the way llama.cpp applies one (direction.k added after layer k)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastsplit
+from fastsplit import hf
+from fastsplit.hf.export import check_export, export_steering
+from tests.tiny import randomize, tiny_model, tiny_tokenizer
+
+M = 1.7
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", init_std=0.1).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def _base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _steered(model_dir, form, tmp_path, layer=2, seed=1):
+    """A tiny model with a random intervention, saved as a steering file; returns (model, steering, path)."""
+    model = _base(model_dir)
+    s = fastsplit.attach(model, layer, form, rank=3)
+    randomize(s, scale=0.3, seed=seed)
+    path = str(tmp_path / f"{form}.safetensors")
+    s.save(path)
+    return model, s, path
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 64], [8, 8, 120, 33, 2, 19, 77, 1]])
+
+
+def _logits(model, **kw):
+    with torch.no_grad():
+        return model(input_ids=IDS, **kw).logits
+
+
+def _fastsplit_logits(model, steering, m=M):
+    with steering.multiplier(m):
+        return _logits(model)
+
+
+@pytest.mark.parametrize("form", ["lora", "vector", "local_weight"])
+def test_peft_adapter_loads_and_matches(form, model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, s, path = _steered(model_dir, form, tmp_path)
+    want = _fastsplit_logits(model, s)
+    out = str(tmp_path / "adapter")
+    written = export_steering(path, out, m=M, format="peft", model=model_dir, check_model_name=False)
+    assert sorted(os.path.basename(p) for p in written) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = peft.PeftModel.from_pretrained(_base(model_dir), out).eval()
+    torch.testing.assert_close(_logits(loaded), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(_logits(_base(model_dir)), want, atol=1e-3)  # the steering really acts
+
+
+@pytest.mark.parametrize("form", ["local_weight", "lora", "vector"])
+def test_merged_folder_loads_and_matches(form, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, s, path = _steered(model_dir, form, tmp_path)
+    want = _fastsplit_logits(model, s)
+    out = str(tmp_path / "merged")
+    export_steering(path, out, m=M, format="merged", model=model_dir, full=True, check_model_name=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(reloaded), want, atol=1e-5, rtol=1e-5)
+    assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
+    assert hf.decoder_layers(model)[2].mlp.down_proj is s.module  # the user's model is left as it was
+
+
+def test_merged_tensors_alone(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model, s, path = _steered(model_dir, "local_weight", tmp_path)
+    want = _fastsplit_logits(model, s)
+    out = str(tmp_path / "merged.safetensors")
+    export_steering(path, out, m=M, format="merged", model=model_dir, check_model_name=False)
+    t = load_file(out)
+    assert set(t) == {"model.layers.2.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.bias"}
+    base = _base(model_dir)
+    old = hf.decoder_layers(base)[2].mlp.down_proj
+    torch.testing.assert_close(t["model.layers.2.mlp.down_proj.weight"],
+                               old.weight + M * s.module.delta_weight.detach(), atol=1e-6, rtol=1e-6)
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    new.load_state_dict({"weight": t["model.layers.2.mlp.down_proj.weight"],
+                         "bias": t["model.layers.2.mlp.down_proj.bias"]})
+    hf.decoder_layers(base)[2].mlp.down_proj = new
+    torch.testing.assert_close(_logits(base), want, atol=1e-5, rtol=1e-5)
+
+
+def test_control_vector_reads_back_and_acts_as_llama_cpp_applies_it(model_dir, tmp_path):
+    import gguf
+
+    model, s, path = _steered(model_dir, "vector", tmp_path, layer=2)
+    want = _fastsplit_logits(model, s)
+    out = str(tmp_path / "cv.gguf")
+    s.export(out, m=M, format="control-vector")
+    reader = gguf.GGUFReader(out)
+    fields = {f.name: f for f in reader.fields.values()}
+    field_value = lambda name: fields[name].parts[fields[name].data[0]]
+    assert bytes(field_value("general.architecture")).decode() == "controlvector"
+    assert bytes(field_value("controlvector.model_hint")).decode() == "llama"
+    assert int(field_value("controlvector.layer_count")[0]) == 4
+    tensors = {t.name: torch.tensor(t.data.copy()) for t in reader.tensors}
+    assert sorted(tensors) == ["direction.1", "direction.2", "direction.3"]
+    torch.testing.assert_close(tensors["direction.2"], M * s.module.delta_bias.detach(), atol=1e-6, rtol=1e-6)
+    assert not tensors["direction.1"].any() and not tensors["direction.3"].any()
+    # llama.cpp adds direction.k to the residual stream after (0-based) layer k: do that on the plain model.
+    base = _base(model_dir)
+    hooks = [hf.decoder_layers(base)[k].register_forward_hook(
+        lambda mod, args, out, v=v: out + v) for k, v in ((int(n.split(".")[1]), t) for n, t in tensors.items())]
+    try:
+        torch.testing.assert_close(_logits(base), want, atol=1e-5, rtol=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+CONFIG = {"llama": tiny_model("llama").config, "gemma2": tiny_model("gemma2").config}
+
+
+@pytest.mark.parametrize("meta,fmt,arch,message", [
+    (dict(form="lora", layer="2", site="down_proj"), "control-vector", "llama", "depends on the input"),
+    (dict(form="vector", layer="2", site="down_proj"), "control-vector", "gemma2", "a norm follows the MLP"),
+    (dict(form="vector", layer="0", site="down_proj"), "control-vector", "llama", "there is no direction.0"),
+    (dict(form="vector", layer="2", site="residual"), "peft", "llama", "a residual-site steering has none"),
+    (dict(form="vector", layer="2", site="residual"), "merged", "llama", "a residual-site steering has none"),
+    (dict(form="vector", layer="2", site="down_proj"), "onnx", "llama", "format must be one of"),
+], ids=["lora-cv", "gemma2-cv", "layer0-cv", "residual-peft", "residual-merged", "unknown-format"])
+def test_formats_refuse_what_they_cannot_hold(meta, fmt, arch, message):
+    with pytest.raises(ValueError, match=message):
+        check_export(meta, CONFIG[arch], fmt, m=1.0)
+    check_export(dict(form="vector", layer="2", site="residual"), CONFIG["gemma2"], "control-vector", m=1.0)  # fine
+    with pytest.raises(ValueError, match="m must be a finite number"):
+        check_export(dict(form="vector", layer="2", site="down_proj"), CONFIG["llama"], "peft", m=float("nan"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastsplit", "export", *args], capture_output=True, text=True)
+
+
+def test_cli_export_at_the_operating_point(model_dir, tmp_path):
+    _, s, path = _steered(model_dir, "vector", tmp_path)
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"operating_point": {"multiplier": 2.5}}))
+    out = tmp_path / "sub" / "cv.gguf"
+    r = _cli("--steering", path, "--m", "op", "--fit", str(fit), "--format", "control-vector", "--out", str(out),
+             "--model", model_dir, "--any-model")
+    assert r.returncode == 0, r.stderr
+    assert "m = 2.5" in r.stdout and "--control-vector" in r.stdout and out.exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "lora-as-cv", "m-word", "op-without-fit", "unwritable",
+                                  "full-not-merged"])
+def test_bad_export_input_is_one_line_before_any_model_loads(case, model_dir, tmp_path):
+    _, _, vector = _steered(model_dir, "vector", tmp_path)
+    _, _, lora = _steered(model_dir, "lora", tmp_path)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(open(vector, "rb").read()[:-40])
+    args = {"missing": ["--steering", str(tmp_path / "nope.safetensors"), "--m", "1", "--format", "peft"],
+            "corrupt": ["--steering", str(corrupt), "--m", "1", "--format", "peft"],
+            "lora-as-cv": ["--steering", lora, "--m", "1", "--format", "control-vector"],
+            "m-word": ["--steering", vector, "--m", "lots", "--format", "peft"],
+            "op-without-fit": ["--steering", vector, "--m", "op", "--format", "peft"],
+            "unwritable": ["--steering", vector, "--m", "1", "--format", "merged"],
+            "full-not-merged": ["--steering", vector, "--m", "1", "--format", "peft", "--full"]}[case]
+    out = "/proc/fastsplit-x/out.safetensors" if case == "unwritable" else str(tmp_path / "out")
+    r = _cli(*args, "--out", out, "--model", model_dir, "--any-model")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == (2 if case == "m-word" else 1), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("fastsplit export: error:"), r.stderr
+    assert "Loading weights" not in r.stderr and not os.path.exists(tmp_path / "out")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # nothing half-written
