@@ -50,5 +50,5 @@ def autotune() -> bool:
 
 
 def fixed_configs() -> bool:
-    """True when Triton kernels take one fixed config per shape class (``FASTSPLIT_FIXED_CONFIGS=1``)."""
+    """True when Triton kernels take one small fixed config (``FASTSPLIT_FIXED_CONFIGS=1``)."""
     return os.environ.get("FASTSPLIT_FIXED_CONFIGS", "0") == "1"

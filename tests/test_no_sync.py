@@ -93,6 +93,7 @@ def test_auto_routes_by_the_measured_table(monkeypatch):
     assert _backend.resolve("auto", torch.device("cpu"), form="lora", mkind="per_row", rows=4) == "torch"
     assert _routing.route((9, 0), "steered_linear", "lora", "per_row", 4) == "torch"  # nothing measured green
     assert _routing.route((7, 5), "steered_linear", "lora", "per_row", 4) == "torch"  # unknown device
+    assert _routing.route((9, 0), "split_loss", None, None, 4096) == "triton"  # the fused path, by design
     monkeypatch.setitem(_routing.TABLE, (8, 9), {"measured": "test", "routes": {
         ("steered_linear", "local_weight", "per_row", "decode"): "triton"}})
     assert _routing.route((8, 9), "steered_linear", "local_weight", "per_row", 16) == "triton"

@@ -47,6 +47,9 @@ INTERNALS = (
     Internal("config._attn_implementation in ('sdpa', 'eager') accepts a 4-D additive mask; config.sliding_window "
              "and config.layer_types", "packing.packable", "one packed row per pair with a mask of our own"),
     Internal("config.final_logit_softcapping (Gemma-2)", "runner.logit_softcap", "the SPLIT loss caps logits as the model does"),
+    Internal("state-dict names model.layers.<L>.mlp.down_proj.{weight,bias}, peft's base_model.model.<name>.lora_A/"
+             "lora_B keys with lora_bias, and config.mlp_bias (Llama-style MLP biases)", "export",
+             "merged tensors and peft adapters that the real loaders read (tests/test_export.py loads each)"),
 )
 
 

@@ -21,11 +21,12 @@ def row_class(rows: int) -> str:
 # capability -> {"measured": where the figures come from, "routes": {(op, form, mkind, row class): backend}}
 TABLE: dict[tuple[int, int], dict] = {
     (9, 0): {
-        "measured": "NVIDIA H100 80GB HBM3, 2026-11-22, commit 2b44776 (../shared/gpu-h100/README.md)",
-        # Empty on purpose: there the Triton kernels crashed on the LoRA path (an out-of-bounds shared-memory
-        # read) and on local_weight per-row (configs over the shared-memory budget), and lost to cuBLAS
-        # compositions in every prefill row; the native decode kernel lost to eager at every row count.
-        # The fixes since have not yet run on a GPU, so nothing leaves the torch path until they do.
+        "measured": "NVIDIA H100 80GB HBM3, 2026-11-22, commit 2b44776 (../shared/gpu-h100/README.md); "
+                    "NVIDIA H200, 2026-11-30, commit 78a50b9 (../shared/gpu-h200/README.md)",
+        # Empty on purpose: on both, the Triton kernels of those commits lost to cuBLAS compositions in every
+        # prefill row, and both decode kernels (Triton and the native GEMV) to eager code at every row count;
+        # they were removed. The Triton decode kernel that replaced them has not run on a GPU yet: it gets a
+        # route here once bench/gpu_check.sh measures it faster and green (summary.json, "routes_supported").
         "routes": {},
     },
 }
