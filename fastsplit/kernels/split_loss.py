@@ -99,14 +99,27 @@ def fused_split_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tenso
     N, H = h.shape
     V = weight.shape[0]
     dev = h.device
+    chunk = max(1, min(chunk_rows, N))
+    w_t = weight.t()
+    if traced:  # inside torch.compile: fresh tensors per chunk and one concatenation, no writes into views
+        parts = []
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            z = torch.addmm(bias, h[s:e], w_t) if bias is not None else torch.mm(h[s:e], w_t)
+            nll_c = torch.empty(e - s, device=dev, dtype=torch.float32)
+            lse_c = torch.empty(e - s, device=dev, dtype=torch.float32)
+            launch_fused(z, tgt[s:e].contiguous(), nll_c, lse_c, softcap, need_dh, traced=True)
+            parts.append((nll_c, lse_c, torch.mm(z, weight) if need_dh else None))
+        if not parts:
+            parts = [(h.new_empty(0, dtype=torch.float32), h.new_empty(0, dtype=torch.float32), h.new_empty(0, H))]
+        dh = torch.cat([p[2] for p in parts]) if need_dh else h.new_empty(0)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), dh
     nll = torch.empty(N, device=dev, dtype=torch.float32)
     lse = torch.empty(N, device=dev, dtype=torch.float32)
     dh = torch.empty((N, H) if need_dh else (0,), device=dev, dtype=h.dtype)
     if N == 0:
         return nll, lse, dh
-    chunk = max(1, min(chunk_rows, N))
-    z_buf = torch.empty((chunk, V), device=dev, dtype=h.dtype)
-    w_t = weight.t()
+    z_buf = torch.empty((chunk, V), device=dev, dtype=h.dtype)  # the one logits chunk, reused
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         z = z_buf[: e - s]
@@ -114,7 +127,7 @@ def fused_split_fwd(h: Tensor, tgt: Tensor, weight: Tensor, bias: Optional[Tenso
             torch.addmm(bias, h[s:e], w_t, out=z)
         else:
             torch.mm(h[s:e], w_t, out=z)
-        launch_fused(z, tgt[s:e], nll[s:e], lse[s:e], softcap, need_dh, traced=traced)
+        launch_fused(z, tgt[s:e], nll[s:e], lse[s:e], softcap, need_dh)
         if need_dh:
             torch.mm(z, weight, out=dh[s:e])
     return nll, lse, dh

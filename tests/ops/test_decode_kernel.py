@@ -64,6 +64,14 @@ def test_plan_of_the_h200_shapes():
     assert k.plan(16, 18944, 3584, 132) == (16, 64, 2, 1792)  # 296 feature tiles: split in two
 
 
+def test_traced_launch_path_matches():
+    """The path torch.compile traces (launches through wrap_triton), run eagerly: the same numbers."""
+    _, t = _case("lora", 5, 600)
+    m = torch.linspace(-1, 1, 5, device=DEVICE)
+    args = (t["x"], t["weight"], t["bias"], None, t["lora_a"], t["lora_b"], t["delta_bias"], m, m, 0.0, 0.0)
+    torch.testing.assert_close(k.launch_fwd(*args, traced=True), k.launch_fwd(*args))
+
+
 def test_empty_rows():
     _, t = _case("vector", 1, 123)
     y = k.launch_fwd(t["x"][:0], t["weight"], t["bias"], None, None, None, None, None, None, 1.0, 1.0)

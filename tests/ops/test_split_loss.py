@@ -99,6 +99,9 @@ def test_fused_chunks_agree(softcap):
     nll, lse, dh = fused_split_fwd(h, tgt, W, b, softcap, False, 16)
     assert dh.numel() == 0
     assert_close(nll, ref[0], torch.float32, "nll without dH")
+    # The path torch.compile traces (wrap_triton, fresh tensors per chunk, one concatenation), run eagerly.
+    for a, r, name in zip(fused_split_fwd(h, tgt, W, b, softcap, True, 16, traced=True), ref, ("nll", "lse", "dh")):
+        assert_close(a, r, torch.float32, f"traced {name}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
