@@ -48,7 +48,8 @@ def run(args) -> int:
     use = {"control-vector": f"llama-cli -m MODEL.gguf --control-vector {args.out}",
            "peft": f"PeftModel.from_pretrained(base_model, {args.out!r})",
            "merged": (f"AutoModelForCausalLM.from_pretrained({args.out!r})" if args.full else
-                      f"model.load_state_dict(safetensors.torch.load_file({args.out!r}), strict=False)")}[args.format]
+                      f"the weight and bias of model.layers.{meta['layer']}.mlp.down_proj (a layer without a bias "
+                      "needs an nn.Linear with one; --full writes a whole model folder instead)")}[args.format]
     shown = ", ".join(os.path.relpath(p) for p in paths)
     print(f"exported {meta['form']} at layer {meta['layer']}, m = {m:g}, as {args.format}: {shown}\nuse: {use}")
     return 0

@@ -280,6 +280,11 @@ def _atomic_folder(out: str, write) -> list[str]:
             old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
             os.rmdir(old)
             os.replace(out, old)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export gets a new folder's usual modes
+        for name in names:
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.replace(tmp, out)
         if old:
             shutil.rmtree(old, ignore_errors=True)
