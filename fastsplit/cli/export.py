@@ -28,7 +28,8 @@ def strength(text: str):
 def run(args) -> int:
     from fastsplit.hf.export import check_export, export_steering, operating_point_of, read_steering_tensors
 
-    meta = checked_steering(args.steering, model_config(args), args.any_model)
+    config = model_config(args)
+    meta = checked_steering(args.steering, config, args.any_model)
     read_steering_tensors(args.steering)  # a corrupt tensor section is found now, not after a model loads
     if args.m == "op":
         if not args.fit:
@@ -38,7 +39,7 @@ def run(args) -> int:
         if args.fit:
             raise ValueError("--fit is read only with --m op")
         m = args.m
-    check_export(meta, model_config(args), args.format, m=m, full=args.full)
+    check_export(meta, config, args.format, m=m, full=args.full)
     if args.full and args.format != "merged":
         raise ValueError("--full is for --format merged")
     folder = args.format == "peft" or args.full

@@ -129,7 +129,7 @@ def export_tensors(meta: dict, tensors: dict, out: str, *, m: float, format: str
     if format == "control-vector":
         return [_control_vector(out, meta, tensors, float(m), config)]
     if format == "peft":
-        return _peft(out, meta, tensors, float(m), config)
+        return _peft(out, meta, tensors, float(m))
     loaded = model if isinstance(model, torch.nn.Module) else load_model(model)[0]
     return _merged(out, meta, tensors, float(m), loaded, full=full,
                    tokenizer_source=None if isinstance(model, torch.nn.Module) else model)
@@ -175,7 +175,7 @@ def _lora_factors(meta, tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(1, in_f, dtype=db.dtype), torch.zeros(db.shape[0], 1, dtype=db.dtype)
 
 
-def _peft(out, meta, tensors, m, config) -> list[str]:
+def _peft(out, meta, tensors, m) -> list[str]:
     from safetensors.torch import save_file
 
     layer = int(meta["layer"])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from ._checks import Multiplier, check_multiplier, expand_multiplier, multiplier_rows
+from ._checks import Multiplier, check_multiplier, check_tensor, expand_multiplier, multiplier_rows
 from ._chunks import CPU_CACHE_BYTES
 
 __all__ = ["steered_linear", "steered_linear_ref", "steered_linear_torch", "SteeredLinearFunction"]
@@ -63,17 +63,7 @@ def fold_rows(device: torch.device, weight_bytes: int) -> int:
 def _scale_rows(t: Tensor, m, lead: tuple) -> Tensor:
     """``t`` [M, c] with row i scaled by the per-row or per-token multiplier ``m`` (broadcast, never copied into
     rows): one elementwise kernel, output in t's dtype."""
-    return (t.view(*lead, t.shape[-1]) * _lead_view(m, lead).to(t.dtype)).view(-1, t.shape[-1])
-
-
-def _column(m, lead: tuple, dtype) -> Tensor:
-    """The multiplier as an [..., 1] column (an expanded view) to concatenate beside [..., c]."""
-    return _lead_view(m, lead).to(dtype).expand(*lead, 1)
-
-
-def _lead_view(m, lead: tuple):
-    """A per-row or per-token multiplier [B] / [B, T] as a broadcastable view [..., 1] against [*lead, N]."""
-    return m.reshape(tuple(m.shape) + (1,) * (len(lead) - m.dim() + 1))
+    return (t.view(*lead, t.shape[-1]) * expand_multiplier(m, lead, t.dtype)).view(-1, t.shape[-1])
 
 
 def steered_linear_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -118,7 +108,8 @@ def steered_linear_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
             u = _scale_rows(u, m1, lead) if row1 else u * float(m1)
             lb = lora_b
             if rank_db:
-                u = torch.cat([u.view(*lead, -1), _column(m2, lead, u.dtype)], dim=-1).view(-1, u.shape[-1] + 1)
+                m2_col = expand_multiplier(m2, lead, u.dtype).expand(*lead, 1)  # a view beside u's columns
+                u = torch.cat([u.view(*lead, -1), m2_col], dim=-1).view(-1, u.shape[-1] + 1)
                 lb = torch.cat([lora_b, delta_bias[:, None]], dim=1)
             y.addmm_(u, lb.t())
         else:
@@ -129,7 +120,7 @@ def steered_linear_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         y.addmm_(x2, delta_weight.t(), alpha=float(m1))
     y = y.view(*lead, y.shape[-1])
     if delta_bias is not None and row2 and not rank_db:
-        y.addcmul_(_lead_view(m2, lead), delta_bias)
+        y.addcmul_(expand_multiplier(m2, lead), delta_bias)  # m2 in its own dtype: no copy
     return y
 
 
@@ -198,20 +189,6 @@ class SteeredLinearFunction(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
-def _like(name: str, t, dev, dt, shape=None, ndim=None) -> None:
-    """``t`` is a tensor on ``dev`` in ``dt`` (and of ``shape`` / ``ndim``): metadata only, a fraction of a µs."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is not None and t.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.dtype is not dt:
-        raise TypeError(f"{name} has dtype {t.dtype} but the input has dtype {dt}")
-    if t.device != dev:
-        raise ValueError(f"{name} is on {t.device} but the input is on {dev}")
-
-
 def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2) -> None:
     """Every metadata check of :func:`steered_linear`, each error naming the argument. Written flat, since it runs
     on every call: the whole check costs about a µs (the goal: the op within 1.3x of the bare composition)."""
@@ -222,7 +199,7 @@ def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
         raise ValueError("x must have at least one dimension [..., in]")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
-    dev, dt, in_f = x.device, x.dtype, xs[-1]
+    dev, in_f = x.device, xs[-1]
     if weight is None:
         if bias is not None:
             raise ValueError("bias was given without weight: weight=None means no base layer")
@@ -232,25 +209,25 @@ def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
             raise TypeError(f"lora_b must be a torch.Tensor, got {type(lora_b).__name__}")
         out_f = _out_features(None, delta_weight, lora_b, delta_bias)
     else:
-        _like("weight", weight, dev, dt, ndim=2)
+        check_tensor("weight", weight, ndim=2, like=x)
         out_f = weight.shape[0]
         if weight.shape[1] != in_f:
             raise ValueError(f"x has {in_f} input features (shape {tuple(xs)}) but weight has shape "
                              f"{tuple(weight.shape)} = [out, in] with in={weight.shape[1]}")
     if bias is not None:
-        _like("bias", bias, dev, dt, shape=(out_f,))
+        check_tensor("bias", bias, shape=(out_f,), like=x)
     if delta_bias is not None:
-        _like("delta_bias", delta_bias, dev, dt, shape=(out_f,))
+        check_tensor("delta_bias", delta_bias, shape=(out_f,), like=x)
     if delta_weight is not None:
         if lora_a is not None or lora_b is not None:
             raise ValueError("pass either delta_weight or the LoRA pair (lora_a, lora_b), not both")
-        _like("delta_weight", delta_weight, dev, dt, shape=(out_f, in_f))
+        check_tensor("delta_weight", delta_weight, shape=(out_f, in_f), like=x)
     if (lora_a is None) != (lora_b is None):
         given, missing = ("lora_a", "lora_b") if lora_a is not None else ("lora_b", "lora_a")
         raise ValueError(f"{given} was given without {missing}: LoRA needs both")
     if lora_a is not None:
-        _like("lora_a", lora_a, dev, dt, ndim=2)
-        _like("lora_b", lora_b, dev, dt, ndim=2)
+        check_tensor("lora_a", lora_a, ndim=2, like=x)
+        check_tensor("lora_b", lora_b, ndim=2, like=x)
         r = lora_a.shape[0]
         if lora_a.shape[1] != in_f or lora_b.shape != (out_f, r):
             raise ValueError(f"LoRA shapes must be lora_a [r, in] and lora_b [out, r] with in={in_f}, "
