@@ -222,7 +222,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def writable_dir(path: str, flag: str = "--out", *, shown: str | None = None) -> None:
     """That folder ``path`` can be made (as the command will make it) and written, checked by making it and writing a
-    probe file there; every folder made for the check is removed again, so a failing command leaves nothing."""
+    probe file there; every folder made for the check is removed again, so a failing command leaves nothing.
+    Under torchrun only rank 0 checks: it alone writes the outputs, and ranks probing one folder would race."""
+    if not is_main():
+        return
     target = os.path.abspath(path)
     shown = shown or path
     if os.path.exists(target) and not os.path.isdir(target):
@@ -236,8 +239,11 @@ def writable_dir(path: str, flag: str = "--out", *, shown: str | None = None) ->
     made = []
     try:
         for folder in reversed(missing):
-            os.mkdir(folder)
-            made.append(folder)
+            try:
+                os.mkdir(folder)
+                made.append(folder)
+            except FileExistsError:  # made meanwhile by another process: it is there, which is what counts
+                pass
         fd, probe = tempfile.mkstemp(dir=target, prefix=".fastsplit-probe-")
         os.close(fd)
         os.remove(probe)
@@ -245,7 +251,10 @@ def writable_dir(path: str, flag: str = "--out", *, shown: str | None = None) ->
         raise ValueError(f"{flag} {shown} cannot be written: {exc.strerror or exc}") from None
     finally:
         for folder in reversed(made):
-            os.rmdir(folder)
+            try:
+                os.rmdir(folder)
+            except OSError:  # another process wrote into it meanwhile: it stays, as that process made use of it
+                pass
 
 
 def writable_file(path: str, flag: str = "--out") -> None:
