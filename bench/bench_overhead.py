@@ -134,7 +134,8 @@ def main():
     p = harness.arg_parser(__doc__)
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
-    torch.set_num_threads(1) if args.device == "cpu" else None  # the host path, not the BLAS threads
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the host path, not the BLAS threads
     figures = run(args.device)
     if args.json:
         with open(args.json, "w") as f:

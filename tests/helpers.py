@@ -7,7 +7,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must precede the first import of fastsplit's kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# One fixed Triton config per shape class instead of autotuning every test shape (fastsplit._env).
+# One small fixed Triton config (one compile per kernel variant) instead of the preference list (fastsplit._env).
 os.environ.setdefault("FASTSPLIT_FIXED_CONFIGS", "1")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"

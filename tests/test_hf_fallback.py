@@ -71,33 +71,34 @@ def _explode(*args, **kwargs):
     raise Boom("injected")
 
 
+def _fails_and_leaves_the_model_unpatched(model, steering, run, undo=lambda: None):
+    before, m_before = _snapshot(model), steering.module.multiplier
+    with pytest.raises(Boom):
+        run()
+    undo()
+    assert _snapshot(model) == before and steering.module.multiplier == m_before
+    _runs(model)
+
+
 def test_failed_sweep_leaves_the_model_unpatched(monkeypatch):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     s = fastsplit.attach(model, 1, "vector")
-    before, m_before = _snapshot(model), s.module.multiplier
     # Fails in the tail pass: after the stand-in layers went in and the prefix and body passes ran.
     monkeypatch.setattr("fastsplit.analysis.logodds.split_loss_fwd_torch", _explode)
-    with pytest.raises(Boom):
-        logodds_sweep(model, tok, s, PAIRS, MS, progress=False)
-    assert _snapshot(model) == before and s.module.multiplier == m_before
-    _runs(model)
+    _fails_and_leaves_the_model_unpatched(model, s, lambda: logodds_sweep(model, tok, s, PAIRS, MS, progress=False))
 
 
 def test_failed_training_leaves_the_model_unpatched(monkeypatch):
     model, tok = tiny_model("qwen2"), tiny_tokenizer()
     s = fastsplit.attach(model, 2, "vector")
-    before, m_before = _snapshot(model), s.module.multiplier
     monkeypatch.setattr(sys.modules["fastsplit.train"], "split_loss", _explode)  # after the layers below L were swapped out
-    with pytest.raises(Boom):
-        fastsplit.train(model, tok, s, PAIRS, epochs=1, batch_size=2, progress=False)
-    assert _snapshot(model) == before and s.module.multiplier == m_before
-    _runs(model)
+    _fails_and_leaves_the_model_unpatched(
+        model, s, lambda: fastsplit.train(model, tok, s, PAIRS, epochs=1, batch_size=2, progress=False))
 
 
 def test_failed_generation_leaves_the_model_unpatched(monkeypatch):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     s = fastsplit.attach(model, 1, "vector")
-    before, m_before = _snapshot(model), s.module.multiplier
     real = hf.decoder(model).forward
     calls = []
 
@@ -108,8 +109,6 @@ def test_failed_generation_leaves_the_model_unpatched(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hf.decoder(model), "forward", fail_on_third_step)
-    with pytest.raises(Boom):
-        fastsplit.generate_sweep(model, tok, s, ["Hello there"], [-1.0, 2.0], max_new_tokens=5, progress=False)
-    monkeypatch.undo()
-    assert _snapshot(model) == before and s.module.multiplier == m_before
-    _runs(model)
+    _fails_and_leaves_the_model_unpatched(
+        model, s, lambda: fastsplit.generate_sweep(model, tok, s, ["Hello there"], [-1.0, 2.0], max_new_tokens=5,
+                                                   progress=False), undo=monkeypatch.undo)

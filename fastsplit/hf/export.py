@@ -225,31 +225,27 @@ def _merged(out, meta, tensors, m, model, *, full, tokenizer_source) -> list[str
 
 
 def _save_full(folder, model, layer, w_new, b_new, needs_bias, tokenizer_source) -> None:
-    """The base model with layer L's down_proj merged, saved with save_pretrained; the model is left as it was."""
+    """The base model with layer L's down_proj merged, saved with save_pretrained from a state dict of the model's own
+    tensors (no copy of the model; the model is left as it was)."""
     import copy
 
     from .runner import decoder_layers
 
-    merged = copy.deepcopy(model)
-    merged.config.name_or_path = model.config.name_or_path
+    names = {id(mod): name for name, mod in model.named_modules()}
+    down = names[id(decoder_layers(model)[layer].mlp.down_proj)]  # a Linear, or an attached SteeredLinear
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(down + ".")}  # not Δ tensors
+    state[f"{down}.weight"] = w_new
+    config = copy.deepcopy(model.config)
     if needs_bias:  # mlp_bias gives every MLP linear a bias: zeros but the merged one
-        merged.config.mlp_bias = True
-        for dec in decoder_layers(merged):
+        config.mlp_bias = True
+        for dec in decoder_layers(model):
             for lin in (getattr(dec.mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")):
                 if isinstance(lin, torch.nn.Linear) and lin.bias is None:
-                    lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                              device=lin.weight.device))
-    mlp = decoder_layers(merged)[layer].mlp
-    old = mlp.down_proj  # a plain Linear in its place, also where a fastsplit steering was attached
-    has_bias = old.bias is not None or needs_bias
-    down = torch.nn.Linear(w_new.shape[1], w_new.shape[0], bias=has_bias, dtype=old.weight.dtype,
-                           device=old.weight.device)
-    with torch.no_grad():
-        down.weight.copy_(w_new.to(down.weight.device))
-        if has_bias:
-            down.bias.copy_(b_new.to(down.bias.device))
-    mlp.down_proj = down
-    merged.save_pretrained(folder)
+                    state[f"{names[id(lin)]}.bias"] = torch.zeros(lin.out_features, dtype=lin.weight.dtype)
+    if needs_bias or getattr(decoder_layers(model)[layer].mlp.down_proj, "bias", None) is not None:
+        state[f"{down}.bias"] = b_new
+    model.save_pretrained(folder, state_dict=state)
+    config.save_pretrained(folder)  # after the weights: the merged config (mlp_bias) is the one that stays
     if isinstance(tokenizer_source, str):
         from transformers import AutoTokenizer
 

@@ -55,13 +55,6 @@ def fits(configs: Sequence[triton.Config], footprint: Callable[[dict], int], bud
 _TUNERS: dict = {}
 
 
-def autotuning() -> bool:
-    """``FASTSPLIT_AUTOTUNE=1`` (``_env.autotune``): benchmark every fitting config on the first call of each shape,
-    instead of the first fitting one of the kernel's preference-ordered list (the default: one compile per
-    variant, no compile storm on a first call, the same config on every run)."""
-    return autotune()
-
-
 def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int], device: torch.device, *,
           key: list[str], fixed: triton.Config, interpret: triton.Config):
     """What to launch for ``kernel`` (a ``triton.jit`` function) on ``device``: ``(launchable, meta)``.
@@ -80,7 +73,7 @@ def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int],
         return kernel, config_launch_meta(fixed)
     budget = smem_budget(device.index if device.index is not None else torch.cuda.current_device())
     space = configs()
-    if not autotuning():
+    if not autotune():  # the default: one compile per variant, the same config every run
         return kernel, config_launch_meta(fits(space, footprint, budget)[0])
     needs = tuple(footprint(config_meta(c)) for c in space)
     cache_key = (kernel, budget, needs)

@@ -222,8 +222,8 @@ def _launch(kernel, grid, args, meta, *, traced: bool):
 
 
 def variant(M: int, N: int, K: int, dtype: torch.dtype, *, has_dw: bool, m1_rows: bool, has_lora: bool, rank: int,
-            has_bias: bool, has_dbias: bool, m2_rows: bool, sm_count: int) -> dict:
-    """The constexprs one launch compiles with (a distinct dict is a distinct compile), and its plan."""
+            has_bias: bool, has_dbias: bool, m2_rows: bool, sm_count: int) -> tuple[dict, int, int]:
+    """(the constexprs one launch compiles with: a distinct dict is a distinct compile, the split, K per split)."""
     bm, bn, split, per = plan(M, N, K, sm_count)
     return dict(HAS_DW=has_dw, FOLD_DW=has_dw and not m1_rows, HAS_LORA=has_lora, HAS_BIAS=has_bias,
                 HAS_DBIAS=has_dbias, M1_ROWS=m1_rows, M2_ROWS=m2_rows, PARTIAL=split > 1,

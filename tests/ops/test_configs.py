@@ -51,7 +51,7 @@ def test_default_launch_takes_the_first_fitting_config(monkeypatch):
     """Without autotuning the launch takes the first config (in preference order) that fits the budget."""
     monkeypatch.setattr(_common, "triton_interpreting", lambda: False)
     monkeypatch.setattr(_common, "fixed_configs", lambda: False)
-    monkeypatch.setattr(_common, "autotuning", lambda: False)
+    monkeypatch.setattr(_common, "autotune", lambda: False)
     device = torch.device("cuda", 0)
     for budget in (232_448, 101_376):
         monkeypatch.setattr(_common, "smem_budget", lambda index: budget)
@@ -69,7 +69,7 @@ def test_tuned_builds_the_autotuner_from_fitting_configs_only(monkeypatch):
     anything compiles."""
     monkeypatch.setattr(_common, "triton_interpreting", lambda: False)
     monkeypatch.setattr(_common, "fixed_configs", lambda: False)
-    monkeypatch.setattr(_common, "autotuning", lambda: True)
+    monkeypatch.setattr(_common, "autotune", lambda: True)
     monkeypatch.setattr(_common, "smem_budget", lambda index: 232_448)
     monkeypatch.setattr(_common, "_TUNERS", {})
     fp = kst.footprint(2, block_m=64, block_n=64, has_dw=True, has_lora=False, block_r=16)
