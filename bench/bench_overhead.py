@@ -2,7 +2,8 @@
 
 At 4×64→64 the GEMMs are trivial, so a call's time is what the host spends: validation, routing, launches.
   CPU  steered_linear (auto) against the same torch composition called directly (ops.steered_linear_torch),
-       with and without autograd; goal (issue #23): at most 1.3x.
+       with and without autograd; goal (issue #23): at most 1.3x. Also auto with tuning on (FASTSPLIT_TUNE=1) once
+       its route is cached: what a cache hit adds to a call (goal: at most 1 µs).
   GPU  per-call wall time of N back-to-back calls of F.linear, auto, torch and triton (bf16); goal: auto within
        F.linear + 10 µs for the vector form and + 25 µs for the others. Also: does each backend capture in a CUDA
        graph, and does any op synchronise with the host (torch.cuda.set_sync_debug_mode("error"))?
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
-from fastsplit import split_loss, steered_linear  # noqa: E402
+from fastsplit import set_tuning, split_loss, steered_linear  # noqa: E402
 from fastsplit.ops.steered_linear import steered_linear_torch  # noqa: E402
 
 FORMS, MKINDS = ("vector", "lora", "local_weight"), ("scalar", "per_row", "per_token")
@@ -56,6 +57,17 @@ def per_call_us(fn, device, n=None) -> float:
             torch.cuda.synchronize()
         rounds.append((time.perf_counter() - t0) / n * 1e6)
     return sorted(rounds[1:])[1]
+
+
+def hit_us(x, W, b, kw, m) -> float:
+    """What a tuned route's lookup adds to a call: the key and the dict hit (``_auto_route`` on a cached key), the
+    best of 7 rounds of 20,000 (a difference of two noisy per-call medians could not resolve a microsecond)."""
+    import timeit
+
+    from fastsplit.ops.steered_linear import _auto_route
+
+    args = (x, W, b, kw.get("delta_weight"), kw.get("lora_a"), kw.get("lora_b"), kw.get("delta_bias"), m, None)
+    return min(timeit.repeat(lambda: _auto_route(*args), number=20000, repeat=7)) / 20000 * 1e6
 
 
 def captures(fn) -> bool:
@@ -103,9 +115,18 @@ def run(device):
                     calls = {name: per_call_us(lambda: steered_linear(x, W, b, **kw, m1=m, backend=name), device)
                              for name in backends}
                     base = per_call_us(lambda: F.linear(x, W, b), device)
+                    if not cuda:  # the tuner's cache hit: tune once, then time the calls that read the route
+                        set_tuning(True)
+                        steered_linear(x, W, b, **kw, m1=m)
+                        calls["auto_tuned"] = per_call_us(lambda: steered_linear(x, W, b, **kw, m1=m), device)
+                        hit = hit_us(x, W, b, kw, m)
+                        set_tuning(None)
                 tag = "grad" if grad else "no_grad"
                 case[tag] = {"F.linear_us": base, "composition_us": direct, **{f"{k}_us": v for k, v in calls.items()},
                              "auto_over_composition": calls["auto"] / direct, "auto_minus_linear_us": calls["auto"] - base}
+                if "auto_tuned" in calls:
+                    case[tag]["cache_hit_us"] = hit
+                    case[tag]["auto_tuned_over_composition"] = calls["auto_tuned"] / direct
             if cuda:
                 with torch.no_grad():
                     case["cuda_graph"] = {name: captures(lambda: steered_linear(x, W, b, **kw, m1=m, backend=name))
@@ -118,6 +139,8 @@ def run(device):
                   + ", ".join(f"{k[:-3]} {v:6.1f}" for k, v in row.items() if k.endswith("_us") and k[:-3] in backends)
                   + f"  auto/composition {row['auto_over_composition']:.2f}"
                   + (f" (with autograd {case['grad']['auto_over_composition']:.2f})" if "grad" in case else "")
+                  + (f"  tuned: cache hit {row['cache_hit_us']:.2f} us ({case['grad']['cache_hit_us']:.2f} with "
+                     f"autograd), auto {row['auto_tuned_over_composition']:.2f}x" if "cache_hit_us" in row else "")
                   + (f"  graph {case['cuda_graph']}  sync {case['host_sync']}" if cuda else ""))
     hp = torch.randn(2, 8, 64, device=device, dtype=dtype, requires_grad=True)
     W = torch.randn(999, 64, device=device, dtype=dtype)

@@ -8,6 +8,12 @@ Providers (each row shows its ratio to ``gemm`` and to ``eager``):
   torch     backend="torch": the cuBLAS compositions (ops.steered_linear.steered_linear_torch)
   triton    backend="triton": the decode kernel (GPU; on the CPU only under TRITON_INTERPRET=1)
   compile   torch.compile of the plain reference (--compile; seconds of compile per case)
+  torch:fold, torch:two_gemm    local_weight with one m: the fixed compositions the tuner chooses between
+  torch:rank_db, torch:add_db   LoRA with per-row m: Δb inside the rank product or added after it
+
+With --tune (FASTSPLIT_TUNE=1 on the CPU) ``auto`` measures its candidates at each row's first call
+(fastsplit.ops._tune) and each row also prints auto against the fastest fixed variant (the torch compositions and,
+on a GPU, the decode kernel), timed in interleaved rounds (the goal: within 1.05x).
 
 Floors, written down before measuring (H200, bf16): prefill 8×512×3584→18944 is 2·4096·3584·18944 = 556 GFLOP,
 0.70 ms at the 790 TFLOP/s GEMM peak; the per-row vector's extra pass over y (2·4096·18944·2 bytes) is 74 µs at
@@ -30,31 +36,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
-from fastsplit import steered_linear, steered_linear_ref  # noqa: E402
+from fastsplit import set_tuning, steered_linear, steered_linear_ref  # noqa: E402
 from fastsplit._env import triton_interpreting  # noqa: E402
+from fastsplit.ops.steered_linear import steered_linear_torch  # noqa: E402
+from fastsplit.tuning import eager_steering  # noqa: E402
 
 FORMS = ("vector", "lora", "local_weight")
 MKINDS = ("scalar", "per_row")
-
-
-def eager_steering(x, W, b, *, delta_weight=None, lora_a=None, lora_b=None, delta_bias=None, m1):
-    """How steering is usually written: materialise the steered weight (one copy per strength), LoRA as separate
-    matmuls, the steering vector as an added bias."""
-    per_row = isinstance(m1, torch.Tensor)
-    m = m1.to(x.dtype)[:, None, None] if per_row else m1
-    if delta_weight is not None:
-        if per_row:  # one W + m·ΔW per sequence
-            w_eff = W[None] + m * delta_weight[None]
-            y = torch.bmm(x, w_eff.transpose(1, 2)) + b
-        else:
-            y = F.linear(x, W + m1 * delta_weight, b)
-    else:
-        y = F.linear(x, W, b)
-        if lora_a is not None:
-            y = y + m * F.linear(F.linear(x, lora_a), lora_b)
-    if delta_bias is not None:
-        y = y + m * delta_bias
-    return y
 
 
 def make(form, rows, seq, k, n, dtype, device, rank=16, grad=False):
@@ -82,6 +70,10 @@ def providers(device, *, compile_ref=False) -> dict:
     }
     if device.startswith("cuda") or triton_interpreting():
         out["triton"] = lambda x, W, b, d, m: steered_linear(x, W, b, **d, m1=m, backend="triton")
+    variants = {"torch:fold": dict(fold=True), "torch:two_gemm": dict(fold=False), "torch:rank_db": dict(rank_db=True),
+                "torch:add_db": dict(rank_db=False)}
+    for name, kw in variants.items():
+        out[name] = (lambda kw: lambda x, W, b, d, m: steered_linear_torch(x, W, b, **d, m1=m, **kw))(kw)
     if compile_ref:
         # A fresh compiled callable per case: one shared one would hit dynamo's recompile limit and fall back to
         # eager without saying so in the figures.
@@ -106,7 +98,7 @@ def weight_bytes(form, k, n, es) -> int:
     return (2 if form == "local_weight" else 1) * k * n * es
 
 
-def run(device, *, quick=False, rep=10, compile_ref=False, forms=FORMS, mkinds=MKINDS, json_path=None):
+def run(device, *, quick=False, rep=10, compile_ref=False, forms=FORMS, mkinds=MKINDS, json_path=None, tune=False):
     """Every (form, m kind, shape) row; returns (harness rows, a dict of figures for summary.json), also written to
     ``json_path`` after every case (a time-out keeps what was measured)."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -127,6 +119,10 @@ def run(device, *, quick=False, rep=10, compile_ref=False, forms=FORMS, mkinds=M
                 for name, fn in providers(device, compile_ref=compile_ref).items():
                     if name == "triton" and tag == "prefill" and not device.startswith("cuda"):
                         continue  # Triton's interpreter: decode shapes only (a prefill takes minutes)
+                    if name in ("torch:fold", "torch:two_gemm") and not (form == "local_weight" and mkind == "scalar"):
+                        continue  # a variant only where it is a real alternative
+                    if name in ("torch:rank_db", "torch:add_db") and not (form == "lora" and mkind != "scalar"):
+                        continue
                     call = lambda: fn(x, W, b, d, m)
                     try:
                         with torch.no_grad():
@@ -149,6 +145,20 @@ def run(device, *, quick=False, rep=10, compile_ref=False, forms=FORMS, mkinds=M
                     wb = weight_bytes(form, k, n, x.element_size())
                     case["bw_share"] = {p: wb / (ms * 1e-3) / copy_bw for p, ms in case["graph_ms"].items()
                                         if isinstance(ms, float)}
+                if tune:  # auto against every fixed variant that can run here, interleaved (ratios need that)
+                    fixed = {p: fn for p, fn in providers(device).items() if p.startswith("torch")
+                             and isinstance(case["ms"].get(p), float)}
+                    if "triton" in case["ms"] and isinstance(case["ms"]["triton"], float) and device.startswith("cuda"):
+                        fixed["triton"] = providers(device)["triton"]
+                    fns = {p: (lambda fn: lambda: fn(x, W, b, d, m))(fn) for p, fn in {"auto": providers(device)["auto"],
+                                                                                      **fixed}.items()}
+                    with torch.no_grad():
+                        inter = harness.measure_interleaved(fns, device=device, rounds=max(rep, 21),
+                                                            min_time_s=0.2 if device.startswith("cuda") else 1.5)
+                    best = min((p for p in inter if p != "auto"), key=lambda p: inter[p][0])
+                    case["interleaved_ms"] = {p: v[0] for p, v in inter.items()}
+                    case["auto_over_fastest_fixed"] = inter["auto"][0] / inter[best][0]
+                    case["fastest_fixed"] = best
                 figures["cases"].append(case)
                 _print_case(op, xv, case)
                 if json_path:
@@ -166,15 +176,22 @@ def _print_case(op, xv, case):
         bw = case.get("bw_share", {}).get(p)
         extra.append(f"graph {case['graph_ms'][p] * 1e3:.0f} us = {bw:.0%} BW" if bw else "")
         parts.append(f"{p} {v:.4f} ms ({', '.join(e for e in extra if e)})")
-    print(f"{op:>34} {xv:<24} " + " | ".join(parts))
+    best = case.get("auto_over_fastest_fixed")
+    print(f"{op:>34} {xv:<24} " + " | ".join(parts)
+          + (f" || interleaved: auto/fastest fixed ({case['fastest_fixed']}) {best:.3f}" if best else ""))
 
 
 def main():
     p = harness.arg_parser(__doc__)
     p.add_argument("--json", help="also write the figures (ms, ratios, bandwidth shares) to this JSON file")
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference as a provider")
+    p.add_argument("--tune", action="store_true", help="auto measures its candidates on this device (FASTSPLIT_TUNE=1; "
+                   "on a GPU it does by default)")
     args = p.parse_args()
-    rows, _ = run(args.device, quick=args.quick, rep=args.rep, compile_ref=args.compile, json_path=args.json)
+    if args.tune:
+        set_tuning(True)
+    rows, _ = run(args.device, quick=args.quick, rep=args.rep, compile_ref=args.compile, json_path=args.json,
+                  tune=args.tune)
     harness.write_rows(rows, args.csv, device=args.device)
 
 

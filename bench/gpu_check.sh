@@ -10,7 +10,9 @@
 #   tests      the GPU selection (tests/gpu, -m "gpu or gpu_selection")    90 / 70 s  (-rfE, a per-test timeout)
 #   memcheck   compute-sanitizer over bench/sanitize_cases.py              60 / 40 s
 #   bench      steered_linear (prefill; decode as CUDA-graph device time), split_loss against Liger and CCE,
-#              host overhead, CUDA-graph capture and syncs: a JSON each     65 s      (not with --quick)
+#              host overhead, CUDA-graph capture and syncs: a JSON each     60 s      (not with --quick)
+#   tune       fastsplit tune at the default model's shapes: every candidate's time and the tuned routes
+#              (tune.json; the cache format of fastsplit.ops._tune)         25 s      (not with --quick)
 #   summary    LOG_DIR/summary.json: every figure, the failing test ids (also after a time-out), the memcheck
 #              verdict, each goal checked, the routes the figures support    5 s
 # --dry-run: every step on the CPU (no build, the selection under Triton's interpreter in fp32, the sanitize cases
@@ -32,11 +34,11 @@ done
 if [ "$QUICK" -eq 1 ]; then
     L_BUILD=60 L_INFO=5 L_TESTS=70 L_MEMCHECK=40 L_SUMMARY=5
 else
-    L_BUILD=70 L_INFO=10 L_TESTS=90 L_MEMCHECK=60 L_SUMMARY=5 L_LINEAR=35 L_SPLIT=20 L_HOST=10
+    L_BUILD=70 L_INFO=10 L_TESTS=80 L_MEMCHECK=50 L_SUMMARY=5 L_LINEAR=30 L_SPLIT=20 L_HOST=10 L_TUNE=25
 fi
 if [ "$LIMITS" -eq 1 ]; then
     echo "build $L_BUILD info $L_INFO tests $L_TESTS memcheck $L_MEMCHECK summary $L_SUMMARY" \
-        "${L_LINEAR:+bench_linear $L_LINEAR bench_split $L_SPLIT bench_host $L_HOST}"
+        "${L_LINEAR:+bench_linear $L_LINEAR bench_split $L_SPLIT bench_host $L_HOST tune $L_TUNE}"
     exit 0
 fi
 mkdir -p "$LOG"
@@ -90,6 +92,9 @@ if [ "$QUICK" -eq 0 ]; then
     step bench_split "$L_SPLIT" bench_split.log python bench/bench_split_loss.py --device "$DEV" --rep 5 --csv "$CSV" \
         --json "$LOG/split_loss.json" $([ "$DRY" -eq 1 ] && echo --quick)
     step bench_host "$L_HOST" bench_host.log python bench/bench_overhead.py --device "$DEV" --json "$LOG/overhead.json"
+    # rows 1 and 16 share the decode kernel's compiles; a fresh cache folder, so every key is measured here
+    step tune "$L_TUNE" tune.log env FASTSPLIT_CACHE="$LOG/cache" python -m fastsplit tune --device "$DEV" --quiet \
+        --rows 1,16,4096 --json "$LOG/tune.json" $([ "$DRY" -eq 1 ] && echo --rows 1,16 --loss-rows 64)
 fi
 step summary "$L_SUMMARY" summary.log python bench/gpu_summary.py "$LOG"
 cat "$LOG/summary.log"

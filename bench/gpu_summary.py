@@ -149,6 +149,7 @@ def main(folder: str) -> int:
     summary = {"steps": steps(folder), "build_info": _load(folder, "build_info.json"), "tests": t, "memcheck": mc,
                "steered_linear": steered(lin), "split_loss": split(_load(folder, "split_loss.json")),
                "overhead": _load(folder, "overhead.json"), "routes_supported": routes(lin, green),
+               "tuned": _load(folder, "tune.json"),
                "green_backends": sorted(green)}
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -172,6 +173,11 @@ def main(folder: str) -> int:
             goals = [c["goal"]["met"] for c in block["cases"] if "goal" in c]
             print(f"{name}: {sum(goals)} of {len(goals)} goals met on {block['device']}")
     print(f"routes the figures support (green: {', '.join(sorted(green))}): {summary['routes_supported']}")
+    tuned = (summary["tuned"] or {}).get("results", [])
+    if tuned:
+        refused = sum(len(r.get("refused", {})) for r in tuned)
+        print(f"tuned routes ({len(tuned)} keys, {refused} candidates refused): "
+              + ", ".join(f"{r['op']}|{r['form']}|{r['mkind']}|{r['rows']}: {r['choice']}" for r in tuned))
     print(f"wrote {os.path.join(folder, 'summary.json')}")
     return 0
 

@@ -75,6 +75,34 @@ def measure_time(fn: Callable[[], object], *, device: str, warmup: int = 3, rep:
     return _quantiles(times)
 
 
+def measure_interleaved(fns: dict, *, device: str, warmup: int = 2, rounds: int = 21, min_time_s: float = 0.0) -> dict:
+    """(p50, p20, p80) ms per provider, timed in interleaved rounds: each round calls every provider once, in a
+    rotated order, so drift in clocks or machine load falls on all alike (what a ratio between providers needs).
+    At least ``rounds`` rounds, and more until each provider has run ``min_time_s`` in all."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict = {n: [] for n in names}
+    r = 0
+    while r < rounds or min(sum(v) for v in times.values()) < min_time_s * 1e3:
+        r += 1
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if device.startswith("cuda"):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                a.record()
+                fns[n]()
+                b.record()
+                torch.cuda.synchronize()
+                times[n].append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: _quantiles(v) for n, v in times.items()}
+
+
 def measure_graph_time(fn: Callable[[], object], *, device: str, rep: int = 10, calls: int = 20):
     """Device time per call of ``fn`` (ms, p50/p20/p80) from replays of a CUDA graph that holds ``calls`` calls:
     host overhead removed, what the kernels themselves take. None when ``fn`` cannot be captured."""

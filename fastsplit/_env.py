@@ -9,6 +9,11 @@
   it: one compile per kernel variant, a config that fits every device).
 * ``FASTSPLIT_AUTOTUNE=1``: the decode kernel benchmarks every config that fits the device on the first call of
   each shape, instead of taking the first fitting one of its preference-ordered list (the default).
+* ``FASTSPLIT_TUNE``: whether ``backend="auto"`` measures its candidates on the device (``fastsplit.ops.tune``).
+  Unset: on CUDA devices yes, on the CPU no; ``1``: everywhere; ``0``: nowhere (the static table and defaults
+  decide). Read at import; :func:`set_tuning` overrides it for the process.
+* ``FASTSPLIT_CACHE``: the cache folder (default ``$XDG_CACHE_HOME/fastsplit``, else ``~/.cache/fastsplit``): the
+  dequantised default model and the tuner's measurements.
 """
 from __future__ import annotations
 
@@ -37,6 +42,40 @@ def set_debug(enabled: bool | None) -> None:
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
     _debug = _from_environment() if enabled is None else enabled
+
+
+def _tune_from_environment() -> bool | None:
+    value = os.environ.get("FASTSPLIT_TUNE", "").strip()
+    return None if value == "" else value != "0"
+
+
+_tune: bool | None = _tune_from_environment()
+
+
+def tuning(device_type: str) -> bool:
+    """Whether ``backend="auto"`` may tune on a device of ``device_type`` ("cuda", "cpu"): FASTSPLIT_TUNE or
+    :func:`set_tuning` when set, else on CUDA only."""
+    return _tune if _tune is not None else device_type == "cuda"
+
+
+def set_tuning(enabled: bool | None) -> None:
+    """Turn ``backend="auto"``'s measurements on (every device) or off (the static defaults decide) for this process;
+    ``None`` defers to ``FASTSPLIT_TUNE`` again (unset: CUDA devices only).
+
+    Example::
+
+        >>> fastsplit.set_tuning(True)     # also measure the CPU's candidates (fold or not, chunk sizes)
+    """
+    global _tune
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    _tune = _tune_from_environment() if enabled is None else enabled
+
+
+def cache_root() -> str:
+    """fastsplit's cache folder: ``$FASTSPLIT_CACHE``, else ``$XDG_CACHE_HOME/fastsplit``, else ``~/.cache/fastsplit``."""
+    return os.environ.get("FASTSPLIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastsplit")
 
 
 def triton_interpreting() -> bool:

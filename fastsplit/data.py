@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import random
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Pair", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs", "chat_prompt_ids", "as_written",
+__all__ = ["Pair", "pairs_digest", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs", "chat_prompt_ids", "as_written",
            "prompt_text"]
 
 _PERSONA = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
@@ -202,3 +203,13 @@ def balance_answers(pairs: Sequence[Pair], *, seed: int = 0) -> list[Pair]:
     rng = random.Random(seed)
     keep = sorted(i for g in groups.values() for i in (g if len(g) == n else rng.sample(g, n)))
     return [pairs[i] for i in keep]
+
+
+def pairs_digest(pairs) -> str:
+    """A SHA-256 of the pairs' text (prompt, positive, negative, in order): two sweeps with the same digest were
+    run on the same pairs (``fastsplit compare`` checks it)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.positive, p.negative]).encode())
+        h.update(b"\n")
+    return h.hexdigest()

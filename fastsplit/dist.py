@@ -23,8 +23,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["active_group", "rank", "world_size", "is_main", "shard_range", "check_world", "all_gather_list",
-           "agree", "atomic_write", "broadcast_object"]
+__all__ = ["active_group", "rank", "world_size", "is_main", "shard_range", "shard_by_work", "check_world",
+           "all_gather_list", "gather_indexed", "split_work", "agree", "atomic_write", "broadcast_object",
+           "first_published", "timeout"]
 
 
 def active_group(group=None):
@@ -59,6 +60,44 @@ def shard_range(n: int, group=None) -> range:
     return range(start, start + base + (r < extra))
 
 
+def shard_by_work(costs: Sequence[float], group=None) -> list[int]:
+    """This rank's indices of ``range(len(costs))`` when the items are spread so that the busiest rank has as little
+    work as a greedy schedule allows: the costliest first, each to the rank with the least work so far (ties: the
+    lower rank). Every rank computes the same schedule; the indices come back in ascending order.
+
+    Example::
+
+        >>> shard_by_work([5, 1, 1, 1, 1, 1])   # on rank 0 of 2: [0]; rank 1 gets the five small items
+    """
+    w = world_size(group)
+    if w == 1:
+        return list(range(len(costs)))
+    load = [0.0] * w
+    mine, me = [], rank(group)
+    for i in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        r = min(range(w), key=lambda r: (load[r], r))
+        load[r] += float(costs[i])
+        if r == me:
+            mine.append(i)
+    return sorted(mine)
+
+
+def split_work(n: int, group=None) -> list[int]:
+    """This rank's share of ``n`` equal tasks, interleaved (rank r takes r, r + w, ...): for work whose results are
+    gathered back in task order (:func:`gather_indexed`), such as bootstrap resamples."""
+    return list(range(rank(group), n, world_size(group)))
+
+
+def gather_indexed(local: dict, n: int, group=None, *, what: str = "work") -> list:
+    """``local`` ({index: result} of this rank) from every rank, as one list ordered by index ``0..n-1`` on every
+    rank; an index no rank holds is an error."""
+    merged = dict(pair for part in all_gather_list([list(local.items())], group, what=what) for pair in part)
+    missing = [i for i in range(n) if i not in merged]
+    if missing:
+        raise RuntimeError(f"the {what} lost {len(missing)} of {n} results (first: #{missing[0]})")
+    return [merged[i] for i in range(n)]
+
+
 def check_world(n: int, what: str, group=None) -> None:
     """Refuse a world larger than the work: a rank with nothing to do would only wait."""
     w = world_size(group)
@@ -67,13 +106,37 @@ def check_world(n: int, what: str, group=None) -> None:
                          f"processes, or give more {what}")
 
 
-def all_gather_list(items: Sequence[Any], group=None) -> list:
-    """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
+def all_gather_list(items: Sequence[Any], group=None, *, what: str = "work") -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order, on every rank. A rank that died (killed, out of
+    memory) makes the others stop within the group's timeout with an error that names it (gloo's monitored
+    barrier), rather than waiting on it forever."""
     if group is None:
         return list(items)
+    check_peers(group, what)
     out: list = [None] * world_size(group)
     dist.all_gather_object(out, list(items), group=group)
     return [x for part in out for x in part]
+
+
+def timeout():
+    """The process groups' timeout: ``FASTSPLIT_DIST_TIMEOUT`` seconds if set, else torch's default (30 minutes)."""
+    import datetime
+
+    value = os.environ.get("FASTSPLIT_DIST_TIMEOUT")
+    return datetime.timedelta(seconds=float(value)) if value else None
+
+
+def check_peers(group, what: str) -> None:
+    """Every rank of ``group`` is alive and here (gloo: a monitored barrier, whose error names the ranks that did not
+    arrive within the timeout); on other backends nothing (NCCL reports a lost peer itself, and torchrun stops
+    the job when a rank dies)."""
+    if dist.get_backend(group) != "gloo":
+        return
+    try:
+        dist.monitored_barrier(group=group, timeout=timeout(), wait_all_ranks=True)
+    except RuntimeError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RuntimeError(f"rank {rank(group)} stops the {what}: a peer did not arrive ({text})") from None
 
 
 def agree(fn: Callable[[], Any], group=None, *, what: str = "work"):
@@ -86,7 +149,7 @@ def agree(fn: Callable[[], Any], group=None, *, what: str = "work"):
         out, err = fn(), None
     except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
         out, err = None, e
-    errors = all_gather_list([None if err is None else f"{type(err).__name__}: {err}"], group)
+    errors = all_gather_list([None if err is None else f"{type(err).__name__}: {err}"], group, what=what)
     if err is not None:
         raise err
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -129,3 +192,115 @@ def broadcast_object(obj, group=None):
     box = [obj]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]
+
+
+def first_published(key: str, value: str) -> str:
+    """The value that the first rank to get here published under ``key`` in the default process group's store
+    (an atomic compare-and-set: later ranks read it, nobody waits); ``value`` itself without a store."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        got = store.compare_set(key, "", value)
+    except Exception:  # noqa: BLE001 - no default group, or a store without compare_set: decide locally
+        return value
+    got = got.decode() if isinstance(got, bytes) else str(got)
+    return got or value
+
+
+class Blocks:
+    """Finished work kept on disk in blocks, so that a killed run resumes where it stopped (``--resume``).
+
+    Each block is one JSON file (``block-<first item>-<random>.json``) written atomically by the rank that did the
+    work: a header saying what the work is (the steering's digest, the data's digest, the multipliers, ...) and
+    ``{item index: result}``. :meth:`load` reads every block a rank can see, refuses in one line a block whose header
+    differs (another steering, data set or m grid is never mixed in), and unites what all ranks saw, so every rank
+    agrees on what is done even where the nodes share no file system. Temporary files of a write that was cut off
+    are not blocks: they are removed.
+
+    Example::
+
+        >>> blocks = Blocks("out/blocks", {"steering": s.digest(), "pairs": pairs_digest(pairs)}, "log-odds sweep")
+        >>> done = blocks.load() if resume else blocks.clear()
+        >>> blocks.write({7: [..], 8: [..]})
+    """
+
+    FORMAT = "fastsplit.blocks/1"
+
+    def __init__(self, folder: str, header: dict, what: str, group=None):
+        self.folder, self.what, self.group = folder, what, active_group(group)
+        self.header = {"format": self.FORMAT, "work": what, **header}
+
+    def _files(self) -> list[str]:
+        if not os.path.isdir(self.folder):
+            return []
+        return sorted(os.path.join(self.folder, f) for f in os.listdir(self.folder)
+                      if f.startswith("block-") and f.endswith(".json"))
+
+    def _remove_partial(self) -> None:
+        if os.path.isdir(self.folder):
+            for f in os.listdir(self.folder):
+                if f.startswith(".tmp-"):
+                    try:
+                        os.remove(os.path.join(self.folder, f))
+                    except OSError:  # another rank removed it first
+                        pass
+
+    def load(self) -> dict:
+        """{index: result} of every finished item, on every rank (a collective under a process group)."""
+        import json
+
+        def read() -> list:
+            self._remove_partial()
+            items = []
+            for path in self._files():
+                try:
+                    with open(path) as f:
+                        block = json.load(f)
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"{path} is not a readable block of a {self.what} ({exc})") from None
+                head = block.get("header", {})
+                if head != self.header:
+                    diff = sorted(k for k in set(head) | set(self.header) if head.get(k) != self.header.get(k))
+                    raise ValueError(f"{path} holds a {head.get('work', 'run')} of other {', '.join(diff)} than this "
+                                     f"{self.what}: remove {self.folder} or resume with the same inputs")
+                items += [(int(k), v) for k, v in block["items"].items()]
+            return items
+        found = all_gather_list([agree(read, self.group, what=f"resume of the {self.what}")], self.group,
+                                what=f"resume of the {self.what}")
+        return dict(pair for part in found for pair in part)
+
+    def clear(self) -> dict:
+        """Remove the blocks of an earlier run (every rank removes what it sees); returns an empty done-set."""
+        def remove():
+            for path in self._files():
+                try:
+                    os.remove(path)
+                except FileNotFoundError:  # another rank on the same file system removed it
+                    pass
+            self._remove_partial()
+        agree(remove, self.group, what=f"start of the {self.what}")
+        return {}
+
+    def write(self, items: dict) -> None:
+        """One block of finished items, whole or not at all."""
+        import json
+        import uuid
+
+        if not items:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        first = min(items)
+        path = os.path.join(self.folder, f"block-{first:07d}-{uuid.uuid4().hex[:8]}.json")
+        doc = {"header": self.header, "items": {str(k): v for k, v in items.items()}}
+
+        def dump(p):
+            with open(p, "w") as f:
+                json.dump(doc, f)
+        atomic_write(path, dump)
+
+    def remove(self) -> None:
+        """Delete the blocks (rank 0, after the outputs are written): the run is complete."""
+        if not is_main(self.group):
+            return
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)

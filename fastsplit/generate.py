@@ -1,6 +1,8 @@
 """Batched generation over many steering strengths: every (prompt, m) is a row with its own m."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Sequence
 
 import torch
@@ -14,7 +16,8 @@ __all__ = ["generate_sweep"]
 
 def generate_sweep(model, tokenizer, steering: hf.Steering, prompts: Sequence[str], multipliers: Sequence[float], *,
                    max_new_tokens: int = 32, do_sample: bool = False, batch_size: int | None = None,
-                   chat: bool = True, progress: bool = True, group=None, **generate_kwargs) -> list[list[str]]:
+                   chat: bool = True, progress: bool = True, group=None, checkpoint_dir: str | None = None,
+                   resume: bool = False, **generate_kwargs) -> list[list[str]]:
     """Generate for every prompt at every multiplier; returns texts indexed ``[prompt][multiplier]``.
 
     Prompts are user messages under the chat template with ``add_generation_prompt=True``; outputs are the
@@ -22,8 +25,10 @@ def generate_sweep(model, tokenizer, steering: hf.Steering, prompts: Sequence[st
     with per-row m and left padding (``batch_size`` rows per ``generate`` call; default all of them, at
     most 256). Greedy outputs equal running each m alone under ``steering.multiplier(m)``.
 
-    Inside an initialised process group (``torchrun``; or ``group=``) each rank generates for its contiguous
-    shard of the prompts and every rank returns all the texts, in the input order (:mod:`fastsplit.dist`).
+    Inside an initialised process group (``torchrun``; or ``group=``) the prompts are spread over the ranks by their
+    work (prompt tokens plus new tokens) and every rank returns all the texts, in the input order
+    (:mod:`fastsplit.dist`). ``checkpoint_dir`` / ``resume``: finished prompts are kept there in blocks and a resumed
+    sweep skips them (:class:`fastsplit.dist.Blocks`), as in :func:`fastsplit.logodds_sweep`.
 
     Example::
 
@@ -35,37 +40,52 @@ def generate_sweep(model, tokenizer, steering: hf.Steering, prompts: Sequence[st
     ms = check_strengths("multipliers", multipliers)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    prompts = list(prompts)
     group = dist.active_group(group)
     dist.check_world(len(prompts), "prompts", group)
-    part = dist.shard_range(len(prompts), group)
-    mine = list(prompts)[part.start:part.stop]
-    local = dist.agree(lambda: _generate(model, tokenizer, steering, mine, ms, max_new_tokens=max_new_tokens,
-                                         do_sample=do_sample, batch_size=batch_size, chat=chat,
-                                         progress=progress and dist.is_main(group), **generate_kwargs),
+    encoded = [chat_prompt_ids(tokenizer, p, chat) for p in prompts]
+    done, blocks = {}, None
+    if checkpoint_dir:
+        header = {"steering": steering.digest(), "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+                  "multipliers": ms, "max_new_tokens": max_new_tokens, "do_sample": bool(do_sample), "chat": chat,
+                  "generate_kwargs": repr(sorted(generate_kwargs.items()))}
+        blocks = dist.Blocks(checkpoint_dir, header, "generation sweep", group)
+        done = blocks.load() if resume else blocks.clear()
+    todo = [i for i in range(len(prompts)) if i not in done]
+    mine = [todo[j] for j in dist.shard_by_work([len(encoded[i]) + max_new_tokens for i in todo], group)]
+    write = (lambda texts: blocks.write(texts)) if blocks is not None else None
+    local = dist.agree(lambda: _generate(model, tokenizer, steering, mine, encoded, ms, max_new_tokens=max_new_tokens,
+                                         do_sample=do_sample, batch_size=batch_size,
+                                         progress=progress and dist.is_main(group), on_block=write, **generate_kwargs),
                        group, what="generation sweep")
-    return dist.all_gather_list(local, group)
+    return dist.gather_indexed({**(done if dist.is_main(group) else {}), **local}, len(prompts), group,
+                               what="generation sweep")
 
 
-def _generate(model, tokenizer, steering, prompts, ms, *, max_new_tokens, do_sample, batch_size, chat, progress,
-              **generate_kwargs) -> list[list[str]]:
+def _generate(model, tokenizer, steering, mine, encoded, ms, *, max_new_tokens, do_sample, batch_size, progress,
+              on_block=None, **generate_kwargs) -> dict:
+    """{prompt index: [text per m]} for the prompts ``mine``; whole prompts per ``generate`` call (all their m), so
+    each call's prompts form one finished block."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     dtype = next(steering.module.parameters()).dtype
-    encoded = [chat_prompt_ids(tokenizer, p, chat) for p in prompts]
-    rows = [(i, j) for i in range(len(prompts)) for j in range(len(ms))]
-    size = batch_size or min(len(rows), 256)
+    M = len(ms)
+    size = max(1, (batch_size or min(len(mine) * M, 256)) // M)  # prompts per call
     pad = hf.pad_id_of(tokenizer)
-    out: list[list[str]] = [[""] * len(ms) for _ in prompts]
-    for s in tqdm(range(0, len(rows), size), desc="generate", disable=not progress, leave=False):
-        chunk = rows[s:s + size]
-        ids, mask = hf.pad_rows([encoded[i] for i, _ in chunk], pad, left=True)
-        m = torch.tensor([ms[j] for _, j in chunk], device=device, dtype=dtype)
+    out: dict = {}
+    for s in tqdm(range(0, len(mine), size), desc="generate", disable=not progress, leave=False):
+        chunk = mine[s:s + size]
+        rows = [(i, j) for i in chunk for j in range(M)]
+        ids, mask = hf.pad_rows([encoded[i] for i, _ in rows], pad, left=True)
+        m = torch.tensor([ms[j] for _, j in rows], device=device, dtype=dtype)
         with torch.no_grad(), steering.multiplier(m):
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
                                  **generate_kwargs)
         texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-        for (i, j), t in zip(chunk, texts):
-            out[i][j] = t
+        block = {i: texts[k * M:(k + 1) * M] for k, i in enumerate(chunk)}
+        out.update(block)
+        if on_block is not None:
+            on_block(block)
     return out

@@ -8,6 +8,7 @@ cache budget; every step then starts at layer L.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -21,18 +22,24 @@ from .data import Pair, encode_pair
 from .ops._checks import check_strengths
 from .ops.split_loss import split_loss
 
-__all__ = ["train"]
+__all__ = ["train", "reps_loss", "LOSSES"]
 
 PAIR_TYPES = ("add", "sub")
 _CACHE_BUDGET = 2 << 30  # bytes of cached layer-L inputs allowed by cache_prefix="auto"
 
 
+LOSSES = ("split", "sft", "reps")
+
+
 def _check_options(loss, pair_types, steering_factors, epochs, batch_size, grad_accum, pairs) -> list[float]:
-    if loss not in ("split", "sft"):
-        raise ValueError(f"loss must be 'split' or 'sft', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     bad = [t for t in pair_types if t not in PAIR_TYPES]
     if bad or not pair_types:
         raise ValueError(f"pair_types must be a non-empty subset of {PAIR_TYPES}, got {tuple(pair_types)}")
+    if loss == "reps" and list(pair_types) != ["add"]:
+        raise ValueError(f"loss='reps' is bidirectional by itself (its second term nulls the intervention): "
+                         f"pair_types must be ('add',), got {tuple(pair_types)}")
     factors = check_strengths("steering_factors", steering_factors)
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -67,6 +74,65 @@ def _forward(model, steering, layout, packed: bool, idx, kinds, m, loss: str, de
     if not neg_keys:
         return h_pos, t_pos, h_pos, t_pos
     return (h_pos, t_pos, *_gather(h[n:], targets[n:], device))
+
+
+# --- RePS (Wu et al. 2025, "Improved Representation Steering for Language Models", arXiv 2505.20809) ---------------
+# Reference-free, bidirectional, length-normalised preference steering. With the concept completion y_c (our
+# positive) and the other one y (our negative), P and N their token-mean NLLs under the intervention at +m, P' and
+# N' under the nulling intervention (Steering.nulling for the vector; the intervention at -m for LoRA and
+# local_weight), and the unsteered summed NLLs L0_c, L0_y:
+#   Δ+ = β+·(−P) − (−N),   β+ = max(L0_c − L0_y, 1)      (log p(y) − log p(y_c) under the unsteered model)
+#   Δ− = β−·(−N') − (−P'), β− = max(L0_y − L0_c, 1)
+#   loss = mean over pairs of −log σ(Δ+) − log σ(Δ−)
+# The NLLs come from sequence_nll (the fused pass: no logits in memory); β± are constants, computed once.
+
+def reps_loss(P, N, P_null, N_null, beta_pos, beta_neg):
+    """RePS per pair from the token-mean NLLs ([n] each) and the β weights: −log σ(Δ+) − log σ(Δ−) [n]."""
+    import torch.nn.functional as F
+
+    delta_pos = N - beta_pos * P
+    delta_neg = P_null - beta_neg * N_null
+    return F.softplus(-delta_pos) + F.softplus(-delta_neg)
+
+
+def _reps_terms(model, steering, layout, packed, idx, m, device, head, softcap):
+    """(P, N, P', N') [n]: token-mean NLLs of each pair's concept (positive) and other completion, steered at +m and
+    under the nulling intervention."""
+    from .ops.split_loss import sequence_nll
+
+    def nlls(factor, null):
+        ctx = steering.nulling() if null else contextlib.nullcontext()
+        with ctx:
+            h_pos, t_pos, h_neg, t_neg = _forward(model, steering, layout, packed, idx, ["add"] * len(idx), factor,
+                                                  "split", device)
+        kw = dict(lm_head_bias=head.bias, logit_softcap=softcap, shift=False)
+        return sequence_nll(h_pos, head.weight, t_pos, **kw), sequence_nll(h_neg, head.weight, t_neg, **kw)
+
+    P, N = nlls(m, False)
+    if steering.form == "vector":
+        P_null, N_null = nlls(torch.zeros_like(m), True)
+    else:
+        P_null, N_null = nlls(-m, False)
+    return P, N, P_null, N_null
+
+
+@torch.no_grad()
+def _reps_betas(model, steering, layout, packed, ids, device, head, softcap, batch_size, dtype):
+    """β+ and β− of the pairs ``ids`` (dict pair -> (β+, β−)) from the unsteered model's summed NLLs."""
+    from .ops.split_loss import sequence_nll
+
+    out = {}
+    for s in range(0, len(ids), batch_size):
+        idx = list(ids[s:s + batch_size])
+        zero = torch.zeros(len(idx), device=device, dtype=dtype)
+        h_pos, t_pos, h_neg, t_neg = _forward(model, steering, layout, packed, idx, ["add"] * len(idx), zero,
+                                              "split", device)
+        kw = dict(lm_head_bias=head.bias, logit_softcap=softcap, shift=False, reduction="sum")
+        L_c = sequence_nll(h_pos, head.weight, t_pos, **kw)
+        L_y = sequence_nll(h_neg, head.weight, t_neg, **kw)
+        for i, bp, bn in zip(idx, (L_c - L_y).clamp(min=1.0).tolist(), (L_y - L_c).clamp(min=1.0).tolist()):
+            out[i] = (bp, bn)
+    return out
 
 
 class _Step(torch.nn.Module):
@@ -118,6 +184,34 @@ def _global_loss(h_pos, t_pos, h_neg, t_neg, head, softcap, hp, reduction, n_glo
     surrogate, _ = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction="batch", lambda_p=a_pos * count_p * world,
                               lambda_n=a_neg * count_n * world, gamma=0.0, theta=0.0, **kw)
     return surrogate, value, {"pos": pos, "neg": neg, "pref_log_odds": neg - pos}
+
+
+def _reps_step(step, idx, m, work, betas, device, dtype, group, pairs, epoch, b):
+    """(objective, value, stats) of one RePS batch; under a process group each rank runs its share of the global
+    batch (spread by tokens) and the objective's gradient, averaged by DDP, is the global batch's (a mean over its
+    pairs)."""
+    own = dist.shard_by_work([work[i] for i in idx], group) if group is not None else list(range(len(idx)))
+    sel = own or [None]  # a rank with none of the batch runs its first pair at weight 0
+    local = [idx[j] if j is not None else idx[0] for j in sel]
+    P, N, Pn, Nn = step(local, ["add"] * len(local), torch.tensor([m[j] if j is not None else 1.0 for j in sel],
+                                                                   device=device, dtype=dtype))
+    beta = torch.tensor([betas[i] for i in local], device=device, dtype=P.dtype)
+    per = reps_loss(P, N, Pn, Nn, beta[:, 0], beta[:, 1])
+    keep = 1.0 if own else 0.0
+    sums = torch.stack([per.detach().sum(), P.detach().sum(), N.detach().sum()]).double() * keep
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
+    value, pos, neg = (sums / len(idx)).tolist()
+    if not math.isfinite(value):
+        bad = [local[j] for j, v in enumerate(per.detach().tolist()) if not math.isfinite(v)]
+        where = f"epoch {epoch + 1}, batch {b + 1}"
+        if not bad:
+            raise RuntimeError(f"the RePS loss is not finite at {where} (the bad pair is on another rank)")
+        raise RuntimeError(f"the RePS loss is not finite at {where}: first bad pair is #{bad[0]} "
+                           f"({pairs[bad[0]].prompt[:60]!r}; a diverged steering parameter? try a lower lr)")
+    world = torch.distributed.get_world_size(group) if group is not None else 1
+    objective = per.sum() * (keep * world / len(idx))
+    return objective, value, {"pos": pos, "neg": neg, "pref_log_odds": neg - pos}
 
 
 def _check_encoded(enc, pairs, vocab: int) -> None:
@@ -174,7 +268,9 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
           pair_types: Sequence[str] = ("add",), chat: bool = True, cache_prefix: bool | str = "auto",
           pack_pairs: bool | str = "auto",
           checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True, group=None) -> dict:
-    """Train ``steering``'s parameters with SPLIT (``loss="split"``) or plain SFT on the positives (``"sft"``).
+    """Train ``steering``'s parameters with SPLIT (``loss="split"``), plain SFT on the positives (``"sft"``), or RePS
+    (``"reps"``: Wu et al. 2025's reference-free bidirectional preference objective; see :func:`reps_loss`; it
+    takes ``pair_types=("add",)`` and ignores λ, γ, θ and ``reduction``).
 
     ``theta`` is the SPLIT hinge margin θ on the preference log-odds. Each pair gets a factor drawn from
     ``steering_factors`` and a type from ``pair_types``: "add" trains the positive completion at +m, "sub"
@@ -185,10 +281,10 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
     the newest one, giving the same final parameters as an uninterrupted run.
 
     Data parallel: inside an initialised process group (``torchrun``; or ``group=``) the steering tensors are
-    wrapped in DistributedDataParallel, the frozen model is replicated, and each rank owns a contiguous shard
-    of the pairs (and caches only that shard's frozen prefix). The batches are the one-process batches
-    (``batch_size`` is the global batch), each rank runs the pairs of a batch that it owns, and the loss is the
-    global batch's, so N ranks give the parameters of one process. Rank 0 writes the checkpoints.
+    wrapped in DistributedDataParallel, the frozen model is replicated, and each rank owns a share
+    of the pairs, spread by their tokens, and computes their frozen prefix, which the ranks then share. The batches
+    are the one-process batches (``batch_size`` is the global batch), each split between the ranks by tokens, and the
+    loss is the global batch's, so N ranks give the parameters of one process. Rank 0 writes the checkpoints.
 
     Returns {"history": [per-epoch means of loss, pos, neg, pref_log_odds], "steps": optimizer steps}.
 
@@ -206,7 +302,8 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
     params = steering.parameters()
     enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]
     _check_encoded(enc, pairs, hf.lm_head(model).weight.shape[0])
-    mine = dist.shard_range(len(pairs), group)
+    work = [len(p) + len(a) + len(b) for p, a, b in enc]  # tokens a pair puts through the model
+    mine = dist.shard_by_work(work, group)  # the pairs whose frozen prefix (and RePS weights) this rank computes
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()  # no dropout: a step is a deterministic function of the data and the factors
@@ -217,9 +314,11 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
     pad = hf.pad_id_of(tokenizer)
     layout = hf.PackedRows(enc, pad, next(model.parameters()).dtype) if packed else hf.SideRows(enc, pad)
     if steering.layer > 0 and (cache_prefix is True or (cache_prefix == "auto" and layout.cache_bytes(
-            model.config.hidden_size, only=mine) <= _CACHE_BUDGET)):
+            model.config.hidden_size) <= _CACHE_BUDGET)):
         dist.agree(lambda: layout.build_cache(model, steering.layer, device, only=mine), group,
                    what="prefix cache")
+        if group is not None:  # each rank computed its share; every rank holds them all (batches are split anew)
+            layout.cache.update(dist.all_gather_list(list(layout.cache.items()), group, what="prefix cache"))
     head, softcap = hf.lm_head(model), hf.logit_softcap(model)
     n_batches = math.ceil(len(pairs) / batch_size)
     total_steps = max(1, math.ceil(n_batches / grad_accum) * epochs)
@@ -236,10 +335,18 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
         if resume:
             start, history, steps = dist.agree(lambda: _resume(checkpoint_dir, config, steering, opt, sched, device),
                                                group, what="resume")
+    betas = {}
+    if loss == "reps":  # β± from the unsteered model, once (the steering is a no-op, or as resumed: m = 0 either way)
+        betas = _reps_betas(model, steering, layout, packed, list(mine), device, head, softcap, batch_size,
+                            params[0].dtype)
+        if group is not None:
+            betas.update(dist.all_gather_list(list(betas.items()), group, what="RePS weights"))
     hp = dict(lambda_p=lambda_p, lambda_n=lambda_n, gamma=gamma, theta=theta) if loss == "split" else \
         dict(lambda_p=1.0, lambda_n=0.0, gamma=0.0, theta=0.0)
 
     def forward(idx, kinds, m):
+        if loss == "reps":
+            return _reps_terms(model, steering, layout, packed, idx, m, device, head, softcap)
         return _forward(model, steering, layout, packed, idx, kinds, m, loss, device)
     step = forward
     if group is not None:  # after resuming, so the broadcast from rank 0 starts every rank at the same point
@@ -260,7 +367,10 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
                 picked = [float(rng.choice(factors)) for _ in idx]
                 # "sub" swaps the completions and steers with -m.
                 m = [f if k == "add" else -f for f, k in zip(picked, kinds)]
-                if group is None:
+                if loss == "reps":
+                    objective, value, stats = _reps_step(step, idx, m, work, betas, device, params[0].dtype,
+                                                         group, pairs, epoch, b)
+                elif group is None:
                     h_pos, t_pos, h_neg, t_neg = step(idx, kinds, torch.tensor(m, device=device, dtype=params[0].dtype))
                     value, parts = split_loss(h_pos, h_neg, head.weight, t_pos, t_neg, reduction=reduction,
                                               lm_head_bias=head.bias, logit_softcap=softcap,
@@ -270,11 +380,11 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
                         _raise_bad_pair(pairs, idx, h_pos, t_pos, h_neg, t_neg, head, softcap, epoch, b)
                     stats = {k: float(parts[k].mean()) for k in ("pos", "neg", "pref_log_odds")}
                 else:
-                    # This rank's pairs of the global batch; a rank that owns none of them runs one of its own
-                    # pairs at weight 0, since every rank must take part in DDP's backward.
-                    own = [j for j, i in enumerate(idx) if i in mine]
+                    # This rank's pairs of the global batch, spread by their tokens; a rank with none of them runs
+                    # the batch's first pair at weight 0, since every rank must take part in DDP's backward.
+                    own = dist.shard_by_work([work[i] for i in idx], group)
                     sel = own or [None]
-                    local = [idx[j] if j is not None else mine.start for j in sel]
+                    local = [idx[j] if j is not None else idx[0] for j in sel]
                     out = step(local, [kinds[j] if j is not None else "add" for j in sel],
                                torch.tensor([m[j] if j is not None else 1.0 for j in sel], device=device,
                                             dtype=params[0].dtype))
@@ -309,4 +419,5 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
+    steering.objective = loss
     return {"history": history, "steps": steps}

@@ -266,7 +266,7 @@ def test_a_missing_required_argument_shows_the_usage():
 
 def test_help_shows_defaults_as_typed():
     flat = {cmd: " ".join(_cli(cmd, "--help").stdout.split()) for cmd in ("train", "generate", "sweep", "demo")}
-    assert "(default: add,sub)" in flat["train"] and "['add', 'sub']" not in flat["train"]
+    assert "(default: add,sub;" in flat["train"] and "['add', 'sub']" not in flat["train"]
     assert "(default: -4,-2,0,2,4)" in flat["generate"]
     assert "(default: stdout) (default: None)" not in flat["generate"] and "(default: None)" not in flat["sweep"]
     assert "--steering STEERING [STEERING ...] one or more" in flat["sweep"]  # required: no default shown
@@ -296,3 +296,27 @@ def test_generate_makes_the_output_folder(model_dir, steering_file, tmp_path):
     assert main(["generate", "--model", model_dir, "--steering", steering_file, "--prompt", "hi",
                  "--multipliers=0,1", "--max-new-tokens", "2", "--out", str(out), "--quiet"]) == 0
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_tune_writes_the_table_and_the_cache(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTSPLIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTSPLIT_TUNE", raising=False)
+    out = str(tmp_path / "tune.json")
+    assert main(["tune", "--model", model_dir, "--rows", "2,40", "--forms", "local_weight,lora", "--loss-rows", "48",
+                 "--json", out, "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "x eager" in table and "x F.linear" in table and "its 2 GEMMs" in table
+    res = json.load(open(out))["results"]
+    assert [(r["op"], r["form"], r["mkind"], r["rows"]) for r in res][:2] == [
+        ("steered_linear", "local_weight", "scalar", 2), ("steered_linear", "local_weight", "scalar", 40)]
+    folded = res[0]
+    assert set(folded["times_ms"]) == {"torch:fold", "torch:two_gemm"} and folded["choice"] in folded["times_ms"]
+    assert folded["eager_ms"] > 0 and folded["linear_ms"] > 0
+    assert res[-1]["op"] == "split_loss" and res[-1]["choice"].startswith(("torch:", "native:"))
+    info = subprocess.run([sys.executable, "-m", "fastsplit", "info"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FASTSPLIT_CACHE": str(tmp_path / "cache")})
+    cache = json.loads(info.stdout)["tuning_cache"]
+    assert cache["exists"] and any(k.startswith("steered_linear|local_weight|scalar") for k in cache["entries"])
+    monkeypatch.setenv("FASTSPLIT_TUNE", "0")
+    assert main(["tune", "--model", model_dir, "--rows", "2", "--no-loss", "--quiet"]) == 1
+    assert "tuning is off (FASTSPLIT_TUNE=0)" in capsys.readouterr().err

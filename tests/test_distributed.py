@@ -8,6 +8,7 @@ import os
 import time
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -63,8 +64,19 @@ def _task_train(out, rank, **kw):
 
 
 def _task_bad_shard(out, rank):
+    import fastsplit.analysis.logodds as lo
+
     model, s = _fresh()
-    pairs = PAIRS[:3] + [fastsplit.Pair(PAIRS[3].prompt, "", "")]  # rank 1's shard fails to encode
+    if rank == 1:  # this rank's shard fails half-way through the sweep; rank 0's succeeds
+        def broken(*a, **k):
+            raise ValueError("a completion tokenises to nothing (rank 1's shard)")
+        lo._sweep_nll = broken
+    fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:4], MS, progress=False)
+
+
+def _task_bad_pair(out, rank):
+    model, s = _fresh()
+    pairs = PAIRS[:3] + [fastsplit.Pair(PAIRS[3].prompt, "", "")]  # found when every rank encodes every pair
     fastsplit.logodds_sweep(model, tiny_tokenizer(), s, pairs, MS, progress=False)
 
 
@@ -73,8 +85,23 @@ def _task_too_few(out, rank):
     fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:1], MS, progress=False)
 
 
+def _synthetic_sweep():
+    rng = np.random.default_rng(4)
+    ms = np.linspace(-8, 8, 17)
+    P = 0.6 * ms[None] + rng.normal(0, 0.5, (30, 17))
+    U = -3.0 - 0.05 * ms[None] ** 2 + rng.normal(0, 0.3, (30, 17))
+    a = 1 / (1 + np.exp(-U))
+    lp = -np.log(a / (1 + np.exp(-P)))
+    return fastsplit.Sweep.from_nll(ms, lp, lp + P)
+
+
+def _task_analyze(out, rank):
+    rep = fastsplit.analyze(_synthetic_sweep(), bootstrap_samples=12)
+    return {"bootstrap": rep["bootstrap"], "heldout": rep["heldout_m"], "m_op": rep["operating_point"].multiplier}
+
+
 TASKS = {"sweep": _task_sweep, "generate": _task_generate, "train": _task_train, "bad_shard": _task_bad_shard,
-         "too_few": _task_too_few}
+         "bad_pair": _task_bad_pair, "too_few": _task_too_few, "analyze": _task_analyze}
 
 
 def _worker(rank, world, store, out, task, kw):
@@ -165,8 +192,18 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
     assert "tokenises to nothing" in results[1]["error"]  # the failing rank: its own error
     assert results[0]["error"].startswith("RuntimeError: rank 1 failed during the log-odds sweep")
     assert "tokenises to nothing" in results[0]["error"]
+    for res in _launch(tmp_path, "bad_pair"):  # bad data: every rank refuses it, before any work
+        assert res["error"].startswith("ValueError: a completion tokenises to nothing")
 
 
 def test_a_world_larger_than_the_pairs_is_refused(tmp_path):
     for res in _launch(tmp_path, "too_few"):
         assert "world size 2 is larger than the number of pairs (1)" in res["error"]
+
+
+def test_shared_fits_equal_one_process_bit_for_bit(tmp_path):
+    """The fits, their held-out-m refits and the pair bootstrap are shared out between the ranks; every rank ends
+    with one process's figures exactly."""
+    one = _task_analyze(None, 0)
+    for res in _launch(tmp_path, "analyze"):
+        assert res["ok"] == one

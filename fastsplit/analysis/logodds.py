@@ -61,6 +61,7 @@ class Sweep:
     util_clamped: np.ndarray
     length_norm: bool = False
     groups: list[str] | None = None
+    extra: dict | None = None  # further per-(pair, m) columns [N, M], e.g. the manifold measures (sweep --manifold)
 
     @classmethod
     def from_nll(cls, multipliers, nll_pos, nll_neg, length_norm=False, groups=None) -> "Sweep":
@@ -79,19 +80,51 @@ class Sweep:
                 "util_mean": self.util_odds.mean(0), "util_se": se(self.util_odds),
                 "util_clamped": self.util_clamped.sum(0)}
 
+    @classmethod
+    def from_csv(cls, path: str) -> "Sweep":
+        """Read a ``sweep.csv`` written by :meth:`to_csv` back (pairs × multipliers; every cell must be there).
+        Extra columns (``--manifold``'s) go to :attr:`extra` as [N, M] arrays."""
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        need = {"pair", "multiplier", "nll_pos", "nll_neg"}
+        if not rows or not need <= set(rows[0]):
+            raise ValueError(f"{path} is not a sweep.csv (needs the columns {sorted(need)})")
+        pairs = sorted({int(r["pair"]) for r in rows})
+        ms = sorted({float(r["multiplier"]) for r in rows})
+        if pairs != list(range(len(pairs))) or len(rows) != len(pairs) * len(ms):
+            raise ValueError(f"{path} does not hold every (pair, multiplier) cell once: {len(rows)} rows for "
+                             f"{len(pairs)} pairs x {len(ms)} multipliers")
+        col = {m: j for j, m in enumerate(ms)}
+        base = {"pair", "group", "multiplier", "nll_pos", "nll_neg", "pref_odds", "util_odds", "util_clamped"}
+        extra_names = [k for k in rows[0] if k not in base]
+        nll = np.zeros((len(pairs), len(ms), 2))
+        extra = {k: np.zeros((len(pairs), len(ms))) for k in extra_names}
+        groups = [""] * len(pairs)
+        for r in rows:
+            i, j = int(r["pair"]), col[float(r["multiplier"])]
+            nll[i, j] = float(r["nll_pos"]), float(r["nll_neg"])
+            groups[i] = r.get("group", "")
+            for k in extra_names:
+                extra[k][i, j] = float(r[k])
+        sweep = cls.from_nll(ms, nll[..., 0], nll[..., 1], groups=groups if any(groups) else None)
+        sweep.extra = extra
+        return sweep
+
     def to_csv(self, path: str) -> None:
         """Long format, one row per (pair, multiplier). Columns: ``pair`` (index in the swept list), ``group`` (the
         positive completion's first token as scored), ``multiplier`` (m), ``nll_pos`` / ``nll_neg`` (summed NLL in
         nats of the positive / negative completion; token means with ``length_norm``), ``pref_odds``
         (L_n − L_p), ``util_odds`` (the utility log-odds), ``util_clamped`` (1 where its denominator was floored)."""
+        extra = self.extra or {}
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["pair", "group", "multiplier", "nll_pos", "nll_neg", "pref_odds", "util_odds", "util_clamped"])
+            w.writerow(["pair", "group", "multiplier", "nll_pos", "nll_neg", "pref_odds", "util_odds", "util_clamped",
+                        *extra])
             for i in range(self.nll_pos.shape[0]):
                 for j, m in enumerate(self.multipliers):
                     w.writerow([i, self.groups[i] if self.groups else "", f"{m:.6g}", f"{self.nll_pos[i, j]:.8g}", f"{self.nll_neg[i, j]:.8g}",
                                 f"{self.pref_odds[i, j]:.8g}", f"{self.util_odds[i, j]:.8g}",
-                                int(self.util_clamped[i, j])])
+                                int(self.util_clamped[i, j]), *(f"{v[i, j]:.8g}" for v in extra.values())])
 
 
 def _check(pairs, multipliers):
@@ -140,7 +173,7 @@ def _at(h, d, m_rows):
 @torch.no_grad()
 def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
                   length_norm: bool = False, batch_size: int | None = None, chat: bool = True,
-                  progress: bool = True, group=None) -> Sweep:
+                  progress: bool = True, group=None, checkpoint_dir: str | None = None, resume: bool = False) -> Sweep:
     """Teacher-forced NLLs of every pair's two completions at every multiplier, fast; returns a :class:`Sweep`.
 
     ``batch_size`` is the number of pairs per batch (each becomes M rows). The default holds about 48 rows
@@ -148,8 +181,13 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     and about 512 on a GPU.
     With ``length_norm=True`` the NLLs are token means. Tokenisation is :func:`fastsplit.encode_pair`'s.
 
-    Inside an initialised process group (``torchrun``; or ``group=``) each rank sweeps its contiguous shard
-    of the pairs and every rank returns the whole sweep, in the input order (see :mod:`fastsplit.dist`).
+    Inside an initialised process group (``torchrun``; or ``group=``) the pairs are spread over the ranks by their
+    token work (:func:`fastsplit.dist.shard_by_work`), and every rank returns the whole sweep, in the input order.
+
+    ``checkpoint_dir``: each batch of finished pairs is written there as a block (:class:`fastsplit.dist.Blocks`,
+    with the steering's digest, the pairs' digest and the multipliers); with ``resume=True`` the pairs found there
+    are not swept again (a block of another steering, data set or grid is refused), without it old blocks are
+    removed first. The result equals an uninterrupted sweep's.
 
     Example::
 
@@ -157,19 +195,42 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
         >>> sweep.summary()["pref_mean"]
     """
     ms = _check(pairs, multipliers)
+    pairs = list(pairs)
     group = dist.active_group(group)
     dist.check_world(len(pairs), "pairs", group)
-    part = dist.shard_range(len(pairs), group)
+    enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]  # every pair's lengths: they balance the shards
+    groups = _groups(tokenizer, enc)
+    done, blocks = {}, None
+    if checkpoint_dir:
+        from ..data import pairs_digest
+
+        header = {"steering": steering.digest(), "pairs": pairs_digest(pairs), "multipliers": ms,
+                  "length_norm": bool(length_norm), "chat": bool(chat)}
+        blocks = dist.Blocks(checkpoint_dir, header, "log-odds sweep", group)
+        done = blocks.load() if resume else blocks.clear()
+    todo = [i for i in range(len(pairs)) if i not in done]
+    longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)
+    c = 0 if hf.window_shorter_than(model, longest) else _shared_prefix([p for p, _, _ in enc])
+    mine = [todo[j] for j in dist.shard_by_work([len(enc[i][0]) - c + len(enc[i][1]) + len(enc[i][2]) + 2
+                                                 for i in todo], group)] if todo else []
+
+    def write(indices, nll):
+        if blocks is not None:
+            blocks.write({i: row.tolist() for i, row in zip(indices, nll)})
 
     def local():
-        enc = [encode_pair(tokenizer, p, chat=chat) for p in list(pairs)[part.start:part.stop]]
-        nll = _sweep_nll(model, steering, enc, ms, pad=hf.pad_id_of(tokenizer), length_norm=length_norm,
-                         batch_size=batch_size, progress=progress and dist.is_main(group))
-        return list(zip(nll, _groups(tokenizer, enc)))
+        if not mine:
+            return {}
+        nll = _sweep_nll(model, steering, [enc[i] for i in mine], ms, pad=hf.pad_id_of(tokenizer),
+                         length_norm=length_norm, batch_size=batch_size, progress=progress and dist.is_main(group),
+                         prefix=c, on_batch=lambda pos, rows: write([mine[k] for k in pos], rows))
+        return {i: row.tolist() for i, row in zip(mine, nll)}
 
-    rows = dist.all_gather_list(dist.agree(local, group, what="log-odds sweep"), group)
-    nll = np.stack([r[0] for r in rows])
-    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, [r[1] for r in rows])
+    new = dist.agree(local, group, what="log-odds sweep")
+    rows = dist.gather_indexed({**(done if dist.is_main(group) else {}), **new}, len(pairs), group,
+                               what="log-odds sweep")
+    nll = np.asarray(rows, np.float64)
+    return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, groups)
 
 
 def _shared_prefix(prompts) -> int:
@@ -178,7 +239,8 @@ def _shared_prefix(prompts) -> int:
     return max(0, min(len(os.path.commonprefix(list(prompts))), min(len(p) for p in prompts) - 1))
 
 
-def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress) -> np.ndarray:
+def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress, prefix: int | None = None,
+               on_batch=None) -> np.ndarray:
     """Summed (or mean) NLLs [N, M, 2] of the encoded pairs' two completions at every m: the fast path.
 
     A prompt row is [shared prefix | left-padded rest of the prompt | right-padded completion], and runs in
@@ -198,7 +260,8 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
     last = len(hf.decoder_layers(model)) - 1
     start = L + 1 if hf.affine_in_m(model, L, steering.site) else L  # the first layer whose input depends on m
     longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)  # a padded row
-    c = 0 if hf.window_shorter_than(model, longest) else _shared_prefix([p for p, _, _ in enc])
+    c = prefix if prefix is not None else (0 if hf.window_shorter_than(model, longest) else
+                                           _shared_prefix([p for p, _, _ in enc]))
     pre_below, pre_above = _prefix_caches(model, steering, enc[0][0][:c], m_all, start, last) if c else (None, None)
     # The bar counts pairs (each is 2·M sequences), so it moves with the work whatever the batch size.
     bar = tqdm(total=len(enc), desc=f"log-odds sweep ({M} m)", unit="pair", disable=not progress, leave=False)
@@ -255,6 +318,8 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
         if length_norm:
             row_nll = row_nll / valid.sum(1)
         nll[s:s + b] = row_nll.view(M, b, 2).transpose(0, 1).double().cpu().numpy()
+        if on_batch is not None:  # a finished block of pairs (positions in enc) and their NLLs [b, M, 2]
+            on_batch(list(range(s, s + b)), nll[s:s + b])
         bar.update(b)
     bar.close()
     return nll

@@ -16,8 +16,10 @@ _STRIP = 0.06  # height of the region strip, as a fraction of the axes
 
 def plot_sweep(sweep: Sweep, pref_fit: Fit | None, util_fit: Fit | None, op: OperatingPoint | None,
                path_prefix: str, *, title: str = "", heldout_r2: dict | None = None,
-               max_util_drop: float | None = None, identifiability: dict | None = None) -> list[str]:
-    """Write ``path_prefix``.png and .svg (two panels: preference, utility); returns the paths.
+               max_util_drop: float | None = None, identifiability: dict | None = None,
+               manifold: dict | None = None) -> list[str]:
+    """Write ``path_prefix``.png and .svg (two panels: preference, utility; a third with the sweep's manifold columns:
+    the utility drop against the off-manifold distance); returns the paths.
 
     ``heldout_r2`` ({"preference": R², "utility": R²}, leave-one-m-out) goes into the legend beside the in-sample
     R²; ``max_util_drop`` draws the utility limit that defines the operating point (measured utility at m = 0
@@ -37,7 +39,9 @@ def plot_sweep(sweep: Sweep, pref_fit: Fit | None, util_fit: Fit | None, op: Ope
     s = sweep.summary()
     m = s["multiplier"]
     fine = np.linspace(m.min(), m.max(), 400)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    extra = sweep.extra or {}
+    with_manifold = "off_last" in extra and "off_steered" in extra
+    fig, axes = plt.subplots(1, 3 if with_manifold else 2, figsize=(18 if with_manifold else 12, 5.2))
     panels = ((axes[0], "pref", "preference", pref_fit, r"preference log-odds $L_n - L_p$ (nats)", sweep.pref_odds),
               (axes[1], "util", "utility", util_fit, "utility log-odds (nats)", sweep.util_odds))
     for ax, key, kind, fit, label, per_pair in panels:
@@ -83,6 +87,8 @@ def plot_sweep(sweep: Sweep, pref_fit: Fit | None, util_fit: Fit | None, op: Ope
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    if with_manifold:
+        _manifold_panel(axes[2], sweep, manifold)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -91,3 +97,29 @@ def plot_sweep(sweep: Sweep, pref_fit: Fit | None, util_fit: Fit | None, op: Ope
     fig.savefig(paths[1])
     plt.close(fig)
     return paths
+
+
+def _manifold_panel(ax, sweep: Sweep, manifold: dict | None) -> None:
+    """Mean utility drop against the mean off-manifold distance, per m, at both sites (the paper's explanation:
+    utility falls as representations leave the generation manifold)."""
+    ms = sweep.multipliers
+    order = np.argsort(ms)
+    u0 = np.interp(0.0, ms[order], sweep.util_odds.mean(0)[order])
+    drop = u0 - sweep.util_odds.mean(0)
+    for site, colour in (("steered", "C1"), ("last", "C2")):
+        x = sweep.extra[f"off_{site}"].mean(0)
+        block = (manifold or {}).get(site) or {}
+        r2 = block.get("off_manifold", {}).get("r2_monotone")
+        rho = block.get("off_manifold", {}).get("spearman")
+        label = f"{site} layer" + (f" (per pair: monotone $R^2$ {r2:.2f}, ρ {rho:.2f})" if r2 is not None else "")
+        ax.plot(x[ms >= 0], drop[ms >= 0], "o-", color=colour, ms=4, label=f"{label}, m ≥ 0")
+        ax.plot(x[ms <= 0], drop[ms <= 0], "s--", color=colour, ms=4, mfc="none", label=f"{site} layer, m ≤ 0")
+    absm = ((manifold or {}).get("last") or {}).get("abs_m", {})
+    if absm.get("r2_monotone") is not None:
+        ax.text(0.02, 0.97, f"|m| alone: monotone $R^2$ {absm['r2_monotone']:.2f}, ρ {absm['spearman']:.2f}",
+                transform=ax.transAxes, fontsize=7, va="top", color="0.3")
+    ax.set_title("Leaving the manifold", fontsize=11)
+    ax.set_xlabel("off-manifold distance (units of the unsteered spread off the 95% subspace)")
+    ax.set_ylabel("utility drop from m = 0 (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)

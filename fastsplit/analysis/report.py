@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from .. import dist
 from .fit import MIN_POINTS, fit_curves, operating_point, simpler_member
 
 __all__ = ["analyze", "heldout_m_r2", "bootstrap", "answer_groups"]
@@ -24,18 +25,22 @@ __all__ = ["analyze", "heldout_m_r2", "bootstrap", "answer_groups"]
 _OPPOSITE_MIN = 0.1  # nats: a group's mean preference change that counts as a movement
 
 
-def heldout_m_r2(multipliers, values, kind: str, fit=None) -> float | None:
-    """R² of leave-one-m-out predictions (None with fewer than MIN_POINTS + 1 multipliers)."""
+def heldout_m_r2(multipliers, values, kind: str, fit=None, *, group=None) -> float | None:
+    """R² of leave-one-m-out predictions (None with fewer than MIN_POINTS + 1 multipliers). Inside a process
+    group the refits are shared out between the ranks (the same value as one process)."""
     m = np.asarray(multipliers, np.float64)
     y = np.asarray(values, np.float64)
     y = y.mean(0) if y.ndim == 2 else y
     if m.size < MIN_POINTS + 1:
         return None
     fit = fit or fit_curves(m, y, kind)
-    pred = np.empty_like(y)
-    for j in range(m.size):
+    group = dist.active_group(group)
+
+    def refit(j):
         keep = np.arange(m.size) != j
-        pred[j] = fit_curves(m[keep], y[keep], kind, starts=1, init=fit).predict(m[j:j + 1])[0]
+        return float(fit_curves(m[keep], y[keep], kind, starts=1, init=fit).predict(m[j:j + 1])[0])
+    pred = np.array(dist.gather_indexed({j: refit(j) for j in dist.split_work(m.size, group)}, m.size, group,
+                                        what=f"held-out-m refits of the {kind} fit"))
     ss_tot = float(((y - y.mean()) ** 2).sum())
     return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
 
@@ -46,24 +51,30 @@ def _interval(values) -> list[float] | None:
 
 
 def bootstrap(sweep, pref_fit, util_fit, *, n: int = 100, max_util_drop: float = 1.0, seed: int = 0,
-              progress: bool = False) -> dict:
-    """Pair-bootstrap 95% intervals of the preference and utility R² and of the operating point's m."""
+              progress: bool = False, group=None) -> dict:
+    """Pair-bootstrap 95% intervals of the preference and utility R² and of the operating point's m.
+
+    Inside a process group every rank draws the same resamples and refits its share of them; the gathered results
+    are those of one process, bit for bit, so the intervals are too."""
     from tqdm.auto import tqdm
 
+    group = dist.active_group(group)
     rng = np.random.default_rng(seed)
     N = sweep.pref_odds.shape[0]
-    r2p, r2u, mop = [], [], []
-    for _ in tqdm(range(n), desc="bootstrap", disable=not progress, leave=False):
-        idx = rng.integers(0, N, N)
+    draws = [rng.integers(0, N, N) for _ in range(n)]  # every rank: the one-process sequence of resamples
+
+    def one(idx):
         p, u = sweep.pref_odds[idx].mean(0), sweep.util_odds[idx].mean(0)
         try:
             fp = fit_curves(sweep.multipliers, p, "preference", starts=0, init=pref_fit)
             fu = fit_curves(sweep.multipliers, u, "utility", starts=0, init=util_fit)
         except (RuntimeError, ValueError):  # a degenerate resample (constant values): no fit to score
-            continue
-        r2p.append(fp.r2)
-        r2u.append(fu.r2)
-        mop.append(operating_point(fp, fu, sweep.multipliers, u, max_util_drop=max_util_drop).multiplier)
+            return None
+        return fp.r2, fu.r2, operating_point(fp, fu, sweep.multipliers, u, max_util_drop=max_util_drop).multiplier
+    mine = dist.split_work(n, group)
+    local = {k: one(draws[k]) for k in tqdm(mine, desc="bootstrap", disable=not progress, leave=False)}
+    done = [r for r in dist.gather_indexed(local, n, group, what="pair bootstrap") if r is not None]
+    r2p, r2u, mop = ([r[i] for r in done] for i in range(3))
     return {"resamples": len(r2p), "preference_r2": _interval(r2p), "utility_r2": _interval(r2u),
             "m_op": _interval(mop)}
 
@@ -96,7 +107,7 @@ def answer_groups(sweep, m_probe: float) -> dict:
 
 
 def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, seed: int = 0,
-            progress: bool = False) -> dict:
+            progress: bool = False, group=None) -> dict:
     """Both fits on the per-m means, held-out-m R², pair-bootstrap intervals, the operating point (judged
     against *measured* utility), answer-group diagnostics, and the warnings a reader must see.
 
@@ -111,13 +122,20 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
         >>> report["heldout_m"]["preference"], report["operating_point"].multiplier, report["warnings"]
     """
     m = sweep.multipliers
-    pref = fit_curves(m, sweep.pref_odds, "preference")
-    util = fit_curves(m, sweep.util_odds, "utility")
+    group = dist.active_group(group)
+    # Inside a process group the fits are shared out (the two curves, their refits, the bootstrap, the simpler
+    # members), each rank doing its part; the results are one process's.
+    jobs = {0: lambda: fit_curves(m, sweep.pref_odds, "preference"), 1: lambda: fit_curves(m, sweep.util_odds, "utility")}
+    share = dist.split_work(2, group)
+    pref, util = dist.gather_indexed({k: jobs[k]() for k in share}, 2, group, what="curve fits")
     op = operating_point(pref, util, m, sweep.util_odds.mean(0), max_util_drop=max_util_drop)
-    heldout = {"preference": heldout_m_r2(m, sweep.pref_odds, "preference", pref),
-               "utility": heldout_m_r2(m, sweep.util_odds, "utility", util)}
+    heldout = {"preference": heldout_m_r2(m, sweep.pref_odds, "preference", pref, group=group),
+               "utility": heldout_m_r2(m, sweep.util_odds, "utility", util, group=group)}
     boot = bootstrap(sweep, pref, util, n=bootstrap_samples, max_util_drop=max_util_drop, seed=seed,
-                     progress=progress) if bootstrap_samples and sweep.pref_odds.shape[0] >= 2 else None
+                     progress=progress, group=group) if bootstrap_samples and sweep.pref_odds.shape[0] >= 2 else None
+    members = {0: lambda: simpler_member(pref, m, sweep.pref_odds), 1: lambda: simpler_member(util, m, sweep.util_odds)}
+    simpler = dict(enumerate(dist.gather_indexed({k: members[k]() for k in share}, 2, group,
+                                                 what="simpler fits")))
     probe = op.multiplier if op.multiplier != 0 else float(m.max() if op.side == "positive" else m.min())
     groups = answer_groups(sweep, probe)
     warnings = list(op.warnings)
@@ -126,11 +144,11 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
         warnings.append(f"answer groups move in opposite directions at m = {probe:g} ({moves}): the vector follows "
                         "the answer token, not the concept; balance the answers per group or change the format")
     ident = {}
-    for fit, values in ((pref, sweep.pref_odds), (util, sweep.util_odds)):
+    for k, (fit, values) in enumerate(((pref, sweep.pref_odds), (util, sweep.util_odds))):
         if not fit.converged:
             warnings.append(f"the {fit.kind} fit did not converge from any start: its curve is the best iterate "
                             "found, not an optimum; do not read its parameters")
-        simple = simpler_member(fit, m, values)
+        simple = simpler[k]
         measured = float(np.interp(0.0, np.sort(m), values.mean(0)[np.argsort(m)]))
         fitted = float(fit.predict(np.array([0.0]))[0])
         ident[fit.kind] = {"not_identified": fit.not_identified, "simpler": simple.to_dict() if simple else None,

@@ -1,4 +1,4 @@
-"""Command line: ``fastsplit train | generate | sweep | demo | export | info``. Thin: check, call the library, print.
+"""Command line: ``fastsplit train | generate | sweep | demo | export | tune | info``. Thin: check, call the library, print.
 
 Every input is checked before a model loads. Exit status: 0 on success, 2 for a usage error (a bad option,
 reported by argparse), 1 for a runtime failure (bad data, a missing file, a model that does not fit), each
@@ -16,14 +16,16 @@ import logging
 import os
 import sys
 
-from . import analysis, export, generate, train
+from . import analysis, export, generate, train, tune
 from ._common import ArgumentParser, HelpFormatter, check_device, launched_world, process_group
 
 
 def _cmd_info(args) -> int:
     import fastsplit
 
-    print(json.dumps(fastsplit.build_info(), indent=2))
+    from fastsplit.ops._tune import cache_info
+
+    print(json.dumps({**fastsplit.build_info(), "tuning_cache": cache_info()}, indent=2))
     return 0
 
 
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_command(sub, HelpFormatter)
     analysis.add_commands(sub, HelpFormatter)
     export.add_command(sub, HelpFormatter)
-    i = sub.add_parser("info", help="print what this install can run (build_info) as JSON")
+    tune.add_command(sub, HelpFormatter)
+    i = sub.add_parser("info", help="print what this install can run (build_info) and where the tuning cache is, "
+                       "as JSON")
     i.set_defaults(func=_cmd_info)
     return p
 

@@ -177,7 +177,10 @@ def process_group(device: str = "auto"):
     if resolve_device(device).startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
-    dist.init_process_group(backend)
+    from fastsplit.dist import timeout
+
+    kw = {"timeout": timeout()} if timeout() is not None else {}
+    dist.init_process_group(backend, **kw)  # FASTSPLIT_DIST_TIMEOUT: how long ranks wait on a lost peer
     quiet = None if dist.get_rank() == 0 else open(os.devnull, "w")
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():

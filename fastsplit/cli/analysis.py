@@ -1,7 +1,9 @@
-"""``fastsplit sweep`` and ``fastsplit demo``: sweep m, fit the paper's curves, plot, pick an operating point."""
+"""``fastsplit sweep``, ``fastsplit compare`` and ``fastsplit demo``: sweep m, fit the paper's curves, plot, pick an
+operating point; compare interventions at matched utility."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import numpy as np
@@ -26,15 +28,37 @@ def _multipliers(values: list[float]) -> list[float]:
     return values
 
 
-def write_report(sweep, result: dict, out: str, title: str, max_util_drop: float) -> dict:
-    """fit.json (every score named) and plot.png/.svg beside sweep.csv; returns the report."""
+def provenance(model: str, steering_path: str | None, meta: dict, data: str, pairs, ms, length_norm: bool) -> dict:
+    """What a sweep was run on, recorded in fit.json: the model, the steering file (its SHA-256 and metadata), the
+    pairs (their source and a digest of their text), the multipliers. ``compare`` and ``export --fit`` check it."""
+    import hashlib
+
+    from fastsplit.data import pairs_digest
+
+    digest = None
+    if steering_path and os.path.isfile(steering_path):
+        h = hashlib.sha256()
+        with open(steering_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    keep = ("form", "layer", "site", "rank", "objective", "delta_bias")
+    return {"model": model, "pairs_source": data, "pairs": len(pairs), "pairs_sha256": pairs_digest(pairs),
+            "steering": {"path": os.path.abspath(steering_path) if steering_path else None, "sha256": digest,
+                         **{k: meta[k] for k in keep if k in meta}},
+            "multipliers": [float(m) for m in ms], "length_norm": bool(length_norm)}
+
+
+def write_report(sweep, result: dict, out: str, title: str, max_util_drop: float, prov: dict | None = None) -> dict:
+    """fit.json (every score named, and the sweep's provenance) and plot.png/.svg beside sweep.csv; returns the
+    report."""
     from fastsplit.analysis import plot_sweep
 
     os.makedirs(out, exist_ok=True)
     op = result["operating_point"]
     plots = plot_sweep(sweep, result["preference"], result["utility"], op, os.path.join(out, "plot"), title=title,
                        heldout_r2=result["heldout_m"], max_util_drop=max_util_drop,
-                       identifiability=result["identifiability"])
+                       identifiability=result["identifiability"], manifold=result.get("manifold"))
     report = {
         "title": title,
         "preference": result["preference"].to_dict(), "utility": result["utility"].to_dict(),
@@ -45,7 +69,10 @@ def write_report(sweep, result: dict, out: str, title: str, max_util_drop: float
                             "predictions for each m from a fit without that m (leave one m out)"},
         "bootstrap": result["bootstrap"], "operating_point": op.to_dict(), "max_util_drop": max_util_drop,
         "identifiability": result["identifiability"], "groups": result["groups"], "warnings": result["warnings"], "pairs": int(sweep.pref_odds.shape[0]),
-        "multipliers": sweep.multipliers.tolist(), "util_clamped": int(sweep.util_clamped.sum()), "plots": plots}
+        "multipliers": sweep.multipliers.tolist(), "util_clamped": int(sweep.util_clamped.sum()), "plots": plots,
+        "provenance": prov}
+    if result.get("manifold"):
+        report["manifold"] = result["manifold"]
     save_json(os.path.join(out, "fit.json"), report)
     return report
 
@@ -80,6 +107,12 @@ def print_report(report: dict) -> None:
         print(f"  {kind}: at m = 0 fitted {z['fitted']:+.3f}, measured {z['measured']:+.3f} (gap {z['gap']:+.3f}); "
               f"not identified: {unknown}" + (f"; the simpler member '{simple['member']}' fits as well "
                                               f"(R² {simple['r2']:.3f})" if simple else ""))
+    for site in ("steered", "last"):
+        block = (report.get("manifold") or {}).get(site)
+        if block:
+            o, a = block["off_manifold"], block["abs_m"]
+            print(f"  manifold ({site} layer): utility drop ~ off-manifold distance R² {o['r2_monotone']:.3f}, ρ "
+                  f"{o['spearman']:.3f}; ~ |m| R² {a['r2_monotone']:.3f}, ρ {a['spearman']:.3f}: {block['verdict']}")
     for w in report["warnings"]:
         print(f"warning: {w}")
 
@@ -136,18 +169,34 @@ def run_sweep(args) -> int:
         if is_main():
             print(says)
         steering = fastsplit.load_steering(model, path, check_model_name=not args.any_model)
-        sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm, progress=not args.quiet)
+        blocks = os.path.join(out, "blocks")  # finished pairs, so a killed sweep resumes (--resume)
+        sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm, progress=not args.quiet,
+                              checkpoint_dir=blocks, resume=args.resume)
+        if args.manifold:
+            from fastsplit.analysis.manifold import COLUMNS, manifold_sweep
+
+            man = manifold_sweep(model, tok, steering, pairs, ms, progress=not args.quiet)
+            sweep.extra = {c: man[c] for c in COLUMNS}
+            sweep.manifold_subspace = man["subspace"]
         steering.detach()
-        if not is_main():  # every rank holds the whole sweep; rank 0 fits and writes
-            continue
-        write_sweep(sweep, out)
+        if is_main():  # every rank holds the whole sweep; rank 0 writes, every rank shares the fits' bootstrap
+            write_sweep(sweep, out)
         result = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
                          progress=not args.quiet)
+        if not is_main():
+            continue
+        if args.manifold:
+            from fastsplit.analysis.manifold import explain_utility
+
+            result["manifold"] = {**explain_utility(sweep, bootstrap=max(args.bootstrap, 50)),
+                                  "subspace": sweep.manifold_subspace}
         title = _title(model_label, int(meta["layer"]), meta["form"], data, len(pairs), held)
-        report = write_report(sweep, result, out, title, args.max_util_drop)
+        prov = provenance(model_label, path, meta, data, pairs, ms, args.length_norm)
+        report = write_report(sweep, result, out, title, args.max_util_drop, prov)
         if len(args.steering) > 1:
             print(f"== {path} (layer {meta['layer']}, {meta['form']})")
         print_report(report)
+        shutil.rmtree(blocks, ignore_errors=True)  # the sweep is complete
         print(f"wrote {out}/sweep.csv, fit.json, plot.png, plot.svg")
     return 0
 
@@ -192,13 +241,17 @@ def run_demo(args) -> int:
           f"sweeping {len(ms)} multipliers on {len(test_pairs)} held-out pairs")
     sweep = logodds_sweep(model, tok, steering, test_pairs, ms, progress=not args.quiet)
     m_op = [0.0]
-    if is_main():  # rank 0 fits and writes; every rank then generates its share at the chosen m
+    # rank 0 writes; every rank shares the fits' bootstrap, then generates its share at the chosen m
+    if is_main():
         write_sweep(sweep, args.out)
-        analysis = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
-                           progress=not args.quiet)
+    analysis = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
+                       progress=not args.quiet)
+    if is_main():
+        prov = provenance(fastsplit.hf.model_name(model), os.path.join(args.out, "steering.safetensors"),
+                          steering.metadata(), args.data, test_pairs, ms, False)
         report = write_report(sweep, analysis, args.out, _title(fastsplit.hf.model_name(model), layer, args.form,
                                                                  args.data, len(test_pairs), True),
-                              args.max_util_drop)
+                              args.max_util_drop, prov)
         print_report(report)
         m_op = [report["operating_point"]["multiplier"]]
     m_op = fastsplit.dist.broadcast_object(m_op[0])
@@ -218,6 +271,19 @@ def run_demo(args) -> int:
         extra += " --multipliers=" + ",".join(f"{v:g}" for v in args.multipliers)
     print(f"re-sweep the held-out pairs: fastsplit sweep --steering {os.path.join(args.out, 'steering.safetensors')} "
           f"--data {os.path.join(args.out, 'test_pairs.jsonl')} --out {os.path.join(args.out, 'resweep')}{extra}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from fastsplit.analysis.compare import compare, format_table
+
+    if args.labels and len(args.labels) != len(args.sweeps):
+        raise ValueError(f"--labels has {len(args.labels)} names for {len(args.sweeps)} sweep folders")
+    writable_dir(args.out)
+    result = compare(args.sweeps, args.out, drops=args.drops, bootstrap=args.bootstrap, seed=args.seed,
+                     labels=args.labels, progress=not args.quiet)
+    print(format_table(result))
+    print(f"wrote {args.out}/compare.json, compare.csv, compare.png, compare.svg")
     return 0
 
 
@@ -243,11 +309,31 @@ def add_commands(sub, formatter) -> None:
     _analysis_options(s)
     s.add_argument("--max-pairs", type=nonneg_int, default=0, help="use only the first N pairs (0: all)")
     s.add_argument("--length-norm", action="store_true", help="token-mean NLLs instead of sums")
+    s.add_argument("--manifold", action="store_true",
+                   help="also measure, per pair and m, the shift along the concept direction and the off-manifold "
+                        "distance at the steered and the last layer (sweep.csv columns, a plot panel, and in fit.json "
+                        "how well they explain the utility drop against |m|)")
     s.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
     s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--resume", action="store_true",
+                   help="continue a sweep that was stopped: the pairs finished in OUT/blocks are not swept again (the "
+                        "blocks must be of the same steering, pairs and multipliers)")
     add_device_option(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")
     s.set_defaults(func=run_sweep)
+
+    c = sub.add_parser("compare", help="interventions swept on the same pairs side by side: the preference–utility "
+                       "frontier and preference gained at matched utility drops, with pair-bootstrap intervals",
+                       formatter_class=formatter)
+    c.add_argument("sweeps", nargs="+", help="two or more folders written by 'fastsplit sweep' (same pairs, same model)")
+    c.add_argument("--out", required=True, help="output folder: compare.json, compare.csv, compare.png/.svg")
+    c.add_argument("--drops", type=floats, default=[0.5, 1.0, 2.0], help="utility drops (nats) to match at")
+    c.add_argument("--bootstrap", type=positive_int, default=1000, help="pair-bootstrap resamples")
+    c.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    c.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",")], default=None,
+                   help="comma-separated names, one per folder (default: form, layer and objective)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=run_compare)
 
     d = sub.add_parser("demo", help="the main job: train, sweep, fit and plot on the default model "
                        "(about 3 minutes on 2 CPU cores)", formatter_class=formatter)

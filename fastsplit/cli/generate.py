@@ -13,12 +13,17 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     checked_steering(args.steering, model_config(args), args.any_model)
+    if args.resume and not args.out:
+        raise ValueError("--resume continues a generation into --out (its finished prompts are kept beside it): "
+                         "give --out")
     if args.out:
         writable_file(args.out)
     model, tok = load_model(args.model, device=device_of(args))
     steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
+    blocks = f"{args.out}.blocks" if args.out else None  # finished prompts, so a killed run resumes
     texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
-                                     max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+                                     max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+                                     checkpoint_dir=blocks, resume=args.resume)
     if not is_main():  # under torchrun every rank holds all the texts; rank 0 writes them
         return 0
     rows = [{"prompt": p, "multiplier": m, "text": texts[i][j]}
@@ -33,6 +38,9 @@ def run(args) -> int:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # as train makes its folder
         atomic_write(args.out, write)
+        import shutil
+
+        shutil.rmtree(blocks, ignore_errors=True)  # complete
     else:
         for r in rows:
             print(json.dumps(r))
@@ -51,6 +59,8 @@ def add_command(sub, formatter) -> None:
     g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per row")
     g.add_argument("--out", help="JSONL output file, its folder made if missing (default: stdout)")
     g.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a generation that was stopped: the prompts finished in OUT.blocks are not run again")
     add_device_option(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars and no loading messages")
     g.set_defaults(func=run)

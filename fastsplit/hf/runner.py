@@ -139,6 +139,25 @@ def from_layer(model: nn.Module, layer: int, hidden: Tensor) -> Iterator[None]:
             layers[i] = orig
 
 
+@contextlib.contextmanager
+def layer_outputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict]:
+    """Within the block, every forward of ``model`` records the hidden states leaving decoder layers ``layers``
+    (the residual stream after each) in the yielded dict, ``{layer: [B, T, H]}`` (the last forward's)."""
+    seen: dict = {}
+    mods = decoder_layers(model)
+
+    def hook_for(i):
+        def hook(mod, args, out):
+            seen[i] = (out[0] if isinstance(out, tuple) else out).detach()
+        return hook
+    handles = [mods[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def last_hidden(model: nn.Module, hidden_in: Tensor | None = None, *, start: int = 0, cache=None,
                 **forward_kwargs) -> Tensor:
     """Final hidden states [N, T, H] (after the final norm) of the decoder called with ``forward_kwargs``

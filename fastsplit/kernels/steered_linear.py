@@ -233,11 +233,13 @@ def variant(M: int, N: int, K: int, dtype: torch.dtype, *, has_dw: bool, m1_rows
 def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: Optional[Tensor],
                lora_a: Optional[Tensor], lora_b: Optional[Tensor], delta_bias: Optional[Tensor],
                m1_rows: Optional[Tensor], m2_rows: Optional[Tensor], m1: float, m2: float, *,
-               traced: bool = False) -> Tensor:
+               traced: bool = False, config: Optional[int] = None) -> Tensor:
     """Forward launcher on plain tensors: ``x`` [M, K], ``weight`` [N, K] -> ``y`` [M, N].
 
     ``m1_rows``/``m2_rows`` are fp32 [M] per-row factors, or None to use the scalars ``m1``/``m2``. ``traced``:
     launch through ``wrap_triton`` (inside ``torch.compile``); eager calls launch directly (less host time).
+    ``config``: an index into :func:`gpu_configs` (the tuner's candidates, :func:`fitting_configs`); None takes the
+    first that fits (or the autotuner, or the fixed test config: ``_common.tuned``).
     """
     x, weight, delta_weight = _k_contiguous(x), _k_contiguous(weight), _k_contiguous(delta_weight)
     lora_b, bias, delta_bias = _k_contiguous(lora_b), _k_contiguous(bias), _k_contiguous(delta_bias)
@@ -265,8 +267,11 @@ def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: 
             lora_b.stride(0) if lora_b is not None else 0, y.stride(0), float(m1), float(m2))
     need = footprint(x.element_size(), block_m=bm, block_n=bn, has_dw=flags["HAS_DW"], has_lora=flags["HAS_LORA"],
                      block_r=flags["BLOCK_R"])
-    kernel, fixed = _common.tuned(_steered_linear_fwd_kernel, gpu_configs, need, x.device,
-                                  key=["M", "N", "K", "K_PER_SPLIT"], fixed=FIXED, interpret=INTERPRET_CONFIG)
+    if config is not None and config >= 0 and x.is_cuda and not _common.fixed_configs():
+        kernel, fixed = _steered_linear_fwd_kernel, _common.config_launch_meta(gpu_configs()[config])
+    else:
+        kernel, fixed = _common.tuned(_steered_linear_fwd_kernel, gpu_configs, need, x.device,
+                                      key=["M", "N", "K", "K_PER_SPLIT"], fixed=FIXED, interpret=INTERPRET_CONFIG)
     _launch(kernel, (triton.cdiv(N, bn), split, triton.cdiv(M, bm)), args, {**flags, **fixed}, traced=traced)
     if split > 1:
         rbm, rbn = min(bm, 16), 128
@@ -280,10 +285,29 @@ def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: 
     return y
 
 
+def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, *, has_dw: bool,
+                    m1_rows: bool, rank: int, limit: int = 4) -> list[Optional[int]]:
+    """The launch configs the tuner tries for one call: indices into :func:`gpu_configs` of the first ``limit``
+    that fit the device's shared memory, in preference order; ``[None]`` (the launcher's own choice) under the
+    interpreter, with fixed configs, or off CUDA."""
+    if device.type != "cuda" or _INTERPRET or _common.fixed_configs():
+        return [None]
+    flags, _, _ = variant(M, N, K, dtype, has_dw=has_dw, m1_rows=m1_rows, has_lora=rank > 0, rank=rank,
+                          has_bias=True, has_dbias=True, m2_rows=m1_rows, sm_count=_sm_count(device))
+    need = footprint(torch.empty((), dtype=dtype).element_size(), block_m=flags["BLOCK_M"], block_n=flags["BLOCK_N"],
+                     has_dw=has_dw, has_lora=rank > 0, block_r=flags["BLOCK_R"])
+    budget = _common.smem_budget(device.index if device.index is not None else torch.cuda.current_device())
+    space = gpu_configs()
+    fit = [i for i, c in enumerate(space) if need(_common.config_meta(c)) <= budget]
+    return fit[:limit] or [None]
+
+
 @triton_op("fastsplit::steered_linear_fwd", mutates_args={})
 def steered_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: Optional[Tensor],
                        lora_a: Optional[Tensor], lora_b: Optional[Tensor], delta_bias: Optional[Tensor],
-                       m1_rows: Optional[Tensor], m2_rows: Optional[Tensor], m1: float, m2: float) -> Tensor:
-    """The launcher as a torch.library op (what ``torch.compile`` traces); same contract as :func:`launch_fwd`."""
+                       m1_rows: Optional[Tensor], m2_rows: Optional[Tensor], m1: float, m2: float,
+                       config: int = -1) -> Tensor:
+    """The launcher as a torch.library op (what ``torch.compile`` traces); same contract as :func:`launch_fwd`
+    (``config`` -1: the launcher's own choice)."""
     return launch_fwd(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1, m2,
-                      traced=True)
+                      traced=True, config=config if config >= 0 else None)

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
+from .. import _env
+from . import _backend, _tune
 from ._checks import check_tensor, value_checks
 from ._chunks import chunk_rows as _chunk_rows
 from ._chunks import fused_chunk_rows, spans
 
-__all__ = ["split_loss", "split_loss_ref", "SplitLossFunction", "REDUCTIONS"]
+__all__ = ["split_loss", "split_loss_ref", "SplitLossFunction", "sequence_nll", "SequenceNLLFunction", "REDUCTIONS"]
 
 REDUCTIONS = ("batch", "pair")
 
@@ -172,16 +173,22 @@ def _reduce(nll_p, rows_p, nll_n, rows_n, B: int, reduction: str, lp: float, ln:
     return loss, (pos, neg, pref, active), coefs[0], coefs[1]
 
 
-def _launcher(backend: str, h: Tensor, V: int):
-    """(launcher, chunk rows) of ``backend`` for rows ``h`` [n, H] over a vocabulary of V."""
+def _launcher(backend: str, h: Tensor, V: int, chunk: int = 0):
+    """(launcher, chunk rows) of ``backend`` for rows ``h`` [n, H] over a vocabulary of V; ``chunk`` 0: the static
+    rule of the backend (``_chunks``)."""
     n, H = h.shape
+    if chunk:
+        pass
+    elif backend == "triton":
+        chunk = fused_chunk_rows(n, V, h.element_size(), h.device)
+    else:
+        chunk = _chunk_rows(n, V, H, h.device)
     if backend == "triton":
         from ..kernels import split_loss as k
 
         # Inside torch.compile the registered op (traceable); eagerly the launcher itself (no op dispatch).
         fwd = k.split_loss_fwd if torch.compiler.is_compiling() else k.fused_split_fwd
-        return fwd, fused_chunk_rows(n, V, h.element_size(), h.device)
-    chunk = _chunk_rows(n, V, H, h.device)
+        return fwd, chunk
     if backend == "torch":
         return split_loss_fwd_torch, chunk
     from .. import native
@@ -209,6 +216,120 @@ def _side(hidden: Tensor, labels: Tensor, V: int, name: str, shift: bool, ignore
     return hidden.reshape(-1, hidden.shape[-1]), safe, rows, bad
 
 
+# --- backend="auto": measured launchers and chunk sizes -----------------------------------------------------------
+
+def _auto_route(h: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
+                need_dh: bool, static: str) -> tuple[str, int]:
+    """(backend, chunk rows) for one side's rows ``h`` [n, H]: the tuner's memory, its disk cache, a measurement
+    (every launcher that can run, each at a few chunk sizes, on a slice of the rows), else ``static``'s rule."""
+    key = tune_key(h, weight, bias, softcap, need_dh)
+    hit = _tune.TUNER.memory.get(key)
+    if hit is None:
+        hit = _tune.TUNER.route(key, h.device, lambda: _candidates(h, t, weight, bias, softcap, need_dh),
+                                f"{static}:chunk=0", parse=_parse_route)
+    return hit
+
+
+def tune_key(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float], need_dh: bool) -> tuple:
+    """The tuner's key of one side's launch: the row, H and V buckets, dtype, dH or not, soft-cap, bias, device."""
+    n, H = h.shape
+    return ("split_loss", f"rows<={_tune.bucket(n)}", h.dtype, f"H<={_tune.bucket(H)}",
+            f"V<={_tune.bucket(weight.shape[0])}", "dh" if need_dh else "no-dh", "cap" if softcap else "no-cap",
+            "bias" if bias is not None else "no-bias", str(h.device))
+
+
+def _parse_route(name: str) -> tuple[str, int]:
+    backend, _, chunk = name.partition(":chunk=")
+    try:
+        return (backend if backend in ("torch", "triton", "native") else "torch"), int(chunk or 0)
+    except ValueError:
+        return "torch", 0
+
+
+def _chunk_choices(backend: str, n: int, V: int, H: int, h: Tensor) -> list[int]:
+    if backend == "triton":  # logits chunks of 32, 64 and 128 MiB (the step's extra-memory goal is 256 MiB)
+        return sorted({fused_chunk_rows(n, V, h.element_size(), h.device, budget=mib << 20) for mib in (32, 64, 128)})
+    base = _chunk_rows(n, V, H, h.device)
+    return sorted({max(1, min(n, c)) for c in (base // 2 or 1, base, base * 2)})
+
+
+def _backends(h: Tensor) -> list[str]:
+    """The launchers the tuner tries on ``h``'s device. Triton runs on CUDA only here (the CPU interpreter is for
+    tests, never a route); the native epilogue has a CPU build too."""
+    return ["torch"] + [b for b in ("triton", "native") if (h.is_cuda or b == "native") and _refusal(b, h.device) is None]
+
+
+def tuned_rows(n: int, V: int, h: Tensor, backends: Optional[list[str]] = None) -> int:
+    """How many of a side's ``n`` rows the tuner times its candidates on: the largest candidate chunk's worth (a
+    launcher's time is linear in its chunks), so tuning costs about one chunk per candidate at any n."""
+    backends = backends or _backends(h)
+    return min(n, max(max(_chunk_choices(b, n, V, h.shape[1], h)) for b in backends))
+
+
+def _candidates(h, t, weight, bias, softcap, need_dh):
+    """Every launcher that can run at a few chunk sizes, on the first rows of the call (the largest chunk's worth:
+    a launcher's time is linear in its chunks), checked on sampled rows against a float64 reference."""
+    n, H = h.shape
+    V = weight.shape[0]
+    backends = _backends(h)
+    choices = {b: _chunk_choices(b, n, V, H, h) for b in backends}
+    rows = tuned_rows(n, V, h, backends)
+    hs, ts = h[:rows], t[:rows]
+    R = torch.tensor(_tune.sample_rows(rows), device=h.device)
+
+    def runner(backend, chunk):
+        fwd, _ = _launcher(backend, hs, V, chunk)
+        return lambda: fwd(hs, ts, weight, bias, softcap, need_dh, chunk)
+
+    def sample(out):
+        nll, lse, dh = out
+        return [nll[R], lse[R]] + ([dh[R]] if need_dh else [])
+
+    reference = _reference_rows(hs[R], ts[R], weight, bias, softcap, need_dh)
+    candidates = [_tune.Candidate(f"{b}:chunk={c}", runner(b, c), torch_path=b == "torch")
+                  for b in backends for c in choices[b]]
+    return candidates, _tune.Check(sample, reference)
+
+
+def _refusal(backend: str, device: torch.device):
+    return _backend._triton_refusal(device) if backend == "triton" else _backend._native_refusal(device)
+
+
+def _reference_rows(h, t, weight, bias, softcap, need_dh, block: int = 16384) -> list[Tensor]:
+    """(nll, lse[, dH]) of a few rows in float64, over the vocabulary in blocks (never the whole head in float64)."""
+    h64 = h.double()
+    V = weight.shape[0]
+    blocks = []
+    for s in range(0, V, block):
+        z = h64 @ weight[s:s + block].double().t()
+        if bias is not None:
+            z = z + bias[s:s + block].double()
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        blocks.append(torch.logsumexp(z, dim=1))
+    lse = torch.logsumexp(torch.stack(blocks, 1), dim=1)
+    z_t = (h64 * weight[t].double()).sum(1) + (bias[t].double() if bias is not None else 0.0)
+    if softcap:
+        z_t = softcap * torch.tanh(z_t / softcap)
+    out = [lse - z_t, lse]
+    if need_dh:
+        dh = torch.zeros_like(h64)
+        for s in range(0, V, block):
+            w = weight[s:s + block].double()
+            raw = h64 @ w.t() + (bias[s:s + block].double() if bias is not None else 0.0)
+            z = softcap * torch.tanh(raw / softcap) if softcap else raw
+            g = torch.exp(z - lse[:, None])
+            if softcap:
+                g = g * (1 - torch.tanh(raw / softcap) ** 2)
+            dh += g @ w
+        w_t = weight[t].double()
+        if softcap:  # the target's term of (softmax − onehot)·cap′, cap′ at the target's raw logit
+            raw_t = (h64 * w_t).sum(1) + (bias[t].double() if bias is not None else 0.0)
+            w_t = w_t * (1 - torch.tanh(raw_t / softcap) ** 2)[:, None]
+        out.append(dh - w_t)
+    return out
+
+
 class SplitLossFunction(torch.autograd.Function):
     """Autograd over a split-loss launcher. Returns (loss, pos, neg, pref, hinge_active); the parts are
     detached diagnostics."""
@@ -221,7 +342,10 @@ class SplitLossFunction(torch.autograd.Function):
         for name, hid, lab, need in (("labels_pos", hidden_pos, labels_pos, need_dh[0]),
                                      ("labels_neg", hidden_neg, labels_neg, need_dh[1])):
             h, t, rows, bad = _side(hid, lab, V, name, opts["shift"], opts["ignore_index"])
-            fwd, chunk = _launcher(opts["backend"], h, V)
+            backend, chunk = opts["backend"], 0
+            if backend == "auto":  # measured per side's key (rows, sizes, dtype, device): _auto_route
+                backend, chunk = _auto_route(h, t, weight, bias, opts["softcap"], bool(need), opts["static"])
+            fwd, chunk = _launcher(backend, h, V, chunk)
             nll, lse, dh = fwd(h, t, weight, bias, opts["softcap"], need, chunk)
             nll = torch.where(bad, torch.full((), float("nan"), device=nll.device, dtype=nll.dtype), nll)
             sides.append((h, t, rows, nll, lse, dh))
@@ -264,6 +388,97 @@ class SplitLossFunction(torch.autograd.Function):
             grads[2] = dW.to(weight.dtype) if ctx.need_w else None
             grads[3] = db.to(bias.dtype) if ctx.need_b else None
         return tuple(grads)
+
+
+class SequenceNLLFunction(torch.autograd.Function):
+    """Autograd over a split-loss launcher for one side: per-sequence NLL [B] (token mean or sum). The forward forms
+    dH with the NLLs (the logits never exist whole); backward scales each row of dH by its sequence's incoming
+    gradient (dH is linear in it), so any function of the [B] NLLs trains through the fused pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: dict):
+        B, V = hidden.shape[0], weight.shape[0]
+        need = ctx.needs_input_grad[0]
+        h, t, rows, bad = _side(hidden, labels, V, "labels", opts["shift"], opts["ignore_index"])
+        backend, chunk = opts["backend"], 0
+        if backend == "auto":
+            backend, chunk = _auto_route(h, t, weight, bias, opts["softcap"], bool(need), opts["static"])
+        fwd, chunk = _launcher(backend, h, V, chunk)
+        nll, lse, dh = fwd(h, t, weight, bias, opts["softcap"], need, chunk)
+        nll = torch.where(bad, torch.full((), float("nan"), device=nll.device, dtype=nll.dtype), nll)
+        valid = rows >= 0
+        idx = rows.clamp(min=0)
+        dt = nll.dtype
+        zero = torch.zeros((), device=nll.device, dtype=dt)
+        total = torch.zeros(B, device=nll.device, dtype=dt).index_add_(0, idx, torch.where(valid, nll, zero))
+        count = torch.zeros(B, device=nll.device, dtype=dt).index_add_(0, idx, valid.to(dt))
+        if value_checks(rows) and bool((count == 0).any()):
+            r = int((count == 0).nonzero()[0, 0])
+            raise ValueError(f"row {r} of labels has no unmasked target token")
+        per_token = count if opts["reduction"] == "mean" else torch.ones_like(count)
+        ctx.need_w, ctx.need_b = ctx.needs_input_grad[1:3]
+        keep = (h, t, lse) if (ctx.need_w or ctx.need_b) else ()
+        ctx.save_for_backward(dh, rows, per_token, weight, bias, *keep)
+        ctx.shape, ctx.dtype, ctx.softcap = hidden.shape, hidden.dtype, opts["softcap"]
+        return total / per_token
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh, rows, per_token, weight, bias, *keep = ctx.saved_tensors
+        valid = rows >= 0
+        coef = torch.where(valid, (grad_out / per_token)[rows.clamp(min=0)], torch.zeros((), device=rows.device,
+                                                                                          dtype=per_token.dtype))
+        grads = [None] * 5
+        if ctx.needs_input_grad[0]:
+            grads[0] = torch.where(valid[:, None], dh * coef[:, None].to(dh.dtype), 0.0).to(ctx.dtype).view(ctx.shape)
+        if ctx.need_w or ctx.need_b:
+            h, t, lse = keep
+            dW, db = _weight_grad_torch(h, t, weight, bias, ctx.softcap, lse, coef, ctx.need_w, ctx.need_b)
+            grads[1] = dW.to(weight.dtype) if ctx.need_w else None
+            grads[2] = db.to(bias.dtype) if ctx.need_b else None
+        return tuple(grads)
+
+
+def sequence_nll(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *, reduction: str = "mean",
+                 ignore_index: int = -100, shift: bool = True, lm_head_bias: Optional[Tensor] = None,
+                 logit_softcap: Optional[float] = None, backend: str = "auto") -> Tensor:
+    """Per-sequence NLL of ``labels`` under ``hidden`` [B, T, H] and an lm_head [V, H], through the fused SPLIT
+    pass (no [tokens × V] logits in memory): [B] token means (``reduction="mean"``) or sums ("sum").
+
+    Differentiable in ``hidden`` (and a trainable head), so any objective of per-sequence likelihoods (RePS's
+    length-normalised preference terms, DPO-style margins) trains through it. ``labels`` follow
+    :func:`split_loss` (``shift``, ``ignore_index``); every row needs a target.
+
+    Example::
+
+        >>> nll = sequence_nll(h, lm_head.weight, labels)          # [B]
+        >>> torch.nn.functional.softplus(nll - 1.0).mean().backward()
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    check_tensor("hidden", hidden, ndim=3)
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating tensor, got dtype {hidden.dtype}")
+    check_tensor("lm_head_weight", lm_head_weight, ndim=2, like=hidden)
+    if lm_head_weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"hidden has size {hidden.shape[2]} but lm_head_weight has shape "
+                         f"{tuple(lm_head_weight.shape)} = [V, H]")
+    check_tensor("labels", labels, shape=hidden.shape[:2])
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    if lm_head_bias is not None:
+        check_tensor("lm_head_bias", lm_head_bias, shape=(lm_head_weight.shape[0],), like=hidden)
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be positive, got {logit_softcap}")
+    chosen = _backend.resolve(backend, hidden.device, op="split_loss")
+    static = chosen
+    if backend == "auto" and _env.tuning(hidden.device.type):
+        chosen = "auto"
+    opts = dict(static=static, backend=chosen, reduction=reduction, ignore_index=int(ignore_index), shift=bool(shift),
+                softcap=float(logit_softcap) if logit_softcap else None)
+    return SequenceNLLFunction.apply(hidden, lm_head_weight, lm_head_bias, labels, opts)
 
 
 def _check_counts(rows_p: Tensor, rows_n: Tensor, B: int, reduction: str) -> None:
@@ -339,7 +554,10 @@ def split_loss(hidden_pos: Tensor, hidden_neg: Tensor, lm_head_weight: Tensor, l
     _validate(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_neg, lm_head_bias, reduction,
               logit_softcap)
     chosen = _backend.resolve(backend, hidden_pos.device, op="split_loss")
-    opts = dict(lambda_p=float(lambda_p), lambda_n=float(lambda_n), gamma=float(gamma), theta=float(theta),
+    static = chosen
+    if backend == "auto" and _env.tuning(hidden_pos.device.type):
+        chosen = "auto"  # each side's launcher and chunk size are measured (or read from the tuner's cache)
+    opts = dict(static=static, lambda_p=float(lambda_p), lambda_n=float(lambda_n), gamma=float(gamma), theta=float(theta),
                 reduction=reduction, ignore_index=int(ignore_index), shift=bool(shift),
                 softcap=float(logit_softcap) if logit_softcap else None, backend=chosen)
     loss, pos, neg, pref, active = SplitLossFunction.apply(hidden_pos, hidden_neg, lm_head_weight, lm_head_bias,

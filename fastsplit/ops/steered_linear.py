@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
+from .. import _env
+from . import _backend, _tune
 from ._checks import Multiplier, check_multiplier, check_tensor, expand_multiplier, multiplier_rows
 from ._chunks import CPU_CACHE_BYTES
 
@@ -69,9 +70,13 @@ def _scale_rows(t: Tensor, m, lead: tuple) -> Tensor:
 def steered_linear_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                          delta_weight: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
                          lora_b: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                         m1: Multiplier = 1.0, m2: Optional[Multiplier] = None) -> Tensor:
+                         m1: Multiplier = 1.0, m2: Optional[Multiplier] = None, fold: Optional[bool] = None,
+                         rank_db: Optional[bool] = None) -> Tensor:
     """The torch backend: the same result as :func:`steered_linear_ref` in the fewest launches and bytes that
     torch ops allow (cuBLAS on a GPU), differentiable by autograd (m included). No input checks.
+
+    ``fold`` (local_weight, one m) and ``rank_db`` (LoRA with a per-row Δb) pick a composition; None follows the
+    static rules below (the tuner's candidates try both: ``fastsplit.ops._tune``).
 
     Per form, with scalar m folded into the bias ``b + m2·Δb`` (one N-vector op) and per-row m broadcast
     from [B] / [B, T] without copies:
@@ -96,12 +101,14 @@ def steered_linear_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if delta_bias is not None and not row2:
         b_eff = torch.add(bias, delta_bias, alpha=float(m2)) if bias is not None else delta_bias * float(m2)
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]; a view for contiguous x (what F.linear does inside)
-    fold = (delta_weight is not None and not row1
-            and x2.shape[0] >= fold_rows(x.device, weight.numel() * weight.element_size()))
+    if fold is None:
+        fold = x2.shape[0] >= fold_rows(x.device, weight.numel() * weight.element_size())
+    fold = fold and delta_weight is not None and not row1
     # y [M, N] is the base of every in-place update below (an in-place op on a view of a leaf that needs no grad,
     # followed by another, would trip autograd when only the deltas require grad).
     y = F.linear(x2, torch.add(weight, delta_weight, alpha=float(m1)) if fold else weight, b_eff)
-    rank_db = delta_bias is not None and row2 and lora_a is not None  # a per-row Δb joins the rank product
+    # a per-row Δb joins the rank product (by default), or adds in place after it
+    rank_db = (rank_db is not False) and delta_bias is not None and row2 and lora_a is not None
     if lora_a is not None:
         u = F.linear(x2, lora_a)  # [M, r]
         if row1 or rank_db:
@@ -168,12 +175,15 @@ class SteeredLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1: float,
-                m2: float):
+                m2: float, config: Optional[int] = None):
         from ..kernels import steered_linear as k
 
         args = (x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1_rows, m2_rows, m1, m2)
         # Inside torch.compile the registered op (traceable); eagerly the launcher itself (no op dispatch).
-        y = k.steered_linear_fwd(*args) if torch.compiler.is_compiling() else k.launch_fwd(*args)
+        if torch.compiler.is_compiling():
+            y = k.steered_linear_fwd(*args, -1 if config is None else config)
+        else:
+            y = k.launch_fwd(*args, config=config)
         ctx.save_for_backward(x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows)
         ctx.scalars = (m1, m2)
         return y
@@ -186,7 +196,7 @@ class SteeredLinearFunction(torch.autograd.Function):
         grads = steered_linear_bwd_torch(grad, x, weight, delta_weight, lora_a, lora_b, m1_rows, m2_rows, m1, m2,
                                          needs)
         out = [g if need else None for g, need in zip(grads, needs)]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def _validate(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2) -> None:
@@ -281,23 +291,30 @@ def steered_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] =
     if backend == "native":
         raise ValueError("steered_linear has no native kernel: the CUDA decode kernel lost to cuBLAS on every "
                          "measured shape and was removed; use backend='auto', 'torch' or 'triton' (the decode kernel)")
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        chosen = "torch"  # the common CPU call: no routing to consult
-    else:
-        m_grad = (isinstance(m1, Tensor) and m1.requires_grad) or (isinstance(m2, Tensor) and m2.requires_grad)
-        form = "local_weight" if delta_weight is not None else "lora" if lora_a is not None else "vector"
-        mkind = "scalar" if not isinstance(m1, Tensor) else "per_row" if m1.dim() <= 1 else "per_token"
-        chosen = _backend.resolve(backend, x.device, needs_autograd_m=m_grad, form=form, mkind=mkind,
-                                  rows=x.numel() // max(x.shape[-1], 1))
+    if backend != "torch" and backend != "auto":  # an explicit kernel that cannot run (or an unknown name) raises
+        _backend.resolve(backend, x.device, needs_autograd_m=_m_grad(m1, m2))
     if not isinstance(m1, Tensor) and m1 == 0 and (m2 is None or (not isinstance(m2, Tensor) and m2 == 0)):
         # m = 0 is exactly the base layer, on every backend.
         deltas = (delta_weight, lora_a, lora_b, delta_bias)
         if not (torch.is_grad_enabled() and any(d is not None and d.requires_grad for d in deltas)):
             return F.linear(x, weight, bias)
-        chosen = "torch"  # base output + 0·update: exact, and the deltas still get their (zero) grads
-    if chosen == "torch" or x.numel() == 0:
+        route = _STATIC  # base output + 0·update: exact, and the deltas still get their (zero) grads
+    elif backend == "auto" and (x.is_cuda or (_env._tune and x.is_cpu)):  # where auto may measure: CUDA, or the
+        # CPU with FASTSPLIT_TUNE=1
+        route = _auto_route(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
+    elif backend == "triton":
+        route = _TRITON
+    else:
+        route = _STATIC  # the common CPU call: the static rules, nothing to consult
+    if route[0] == "torch" or x.numel() == 0:
         return steered_linear_torch(x, weight, bias, delta_weight=delta_weight, lora_a=lora_a,
-                                    lora_b=lora_b, delta_bias=delta_bias, m1=m1, m2=m2)
+                                    lora_b=lora_b, delta_bias=delta_bias, m1=m1, m2=m2, fold=route[1],
+                                    rank_db=route[2])
+    return _triton(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2, route[3])
+
+
+def _triton(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2, config) -> Tensor:
+    """The decode kernel through its autograd Function (``config``: an index into its config list, or None)."""
     m2 = m1 if m2 is None else m2
     lead = tuple(x.shape[:-1])
     rows1, rows2 = multiplier_rows(m1, lead), multiplier_rows(m2, lead)
@@ -305,5 +322,171 @@ def steered_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] =
     s2 = 0.0 if rows2 is not None else float(m2)
     x2 = x.reshape(-1, x.shape[-1])
     y = SteeredLinearFunction.apply(x2, weight, bias, delta_weight, lora_a, lora_b, delta_bias,
-                                    rows1, rows2, s1, s2)
+                                    rows1, rows2, s1, s2, config)
     return y.reshape(*lead, weight.shape[0])
+
+
+# --- backend="auto": routes -----------------------------------------------------------------------------------------
+# A route is (backend, fold, rank_db, triton config); its name is what the tuner's cache holds.
+_STATIC = ("torch", None, None, None)
+_TRITON = ("triton", None, None, None)
+_ROUTES = {"torch": _STATIC, "torch:fold": ("torch", True, None, None), "torch:two_gemm": ("torch", False, None, None),
+           "torch:rank_db": ("torch", None, True, None), "torch:add_db": ("torch", None, False, None),
+           "triton": _TRITON}
+
+
+def _parse_route(name: str) -> tuple:
+    """A route's name as the tuple the dispatch reads; a name this install does not know runs the static path."""
+    if name.startswith("triton:cfg"):
+        try:
+            return ("triton", None, None, int(name[len("triton:cfg"):]))
+        except ValueError:
+            return _STATIC
+    return _ROUTES.get(name, _STATIC)
+
+
+def _m_grad(m1, m2) -> bool:
+    return (isinstance(m1, Tensor) and m1.requires_grad) or (isinstance(m2, Tensor) and m2.requires_grad)
+
+
+def _form(delta_weight, lora_a) -> str:
+    return "local_weight" if delta_weight is not None else "lora" if lora_a is not None else "vector"
+
+
+def _mkind(m1) -> str:
+    return "scalar" if not isinstance(m1, Tensor) else "per_row" if m1.dim() <= 1 else "per_token"
+
+
+def _auto_route(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2) -> tuple:
+    """The route of ``backend="auto"`` where it may be measured (CUDA, or FASTSPLIT_TUNE=1): the tuner's memory
+    (one dict lookup), else its disk cache, else a measurement, else the static routing (``_backend.resolve``).
+    The hit path runs on every call, so it is written flat (bench/bench_overhead.py: the cost of a hit)."""
+    if _env._tune is False:  # FASTSPLIT_TUNE=0: the static table decides
+        return _static_route(x, weight, delta_weight, lora_a, m1)
+    key = tune_key(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2)
+    if key is None:  # m requires grad: only the torch path differentiates it
+        return _STATIC
+    hit = _tune.TUNER.memory.get(key)
+    if hit is not None:
+        return hit
+    if not _env.tuning(x.device.type):
+        return _static_route(x, weight, delta_weight, lora_a, m1)
+    args = (x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2, key[8])
+    static = "triton" if _static_route(x, weight, delta_weight, lora_a, m1) is _TRITON else "torch"
+    return _tune.TUNER.route(key, x.device, lambda: _candidates(*args), static, parse=_parse_route,
+                             text=tune_key_text)
+
+
+def _static_route(x, weight, delta_weight, lora_a, m1) -> tuple:
+    if not x.is_cuda:
+        return _STATIC
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    routed = _backend.resolve("auto", x.device, form=_form(delta_weight, lora_a), mkind=_mkind(m1), rows=rows)
+    return _TRITON if routed == "triton" else _STATIC
+
+
+_FORMS = ("vector", "lora", "local_weight")
+_MKINDS = ("scalar", "per_row", "per_token")
+
+
+def tune_key(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2=None) -> Optional[tuple]:
+    """The tuner's key of a call: form, m kind, the size classes of rows, K and N (bit lengths: powers of two), dtype,
+    LoRA's rank, Δb or not, autograd on or not, the device index (-1: the CPU); None when a multiplier requires grad.
+    Plain values read from metadata (x and weight share dtype, device and K: ``_validate`` saw to it), so building and
+    hashing it costs about a microsecond; :func:`tune_key_text` spells it out for the cache file."""
+    t = type(m1)
+    if t is float or t is int:
+        mkind = 0
+    elif m1.requires_grad:
+        return None
+    else:
+        mkind = 1 if m1.dim() <= 1 else 2
+    if m2 is not None and type(m2) is not float and type(m2) is not int and m2.requires_grad:
+        return None
+    N, K = weight.shape
+    rows = x.numel() // K if K else 0
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+        bias is not None and bias.requires_grad) or (delta_weight is not None and delta_weight.requires_grad) or (
+        lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad)) or (
+        delta_bias is not None and delta_bias.requires_grad))
+    return (2 if delta_weight is not None else 1 if lora_a is not None else 0, mkind, (rows - 1).bit_length(),
+            x.dtype, (K - 1).bit_length(), (N - 1).bit_length(), lora_a.shape[0] if lora_a is not None else 0,
+            delta_bias is not None, grad, x.get_device())
+
+
+def tune_key_text(key: tuple) -> str:
+    """A key as the cache file writes it: ``steered_linear|local_weight|scalar|rows<=64|float32|K<=2048|...``."""
+    form, mkind, rows, dtype, k, n, r, db, grad, device = key
+    return "|".join(["steered_linear", _FORMS[form], _MKINDS[mkind], f"rows<={1 << rows}", str(dtype)[6:],
+                     f"K<={1 << k}", f"N<={1 << n}", f"r={r}", "db" if db else "no-db",
+                     "grad" if grad else "no-grad", "cpu" if device < 0 else f"cuda:{device}"])
+
+
+def _candidates(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2, grad):
+    """Every way this call can run (the torch compositions and their real alternatives; the decode kernel at each
+    fitting config, at decode row counts on CUDA) and the float64 check on sampled rows and columns."""
+    from ._routing import DECODE_ROWS
+
+    lead, K, N = tuple(x.shape[:-1]), x.shape[-1], weight.shape[0]
+    M = x.numel() // K
+    m2v = m1 if m2 is None else m2
+    names = ["torch"]
+    if delta_weight is not None and not isinstance(m1, Tensor):
+        names = ["torch:fold", "torch:two_gemm"]
+    elif lora_a is not None and delta_bias is not None and isinstance(m2v, Tensor):
+        names = ["torch:rank_db", "torch:add_db"]
+    if x.is_cuda and M <= DECODE_ROWS and _backend._triton_refusal(x.device) is None:
+        from ..kernels.steered_linear import fitting_configs
+
+        r = lora_a.shape[0] if lora_a is not None else 0
+        configs = fitting_configs(M, N, K, x.dtype, x.device, has_dw=delta_weight is not None,
+                                  m1_rows=isinstance(m1, Tensor), rank=r)
+        names += ["triton" if c is None else f"triton:cfg{c}" for c in configs]
+    tensors = {"x": x, "weight": weight, "bias": bias, "delta_weight": delta_weight, "lora_a": lora_a,
+               "lora_b": lora_b, "delta_bias": delta_bias}
+    needs = [k for k, t in tensors.items() if grad and t is not None and t.requires_grad]
+    R, C = _tune.sample_rows(M), _tune.sample_cols(N)
+    Ri, Ci = torch.tensor(R, device=x.device), torch.tensor(C, device=x.device)
+    upstream = None
+    if needs:  # an upstream gradient on the sampled rows and columns only: every gradient is then checkable
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        upstream = torch.zeros(M, N, device=x.device, dtype=x.dtype)
+        upstream[Ri[:, None], Ci[None, :]] = torch.randn(len(R), len(C), device=x.device, generator=gen).to(x.dtype)
+
+    def runner(name):
+        route = _parse_route(name)
+
+        def run():
+            with torch.set_grad_enabled(bool(needs)):
+                if route[0] == "torch":
+                    y = steered_linear_torch(x, weight, bias, delta_weight=delta_weight, lora_a=lora_a, lora_b=lora_b,
+                                             delta_bias=delta_bias, m1=m1, m2=m2, fold=route[1], rank_db=route[2])
+                else:
+                    y = _triton(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2, route[3])
+                if not needs:
+                    return (y,)
+                grads = torch.autograd.grad(y, [tensors[k] for k in needs], upstream.view(y.shape))
+                return (y.detach(), *grads)
+        return run
+
+    def sample(out):
+        parts = [out[0].reshape(M, N)[Ri][:, Ci]]
+        for k, g in zip(needs, out[1:]):
+            parts.append({"x": lambda: g.reshape(M, K)[Ri], "lora_a": lambda: g}.get(k, lambda: g[Ci])())
+        return parts
+
+    with torch.enable_grad():
+        leaf = lambda t, rows=None: None if t is None else (t if rows is None else t[rows]).detach().double() \
+            .requires_grad_(t.requires_grad and grad)
+        ref_in = {"x": leaf(x.reshape(M, K), Ri), "weight": leaf(weight, Ci), "bias": leaf(bias, Ci),
+                  "delta_weight": leaf(delta_weight, Ci), "lora_a": leaf(lora_a), "lora_b": leaf(lora_b, Ci),
+                  "delta_bias": leaf(delta_bias, Ci)}
+        rows = lambda m: m if not isinstance(m, Tensor) else multiplier_rows(m, lead)[Ri].double()
+        y = steered_linear_ref(ref_in["x"], ref_in["weight"], ref_in["bias"], delta_weight=ref_in["delta_weight"],
+                               lora_a=ref_in["lora_a"], lora_b=ref_in["lora_b"], delta_bias=ref_in["delta_bias"],
+                               m1=rows(m1), m2=None if m2 is None else rows(m2))
+        reference = [y.detach()]
+        if needs:
+            reference += torch.autograd.grad(y, [ref_in[k] for k in needs], upstream[Ri][:, Ci].double())
+    candidates = [_tune.Candidate(n, runner(n), torch_path=n.startswith("torch")) for n in names]
+    return candidates, _tune.Check(sample, reference)

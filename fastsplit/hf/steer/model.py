@@ -56,6 +56,7 @@ class Steering:
             self.module = ResidualSteer(model.config.hidden_size, form, rank, device=p.device, dtype=p.dtype)
             self._handle = target.register_forward_hook(self._residual_hook)
         self.module.multiplier = 1.0
+        self.objective: str | None = None  # what trained it ("split", "sft", "reps"): set by fastsplit.train, saved
         self._attached = True
 
     def _residual_hook(self, mod, args, output):
@@ -77,6 +78,36 @@ class Steering:
             yield self
         finally:
             self.module.multiplier, self.module.bias_multiplier = old
+
+    @contextlib.contextmanager
+    def nulling(self) -> Iterator["Steering"]:
+        """RePS's nulling intervention (Wu et al. 2025, arXiv 2505.20809), vector form: within the block the update
+        is off and the residual stream after layer L loses its positive component along the steering vector,
+        ``h − ReLU(h·d̂)·d̂`` with ``d̂ = Δb/‖Δb‖`` (differentiable in Δb). A zero vector nulls nothing.
+
+        Example::
+
+            >>> with steering.nulling():
+            ...     out = model(input_ids)          # the concept direction removed where it is present
+        """
+        self._check_attached()
+        if self.form != "vector":
+            raise ValueError(f"the nulling intervention removes one direction: it is defined for the vector form, not "
+                             f"{self.form!r} (RePS runs LoRA and local_weight at a negative factor instead)")
+        d = self.module.delta_bias
+
+        def hook(mod, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            u = (d / d.norm().clamp_min(1e-12)).to(h.dtype)
+            h = h - torch.relu(h @ u)[..., None] * u
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handle = runner.decoder_layers(self.model)[self.layer].register_forward_hook(hook)
+        try:
+            with self.multiplier(0.0):
+                yield self
+        finally:
+            handle.remove()
 
     def set_multiplier(self, m: Multiplier) -> None:
         """Set the strength used outside any ``multiplier`` block (1.0 after attach)."""
@@ -124,13 +155,24 @@ class Steering:
         if not self._attached:
             raise RuntimeError("this Steering was detached")
 
+    def digest(self) -> str:
+        """A SHA-256 of the intervention (form, layer, site and its tensors' values): equal digests, equal steering.
+        Resumable sweeps check their blocks against it."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.form}|{self.layer}|{self.site}|{self.rank}".encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def metadata(self) -> dict[str, str]:
         cfg = self.model.config
         return {"format": _FORMAT, "form": self.form, "layer": str(self.layer), "site": self.site,
                 "rank": str(self.rank or 0), "model": runner.model_name(self.model),
                 "model_type": cfg.model_type, "hidden_size": str(cfg.hidden_size),
                 "intermediate_size": str(getattr(cfg, "intermediate_size", 0)),
-                "num_hidden_layers": str(cfg.num_hidden_layers)}
+                "num_hidden_layers": str(cfg.num_hidden_layers), "objective": self.objective or "untrained"}
 
     def save(self, path: str) -> None:
         """Write the intervention to ``path`` as safetensors, with metadata checked by :func:`load_steering`."""
@@ -222,6 +264,7 @@ def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_m
     except Exception:
         steering.detach()
         raise
+    steering.objective = meta.get("objective")
     return steering
 
 
