@@ -1,24 +1,28 @@
-"""torchrun with N ranks against 1 rank, on the same machine: the sharded log-odds sweep and data-parallel
-SPLIT training (fastsplit.logodds_sweep / fastsplit.train inside a process group).
+"""torchrun with 2 ranks against 1, one thread per process (OMP_NUM_THREADS=1), on SmolLM2-135M-Instruct (CPU, gloo).
 
-Each configuration is launched with ``torch.distributed.run``; every rank loads SmolLM2-135M-Instruct (CPU,
-gloo) or random weights at a 7B shape (GPU, NCCL, one GPU per rank). On the CPU the threads are split between
-the ranks (OMP_NUM_THREADS = cores // N), so N ranks get the same cores as one: the ratio says what sharding
-pairs across processes gains over one process using all cores with intra-op threads. Timed on rank 0 between
-barriers, interleaved runs; the model load is outside the timing.
+Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
+  phase      the log-odds sweep alone, 64 held-out pairs x 21 m, timed between barriers inside the ranks, and each
+             rank's busy time (the balance) [2 ranks <= 0.52x one]; one training epoch on 128 pairs [<= 0.6x]
+  command    the whole `fastsplit sweep` command (launch, model load, sweep, fits with a 100-resample bootstrap, plot,
+             writes), wall time: 64 pairs x 21 m [<= 0.58x] and 16 pairs x 9 m [<= 0.75x]
+  resume     one process: the command killed (SIGKILL) when half of its pairs are in blocks, then `--resume`, in all,
+             against an uninterrupted command [<= 1.1x]
 
-Floors (CPU, 2 cores): the sweep and the training step are GEMM-bound and shard perfectly (no work is
-duplicated: each rank runs only its pairs, and DDP's all-reduce is over a 576-float vector), so the ideal
-ratio on the same cores is 1.0x; anything above it is intra-op threading's loss on small GEMMs, anything below
-is the per-rank overhead (Python, padding of smaller batches).
+Floors: with one thread per process, 2 ranks have twice the cores of 1, so the ideal ratio is 0.5x for the parallel
+part; what stays above it is the serial part (launch, model load: about 2 s per process, in parallel; the plot and
+the writes: about 2 s on rank 0) and imbalance (pairs of different lengths; the shards are spread by tokens).
 
-Run: python bench/bench_distributed.py [--ranks 2] [--pairs 16] [--runs 3]
+Data: the psychopathy set in ../shared/data (the demo set when it is absent) as 3-token multiple-choice answers
+(bench_workflows.sweep_pairs "mc"), a random vector at layer 15 (the steering's values do not change the work).
+
+Run: python bench/bench_distributed.py [--quick] [--runs 2] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,94 +36,184 @@ import harness  # noqa: E402
 
 import fastsplit  # noqa: E402
 
+MS21 = [float(m) for m in np.linspace(-10, 10, 21)]
+MS9 = [float(m) for m in np.linspace(-8, 8, 9)]
+
+
+def _env(threads=1):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
+    return env
+
 
 def worker(args) -> None:
-    """One rank: time the sweep and one training epoch between barriers; rank 0 writes the times."""
+    """One rank: time the sweep phase and one training epoch between barriers; every rank's busy time."""
     import torch.distributed as dist
 
-    from bench_workflows import load_model, sweep_pairs
+    from bench_workflows import sweep_pairs
 
-    cuda = torch.cuda.is_available() and args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    dev = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
-    torch.manual_seed(0)
-    model, tok, label = load_model(dev)
-    pairs = sweep_pairs("yesno", args.pairs)
-    ms = list(np.linspace(-10, 10, 21))
-    layer = 15 if dev == "cpu" else 14
-    steering = fastsplit.attach(model, layer, "vector")
-    with torch.no_grad():
-        steering.module.delta_bias.normal_(0, 0.05)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    import fastsplit.analysis.logodds as lo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    model, tok = fastsplit.load_default_model()
+    steering = fastsplit.load_steering(model, args.steering)
+    pairs = sweep_pairs("mc", args.pairs)
+    busy = {"t": 0.0}
+    real = lo._sweep_nll
+
+    def timed_nll(*a, **k):  # this rank's own work, between its collectives
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            busy["t"] += time.perf_counter() - t0
+    lo._sweep_nll = timed_nll
 
     def timed(fn):
         dist.barrier()
-        sync()
         t0 = time.perf_counter()
         fn()
-        sync()
         dist.barrier()
         return time.perf_counter() - t0
 
-    sweep = lambda: fastsplit.logodds_sweep(model, tok, steering, pairs, ms, progress=False)
-    train = lambda: fastsplit.train(model, tok, steering, pairs, epochs=1, batch_size=8, progress=False)
-    times = {"sweep": [], "train": []}
-    sweep()  # warm-up: allocator, first-call paths
+    out = {"sweep": [], "busy": [], "train": []}
+    fastsplit.logodds_sweep(model, tok, steering, pairs[:4], MS21, progress=False)  # warm-up
     for _ in range(args.runs):
-        times["sweep"].append(timed(sweep))
-        times["train"].append(timed(train))
+        busy["t"] = 0.0
+        out["sweep"].append(timed(lambda: fastsplit.logodds_sweep(model, tok, steering, pairs, MS21, progress=False)))
+        out["busy"].append(busy["t"])
+    train_pairs = sweep_pairs("mc", args.pairs + args.train_pairs)[args.pairs:]
+    for _ in range(args.runs):
+        s2 = fastsplit.attach(model, 10, "vector")
+        out["train"].append(timed(lambda: fastsplit.train(model, tok, s2, train_pairs, epochs=1, batch_size=8,
+                                                          progress=False)))
+        s2.detach()
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, out)
     if dist.get_rank() == 0:
         with open(args.worker_out, "w") as f:
-            json.dump({"times": times, "label": label, "layer": layer}, f)
+            json.dump(every, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def launch(world: int, args, out: str) -> dict:
-    env = dict(os.environ)
-    if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
-           "--worker-out", out, "--pairs", str(args.pairs), "--runs", str(args.runs), "--device", args.device]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+def _torchrun(world: int, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *args]
+
+
+def phase(world, args, tmp) -> list:
+    out = os.path.join(tmp, f"phase{world}.json")
+    cmd = _torchrun(world, __file__, "--worker-out", out, "--steering", args.steering, "--pairs", str(args.pairs),
+                    "--train-pairs", str(args.train_pairs), "--runs", str(args.runs))
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{world} rank(s) failed:\n{r.stderr[-3000:]}")
-    with open(out) as f:
-        return json.load(f)
+    return json.load(open(out))
+
+
+def sweep_command(world, data, ms, out, args, *extra) -> list:
+    return _torchrun(world, "-m", "fastsplit", "sweep", "--steering", args.steering, "--data", data,
+                     "--multipliers=" + ",".join(f"{m:g}" for m in ms), "--bootstrap", "100", "--device", "cpu",
+                     "--quiet", "--out", out, *extra)
+
+
+def command(world, data, ms, tmp, args, runs) -> list[float]:
+    times = []
+    for k in range(runs):
+        out = os.path.join(tmp, f"cmd-{world}-{len(ms)}-{k}")
+        t0 = time.perf_counter()
+        r = subprocess.run(sweep_command(world, data, ms, out, args), env=_env(), capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise SystemExit(f"sweep with {world} rank(s) failed:\n{r.stderr[-3000:]}")
+    return times
+
+
+def resume(data, n_pairs, tmp, args) -> dict:
+    """One process: killed when half the pairs are in blocks, then resumed; against an uninterrupted command."""
+    whole = command(1, data, MS21, tmp, args, 1)[0]
+    out = os.path.join(tmp, "killed")
+    blocks = os.path.join(out, "blocks")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(sweep_command(1, data, MS21, out, args), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    done = 0
+    while proc.poll() is None:
+        if os.path.isdir(blocks):
+            done = sum(len(json.load(open(os.path.join(blocks, f)))["items"]) for f in os.listdir(blocks)
+                       if f.startswith("block-"))
+            if done >= n_pairs // 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.wait()
+    killed_at = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    r = subprocess.run(sweep_command(1, data, MS21, out, args, "--resume"), env=_env(), capture_output=True, text=True)
+    resumed = time.perf_counter() - t1
+    if r.returncode != 0:
+        raise SystemExit(f"the resumed sweep failed:\n{r.stderr[-3000:]}")
+    a = np.loadtxt(os.path.join(tmp, "cmd-1-21-0", "sweep.csv"), delimiter=",", skiprows=1, usecols=(3, 4))
+    b = np.loadtxt(os.path.join(out, "sweep.csv"), delimiter=",", skiprows=1, usecols=(3, 4))
+    return {"uninterrupted_s": whole, "killed_after_s": killed_at, "pairs_done_when_killed": done,
+            "resumed_s": resumed, "ratio": (killed_at + resumed) / whole, "max_abs_diff": float(np.abs(a - b).max())}
 
 
 def main() -> None:
     p = harness.arg_parser(__doc__)
-    p.add_argument("--ranks", type=int, default=2, help="the N of N ranks against 1")
-    p.add_argument("--pairs", type=int, default=16, help="pairs swept and trained (global)")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--train-pairs", type=int, default=128)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--steering", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # set in launched ranks
     args = p.parse_args()
     if args.worker_out and "RANK" in os.environ:
         return worker(args)
     if args.quick:
-        args.pairs, args.runs = 4, 1
-    if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
-        raise SystemExit(f"--ranks {args.ranks} needs {args.ranks} GPUs, found {torch.cuda.device_count()}")
-    rows, res = [], {}
+        args.pairs, args.train_pairs, args.runs = 8, 16, 1
+    from bench_workflows import sweep_pairs
+
+    from fastsplit.cli._common import write_pairs
+
     with tempfile.TemporaryDirectory() as tmp:
-        for world in (1, args.ranks):
-            res[world] = launch(world, args, os.path.join(tmp, f"w{world}.json"))
-    q = lambda v: (float(np.median(v)), float(np.percentile(v, 20)), float(np.percentile(v, 80)))
-    label, layer = res[1]["label"], res[1]["layer"]
-    for what in ("sweep", "train"):
-        x = f"{label}: {args.pairs} pairs" + (", 21 m" if what == "sweep" else ", 1 epoch, batch 8") + f", layer {layer}"
-        for world in (1, args.ranks):
-            rows.append(harness.Row(f"dist_{what}", f"{world} rank(s)", "fwd" if what == "sweep" else "full",
-                                    "time", "s", "setup", x, *q(res[world]["times"][what])))
-        one, many = np.median(res[1]["times"][what]), np.median(res[args.ranks]["times"][what])
-        print(f"{what}: 1 rank {one:.2f} s, {args.ranks} ranks {many:.2f} s -> {one / many:.2f}x "
-              f"({os.cpu_count()} CPU cores shared)" if args.device == "cpu" else
-              f"{what}: 1 rank {one:.2f} s, {args.ranks} ranks {many:.2f} s -> {one / many:.2f}x")
-    harness.print_rows(rows, baseline="1 rank(s)")
-    harness.write_rows(rows, args.csv, device=args.device)
+        model, _ = fastsplit.load_default_model()
+        s = fastsplit.attach(model, 15, "vector")
+        with torch.no_grad():
+            s.module.delta_bias.normal_(0, 0.05)
+        args.steering = os.path.join(tmp, "steering.safetensors")
+        s.save(args.steering)
+        data64, data16 = os.path.join(tmp, "p64.jsonl"), os.path.join(tmp, "p16.jsonl")
+        write_pairs(sweep_pairs("mc", args.pairs), data64)
+        write_pairs(sweep_pairs("mc", 16), data16)
+        res = {"device": harness.device_name("cpu"), "threads_per_process": 1, "pairs": args.pairs}
+        ph = {w: phase(w, args, tmp) for w in (1, 2)}
+        med = lambda v: float(np.median(v))
+        res["sweep_phase_s"] = {w: med(ph[w][0]["sweep"]) for w in (1, 2)}
+        res["sweep_phase_ratio"] = res["sweep_phase_s"][2] / res["sweep_phase_s"][1]
+        res["busy_s_per_rank"] = {w: [med(r["busy"]) for r in ph[w]] for w in (1, 2)}
+        res["train_epoch_s"] = {w: med(ph[w][0]["train"]) for w in (1, 2)}
+        res["train_ratio"] = res["train_epoch_s"][2] / res["train_epoch_s"][1]
+        print(f"sweep phase {args.pairs} pairs x 21 m: 1 rank {res['sweep_phase_s'][1]:.1f} s, 2 ranks "
+              f"{res['sweep_phase_s'][2]:.1f} s -> {res['sweep_phase_ratio']:.3f}x (busy per rank "
+              f"{[round(b, 1) for b in res['busy_s_per_rank'][2]]} s)", flush=True)
+        print(f"training {args.train_pairs} pairs, 1 epoch: 1 rank {res['train_epoch_s'][1]:.1f} s, 2 ranks "
+              f"{res['train_epoch_s'][2]:.1f} s -> {res['train_ratio']:.3f}x", flush=True)
+        runs = 1 if args.quick else args.runs
+        for label, data, ms in (("64x21", data64, MS21), ("16x9", data16, MS9)):
+            t = {w: med(command(w, data, ms, tmp, args, runs)) for w in (1, 2)}
+            res[f"command_{label}_s"] = t
+            res[f"command_{label}_ratio"] = t[2] / t[1]
+            print(f"whole sweep command {label}: 1 rank {t[1]:.1f} s, 2 ranks {t[2]:.1f} s -> {t[2] / t[1]:.3f}x",
+                  flush=True)
+        res["resume"] = resume(data64, args.pairs, tmp, args)
+        print(f"resume: killed at {res['resume']['pairs_done_when_killed']} pairs done, killed run "
+              f"{res['resume']['killed_after_s']:.1f} s + resumed {res['resume']['resumed_s']:.1f} s against "
+              f"{res['resume']['uninterrupted_s']:.1f} s uninterrupted -> {res['resume']['ratio']:.3f}x (max |ΔNLL| "
+              f"{res['resume']['max_abs_diff']:.2g})", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":

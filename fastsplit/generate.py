@@ -11,7 +11,7 @@ from . import dist, hf
 from .data import chat_prompt_ids
 from .ops._checks import check_strengths
 
-__all__ = ["generate_sweep"]
+__all__ = ["generate_sweep", "generate_sweep_vllm"]
 
 
 def generate_sweep(model, tokenizer, steering: hf.Steering, prompts: Sequence[str], multipliers: Sequence[float], *,
@@ -89,3 +89,17 @@ def _generate(model, tokenizer, steering, mine, encoded, ms, *, max_new_tokens, 
         if on_block is not None:
             on_block(block)
     return out
+
+
+def generate_sweep_vllm(engine, tokenizer, prompts: Sequence[str], multipliers: Sequence[float], *,
+                        steering: str | None = None, max_new_tokens: int = 32, chat: bool = True, progress: bool = True,
+                        **sampling) -> list[list[str]]:
+    """:func:`generate_sweep` on a vLLM engine (:class:`fastsplit.vllm.Engine` with the steering registered as
+    ``steering``): every (prompt, m) is one request, all submitted together; greedy unless ``sampling`` says
+    otherwise. Texts ``[prompt][multiplier]``."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    ms = check_strengths("multipliers", multipliers)
+    encoded = [chat_prompt_ids(tokenizer, p, chat) for p in prompts]
+    return engine.generate(encoded, ms, steering=steering, max_new_tokens=max_new_tokens, progress=progress,
+                           **sampling)

@@ -17,16 +17,21 @@ __all__ = ["SteeredLinear", "SplitLoss", "FORMS", "init_steering_parameters"]
 
 
 def init_steering_parameters(module: nn.Module, in_features: int, out_features: int, form: str, rank: int,
-                             **factory) -> None:
-    """Register the trainable update of ``form`` on ``module``: ``delta_bias`` [out] (zeros) always, plus
-    ``lora_a`` [r, in] (peft's Kaiming init) and ``lora_b`` [out, r] (zeros), or ``delta_weight`` [out, in]
-    (zeros); the others are None. Every form starts as a no-op."""
+                             delta_bias: bool = True, **factory) -> None:
+    """Register the trainable update of ``form`` on ``module``: ``delta_bias`` [out] (zeros; None with
+    ``delta_bias=False``, for LoRA and local_weight, which then export as plain adapters), plus ``lora_a`` [r, in]
+    (peft's Kaiming init) and ``lora_b`` [out, r] (zeros), or ``delta_weight`` [out, in] (zeros); the others are None.
+    Every form starts as a no-op."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if form == "lora" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int for form='lora', got {rank!r}")
+    if not isinstance(delta_bias, bool):
+        raise TypeError(f"delta_bias must be a bool, got {type(delta_bias).__name__}")
+    if form == "vector" and not delta_bias:
+        raise ValueError("delta_bias=False leaves the vector form nothing to train (its update is Δb alone)")
     module.form, module.rank = form, (rank if form == "lora" else None)
-    module.delta_bias = nn.Parameter(torch.zeros(out_features, **factory))
+    module.delta_bias = nn.Parameter(torch.zeros(out_features, **factory)) if delta_bias else None
     module.delta_weight = module.lora_a = module.lora_b = None
     if form == "lora":
         module.lora_a = nn.Parameter(torch.empty(rank, in_features, **factory))
@@ -57,16 +62,17 @@ class SteeredLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, form: str = "vector",
-                 rank: int = 4, multiplier: Multiplier = 1.0, backend: str = "auto",
+                 rank: int = 4, multiplier: Multiplier = 1.0, backend: str = "auto", delta_bias: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base, form=form, rank=rank, multiplier=multiplier, backend=backend, freeze_base=True)
+        self._setup(base, form=form, rank=rank, multiplier=multiplier, backend=backend, freeze_base=True,
+                    delta_bias=delta_bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, form: str = "vector", rank: int = 4, *,
                     multiplier: Multiplier = 1.0, backend: str = "auto",
-                    freeze_base: bool = True) -> "SteeredLinear":
+                    freeze_base: bool = True, delta_bias: bool = True) -> "SteeredLinear":
         """Wrap ``linear``: its ``weight``/``bias`` Parameters are shared (frozen unless
         ``freeze_base=False``, for local-weight fine-tuning of W itself)."""
         if not isinstance(linear, nn.Linear):
@@ -74,17 +80,17 @@ class SteeredLinear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, form=form, rank=rank, multiplier=multiplier, backend=backend,
-                    freeze_base=freeze_base)
+                    freeze_base=freeze_base, delta_bias=delta_bias)
         return self
 
-    def _setup(self, linear: nn.Linear, *, form, rank, multiplier, backend, freeze_base) -> None:
+    def _setup(self, linear: nn.Linear, *, form, rank, multiplier, backend, freeze_base, delta_bias=True) -> None:
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.backend = backend
         self.multiplier: Multiplier = multiplier
         self.bias_multiplier: Optional[Multiplier] = None
         self.weight = linear.weight
         self.bias = linear.bias
-        init_steering_parameters(self, self.in_features, self.out_features, form, rank,
+        init_steering_parameters(self, self.in_features, self.out_features, form, rank, delta_bias,
                                  device=linear.weight.device, dtype=linear.weight.dtype)
         if freeze_base:
             self.weight.requires_grad_(False)

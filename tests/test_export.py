@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -61,10 +62,63 @@ def test_peft_adapter_loads_and_matches(form, model_dir, tmp_path):
     want = _fastsplit_logits(model, s)
     out = str(tmp_path / "adapter")
     written = export_steering(path, out, m=M, format="peft", model=model_dir, check_model_name=False)
-    assert sorted(os.path.basename(p) for p in written) == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded = peft.PeftModel.from_pretrained(_base(model_dir), out).eval()
+    assert sorted(os.path.basename(p) for p in written) == ["adapter_config.json", "adapter_model.safetensors",
+                                                           "fastsplit.json"]
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["base_model_name_or_path"] == os.path.abspath(model_dir) and "fastsplit" not in cfg
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(_base(model_dir), out).eval()
+        auto = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()  # finds its base locally, no hub
+    ours = [str(w.message) for w in seen if any(k in str(w.message).lower() for k in ("unexpected", "keyword",
+                                                                                    "version", "hub"))]
+    assert not ours, ours  # what an extra key in adapter_config.json, or a bare model name, made peft say
     torch.testing.assert_close(_logits(loaded), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(auto), want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(_logits(_base(model_dir)), want, atol=1e-3)  # the steering really acts
+
+
+@pytest.mark.parametrize("form", ["lora", "local_weight"])
+def test_a_delta_bias_free_intervention_exports_a_plain_adapter_that_merges(form, model_dir, tmp_path, caplog):
+    import logging
+
+    peft = pytest.importorskip("peft")
+    model = _base(model_dir)
+    s = fastsplit.attach(model, 2, form, rank=3, delta_bias=False)
+    randomize(s, scale=0.3)
+    assert s.module.delta_bias is None and "delta_bias" not in s.state_dict()
+    path = str(tmp_path / "plain.safetensors")
+    s.save(path)
+    again = fastsplit.load_steering(_base(model_dir), path, check_model_name=False)
+    assert again.module.delta_bias is None and again.metadata()["delta_bias"] == "0"
+    want = _fastsplit_logits(model, s)
+    with caplog.at_level(logging.WARNING, logger="fastsplit"):
+        export_steering(path, str(tmp_path / "a"), m=M, format="peft", model=model_dir, check_model_name=False)
+    assert not caplog.records  # no bias: nothing to warn about
+    cfg = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert cfg["lora_bias"] is False
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        adapter = peft.PeftModel.from_pretrained(_base(model_dir), str(tmp_path / "a"))
+    assert not [w for w in seen if "lora" in str(w.message).lower()], [str(w.message) for w in seen]
+    merged = adapter.merge_and_unload().eval()
+    torch.testing.assert_close(_logits(merged), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="nothing to train"):
+        fastsplit.attach(model, 1, "vector", delta_bias=False)
+
+
+def test_a_bias_adapter_warns_and_does_not_merge_into_a_bias_free_base(model_dir, tmp_path, caplog):
+    """What the README says merges: peft's merge_and_unload of a lora_bias adapter needs a base down_proj with a bias,
+    which Llama has not (the adapter itself loads and runs exactly: the test above)."""
+    import logging
+
+    peft = pytest.importorskip("peft")
+    _, _, path = _steered(model_dir, "lora", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fastsplit"):
+        export_steering(path, str(tmp_path / "a"), m=M, format="peft", model=model_dir, check_model_name=False)
+    assert len(caplog.records) == 1 and "vLLM does not load adapters with a bias" in caplog.records[0].getMessage()
+    with pytest.raises(Exception):
+        peft.PeftModel.from_pretrained(_base(model_dir), str(tmp_path / "a")).merge_and_unload()
 
 
 @pytest.mark.parametrize("form", ["local_weight", "lora", "vector"])
@@ -79,6 +133,19 @@ def test_merged_folder_loads_and_matches(form, model_dir, tmp_path):
     torch.testing.assert_close(_logits(reloaded), want, atol=1e-5, rtol=1e-5)
     assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
     assert hf.decoder_layers(model)[2].mlp.down_proj is s.module  # the user's model is left as it was
+    # From Python, on the loaded model: the folder is as self-contained (tokenizer included), and every bias its
+    # config declares is in the checkpoint (vLLM leaves a missing one uninitialised)
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    s.export(str(tmp_path / "api"), m=M, format="merged", full=True)
+    AutoTokenizer.from_pretrained(str(tmp_path / "api"))
+    cfg = json.load(open(tmp_path / "api" / "config.json"))
+    names = set(load_file(str(tmp_path / "api" / "model.safetensors")))
+    if cfg.get("mlp_bias"):
+        for k in range(cfg["num_hidden_layers"]):
+            for lin in ("gate_proj", "up_proj", "down_proj"):
+                assert f"model.layers.{k}.mlp.{lin}.bias" in names
 
 
 def test_merged_tensors_alone(model_dir, tmp_path):

@@ -45,7 +45,7 @@ def test_llama_cpp_moves_log_odds_as_fastsplit_predicts(tmp_path):
     import llama_cpp
 
     from fastsplit.data import encode_pair
-    from fastsplit.hf.loading import _gguf_path
+    from fastsplit.hf.export import apply_control_vector
 
     model, tok = fastsplit.load_default_model()
     train, held = fastsplit.split_pairs(fastsplit.demo_pairs(), test_size=PAIRS, seed=0)
@@ -59,14 +59,7 @@ def test_llama_cpp_moves_log_odds_as_fastsplit_predicts(tmp_path):
     steering.export(cv, m=M, format="control-vector")
     steering.detach()
 
-    llm = llama_cpp.Llama(model_path=_gguf_path(), n_ctx=512, logits_all=True, verbose=False, seed=0)
-    n_embd, n_layer = llm.n_embd(), model.config.num_hidden_layers
-    import gguf
-
-    data = np.zeros((n_layer - 1) * n_embd, dtype=np.float32)  # llama.cpp's layout: direction.k at row k - 1
-    for t in gguf.GGUFReader(cv).tensors:
-        k = int(t.name.split(".")[1])
-        data[(k - 1) * n_embd:k * n_embd] += np.asarray(t.data, dtype=np.float32)
+    llm = llama_cpp.Llama(model_path=fastsplit.hf.default_gguf(), n_ctx=512, logits_all=True, verbose=False, seed=0)
     enc = [encode_pair(tok, p) for p in held]
 
     def pref():
@@ -76,8 +69,7 @@ def test_llama_cpp_moves_log_odds_as_fastsplit_predicts(tmp_path):
         return np.array(out)
 
     base = pref()
-    ptr = data.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
-    assert llama_cpp.llama_set_adapter_cvec(llm.ctx, ptr, data.size, n_embd, 1, n_layer - 1) == 0
+    apply_control_vector(llm, cv)  # how a control vector is applied from Python (README)
     steered = pref()
     got = steered - base
     print(f"\nfastsplit change {np.round(want, 3)}\nllama.cpp change {np.round(got, 3)}\n"

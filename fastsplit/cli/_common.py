@@ -232,26 +232,29 @@ def writable_dir(path: str, flag: str = "--out", *, shown: str | None = None) ->
     target = os.path.abspath(path)
     shown = shown or path
     if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(f"{flag} {shown} is a file, not a folder")
+        where = "" if shown == path else f": {target} is"
+        raise ValueError(f"{flag} {shown}{where or ' is'} a file, not a folder")
     missing, up = [], target
     while not os.path.exists(up):
         missing.append(up)
         up = os.path.dirname(up)
     if not os.path.isdir(up):
-        raise ValueError(f"{flag} {shown} cannot be made: {up} is a file")
-    made = []
+        raise ValueError(f"{flag} {shown} cannot be made: {up} is a file, not a folder")
+    made, step = [], None
     try:
         for folder in reversed(missing):
+            step = f"the folder {folder} cannot be made"
             try:
                 os.mkdir(folder)
                 made.append(folder)
             except FileExistsError:  # made meanwhile by another process: it is there, which is what counts
                 pass
+        step = f"{target} does not take new files"
         fd, probe = tempfile.mkstemp(dir=target, prefix=".fastsplit-probe-")
         os.close(fd)
         os.remove(probe)
     except OSError as exc:
-        raise ValueError(f"{flag} {shown} cannot be written: {exc.strerror or exc}") from None
+        raise ValueError(f"{flag} {shown} cannot be written: {step} ({exc.strerror or exc})") from None
     finally:
         for folder in reversed(made):
             try:

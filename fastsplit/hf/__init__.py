@@ -8,7 +8,8 @@ in ``internals.py`` with the transformers versions it was tested on.
 from . import compat
 from .export import export_steering
 from .kv import affine_in_m, alias_skipped, keys_values_only, new_cache, repeat_rows, window_shorter_than
-from .loading import DEFAULT_MODEL_NAME, cache_dir, load_config, load_default_model, load_model
+from .loading import (DEFAULT_MODEL_NAME, cache_dir, default_gguf, default_model_folder, load_config, load_default_model,
+                      load_model, load_tokenizer, model_folder)
 from .packing import PackedRows, SideRows, packable
 from .runner import (capture_layer_input, completion_positions, decoder, decoder_layers, from_layer, last_hidden,
                      layer_outputs, lm_head, logit_softcap, model_name, pad, pad_id_of, pad_rows)
@@ -17,7 +18,8 @@ from .steer.model import (SITES, Steering, attach, check_steering_metadata, load
                           resolve_layer)
 
 __all__ = ["compat", "export_steering", "attach", "Steering", "load_steering", "read_steering_metadata", "check_steering_metadata", "resolve_layer", "ResidualSteer", "SITES",
-           "load_default_model", "load_model", "load_config", "cache_dir", "DEFAULT_MODEL_NAME",
+           "load_default_model", "load_model", "load_config", "cache_dir", "DEFAULT_MODEL_NAME", "default_gguf",
+           "default_model_folder", "model_folder", "load_tokenizer",
            "decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",
            "from_layer", "last_hidden", "layer_outputs", "pad", "pad_rows", "pad_id_of", "completion_positions",
            "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than", "SideRows", "PackedRows", "packable"]

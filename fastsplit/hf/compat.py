@@ -8,6 +8,8 @@ the cache under a spelling fastsplit does not know runs as the full layer (corre
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import inspect
 import logging
@@ -95,3 +97,19 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Within the block, transformers loads without its progress bars and info messages; as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

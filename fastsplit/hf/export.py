@@ -22,6 +22,7 @@ or not at all (a temporary file or folder, then a rename).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,7 +35,9 @@ from .loading import load_config, load_model
 from .steer.model import check_steering_metadata, read_steering_metadata
 
 __all__ = ["FORMATS", "export_steering", "export_tensors", "check_export", "read_steering_tensors",
-           "operating_point_of"]
+           "operating_point_of", "apply_control_vector", "file_sha256"]
+
+log = logging.getLogger("fastsplit")
 
 FORMATS = ("control-vector", "peft", "merged")
 # Architectures whose MLP output passes a norm before the residual add: the down_proj vector is not a fixed
@@ -46,36 +49,45 @@ _LLAMA_CPP_ARCH = {"mistral": "llama"}
 
 def read_steering_tensors(path: str) -> tuple[dict, dict]:
     """(metadata, tensors) of a steering file, both checked: a missing or corrupt file is one clear error."""
-    meta = read_steering_metadata(path)
-    from safetensors.torch import load_file
+    from ..steerfile import read_tensors
 
-    try:
-        tensors = load_file(path)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
-    need = {"vector": {"delta_bias"}, "lora": {"delta_bias", "lora_a", "lora_b"},
-            "local_weight": {"delta_bias", "delta_weight"}}.get(meta["form"])
-    if need is None or set(tensors) != need:
-        raise ValueError(f"{path}: a {meta['form']!r} steering file should hold {sorted(need or [])}, "
-                         f"not {sorted(tensors)}")
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"{path}: steering tensors {bad} hold NaN or inf values")
-    return meta, tensors
+    return read_tensors(path)
 
 
-def operating_point_of(fit_path: str) -> float:
-    """The operating point m_op from a ``fit.json`` that ``fastsplit sweep`` or ``demo`` wrote."""
+def operating_point_of(fit_path: str, steering: str | None = None) -> tuple[float, list[str]]:
+    """(m_op, the sweep's warnings) from a ``fit.json`` that ``fastsplit sweep`` or ``demo`` wrote. With ``steering``
+    (a steering file), the fit must record that it was swept with that very file (its SHA-256): an operating point
+    of another intervention is refused, never applied silently."""
     if not os.path.isfile(fit_path):
         raise FileNotFoundError(f"no fit file at {fit_path}")
     try:
         with open(fit_path) as f:
-            m = json.load(f)["operating_point"]["multiplier"]
+            fit = json.load(f)
+        m = fit["operating_point"]["multiplier"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{fit_path} is not a fit.json with an operating point ({type(exc).__name__})") from None
     if not isinstance(m, (int, float)) or not math.isfinite(m):
         raise ValueError(f"{fit_path}: the operating point {m!r} is not a finite number")
-    return float(m)
+    if steering is not None:
+        swept = ((fit.get("provenance") or {}).get("steering") or {}).get("sha256")
+        if swept is None:
+            raise ValueError(f"{fit_path} does not record which steering file it was swept with (written before "
+                             "fastsplit recorded it): sweep this steering again, or give --m as a number")
+        if swept != file_sha256(steering):
+            raise ValueError(f"{fit_path} was swept with another steering file "
+                             f"({fit['provenance']['steering'].get('path')}), not {steering}: its operating point "
+                             "belongs to that intervention")
+    return float(m), [str(w) for w in fit.get("warnings", [])]
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_export(meta: dict, config, fmt: str, *, m: float, full: bool = False) -> None:
@@ -129,10 +141,30 @@ def export_tensors(meta: dict, tensors: dict, out: str, *, m: float, format: str
     if format == "control-vector":
         return [_control_vector(out, meta, tensors, float(m), config)]
     if format == "peft":
-        return _peft(out, meta, tensors, float(m))
-    loaded = model if isinstance(model, torch.nn.Module) else load_model(model)[0]
-    return _merged(out, meta, tensors, float(m), loaded, full=full,
-                   tokenizer_source=None if isinstance(model, torch.nn.Module) else model)
+        return _peft(out, meta, tensors, float(m), _base_folder(model, config))
+    if isinstance(model, torch.nn.Module):
+        loaded = model
+    else:
+        from .compat import quiet_loading
+
+        with quiet_loading():  # the export's own line is the output; loading bars are noise here
+            loaded = load_model(model)[0]
+    return _merged(out, meta, tensors, float(m), loaded, full=full, tokenizer_source=_base_folder(model, config))
+
+
+def _base_folder(model, config) -> str | None:
+    """The local folder the base model loads from (peft's base_model_name_or_path, where the tokenizer is copied
+    from): the default model's cache folder, a model folder, or a loaded model's own folder; None if unknown."""
+    from .loading import DEFAULT_MODEL_NAME, cache_dir
+
+    if isinstance(model, str):
+        return cache_dir() if model == "default" else os.path.abspath(model)
+    for name in (getattr(config, "_name_or_path", None), getattr(config, "name_or_path", None)):
+        if name == DEFAULT_MODEL_NAME:
+            return cache_dir()
+        if name and os.path.isdir(name):
+            return os.path.abspath(name)
+    return None
 
 
 def _control_vector(out, meta, tensors, m, config) -> str:
@@ -140,7 +172,7 @@ def _control_vector(out, meta, tensors, m, config) -> str:
     import numpy as np
 
     layer, n = int(meta["layer"]), int(config.num_hidden_layers)
-    v = (m * tensors["delta_bias"].double()).float().numpy()
+    v = (m * tensors["delta_bias"].double()).float().numpy()  # the vector form always has its Δb
 
     def write(tmp):
         writer = gguf.GGUFWriter(tmp, "controlvector")
@@ -156,13 +188,54 @@ def _control_vector(out, meta, tensors, m, config) -> str:
     return out
 
 
+def apply_control_vector(llm, path: str, scale: float = 1.0) -> None:
+    """Apply a control vector file (this module's ``control-vector`` export) to a ``llama_cpp.Llama`` from Python:
+    llama-cpp-python's ``Llama`` takes no control vector itself, so this hands the directions to llama.cpp's C API
+    (``llama_set_adapter_cvec``; ``llama_apply_adapter_cvec`` in older releases), as ``--control-vector`` does.
+    ``scale`` multiplies the file's vector (the file holds m·Δb already). Tested: tests/test_llama_cpp.py.
+
+    Example::
+
+        >>> llm = llama_cpp.Llama(model_path=fastsplit.hf.default_gguf(), n_ctx=512)
+        >>> apply_control_vector(llm, "optimism.gguf")
+    """
+    import ctypes
+
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    n_embd = llm.n_embd()
+    tensors = {int(t.name.split(".")[1]): np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors
+               if t.name.startswith("direction.")}
+    if not tensors:
+        raise ValueError(f"{path} holds no direction.<layer> tensors: not a control vector")
+    n = max(tensors)
+    data = np.zeros(n * n_embd, dtype=np.float32)  # llama.cpp's layout: direction.k at row k - 1
+    for k, v in tensors.items():
+        if v.size != n_embd:
+            raise ValueError(f"{path}: direction.{k} has {v.size} values, the model's hidden size is {n_embd}")
+        data[(k - 1) * n_embd:k * n_embd] = scale * v
+    set_cvec = getattr(llama_cpp, "llama_set_adapter_cvec", None) or getattr(llama_cpp, "llama_apply_adapter_cvec")
+    ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    if set_cvec(llm.ctx, ptr, data.size, n_embd, 1, n) != 0:
+        raise RuntimeError(f"llama.cpp refused the control vector {path}")
+    llm._fastsplit_control_vector = data  # the buffer stays alive as long as the model
+
+
 def _down_proj_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.down_proj"
 
 
+def _delta_bias(meta, tensors, out_features: int) -> torch.Tensor:
+    """Δb, or zeros for an intervention trained without one."""
+    db = tensors.get("delta_bias")
+    return db if db is not None else torch.zeros(out_features)
+
+
 def _lora_factors(meta, tensors) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [r, in], B [out, r]) with B·A = the update's ΔW, exactly, for every form."""
-    db = tensors["delta_bias"]
+    db = tensors.get("delta_bias")
     if meta["form"] == "lora":
         return tensors["lora_a"], tensors["lora_b"]
     if meta["form"] == "local_weight":
@@ -175,25 +248,36 @@ def _lora_factors(meta, tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(1, in_f, dtype=db.dtype), torch.zeros(db.shape[0], 1, dtype=db.dtype)
 
 
-def _peft(out, meta, tensors, m) -> list[str]:
+def _peft(out, meta, tensors, m, base_folder: str | None) -> list[str]:
     from safetensors.torch import save_file
 
     layer = int(meta["layer"])
     a, b = _lora_factors(meta, tensors)
     r = a.shape[0]
     prefix = f"base_model.model.{_down_proj_name(layer)}"
-    weights = {f"{prefix}.lora_A.weight": a.contiguous(), f"{prefix}.lora_B.weight": b.contiguous(),
-               f"{prefix}.lora_B.bias": tensors["delta_bias"].contiguous()}
-    adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": meta.get("model"),
+    weights = {f"{prefix}.lora_A.weight": a.contiguous(), f"{prefix}.lora_B.weight": b.contiguous()}
+    db = tensors.get("delta_bias")
+    bias = db is not None and bool(db.abs().max() > 0)  # a plain adapter wherever Δb is absent or zero
+    if bias:
+        weights[f"{prefix}.lora_B.bias"] = db.contiguous()
+        log.warning("fastsplit: this %s's peft adapter carries Δb as lora_bias: peft loads it, vLLM does not load "
+                    "adapters with a bias (serve it with --format merged --full or fastsplit's vLLM plugin; train "
+                    "LoRA or local_weight with --no-delta-bias for a plain adapter)", meta["form"])
+    # Only the keys peft's LoraConfig takes (an unknown key makes peft warn); fastsplit's own record is fastsplit.json.
+    adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_folder or meta.get("model"),
                "r": int(r), "lora_alpha": m * r, "target_modules": ["down_proj"], "layers_to_transform": [layer],
-               "lora_dropout": 0.0, "bias": "none", "lora_bias": True, "fan_in_fan_out": False,
+               "lora_dropout": 0.0, "bias": "none", "lora_bias": bias, "fan_in_fan_out": False,
                "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-               "inference_mode": True, "fastsplit": {"form": meta["form"], "m": m, "layer": layer}}
+               "inference_mode": True}
+    record = {"form": meta["form"], "m": m, "layer": layer, "model": meta.get("model"), "lora_bias": bias,
+              "objective": meta.get("objective")}
 
     def write(folder):
         save_file(weights, os.path.join(folder, "adapter_model.safetensors"))
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:
             json.dump(adapter, f, indent=2)
+        with open(os.path.join(folder, "fastsplit.json"), "w") as f:
+            json.dump(record, f, indent=2)
     return _atomic_folder(out, write)
 
 
@@ -208,7 +292,7 @@ def _merged(out, meta, tensors, m, model, *, full, tokenizer_source) -> list[str
     w = base.weight.detach().double().cpu()
     w_new = (w + m * (b.double() @ a.double())).to(base.weight.dtype)
     bias = base.bias.detach().double().cpu() if base.bias is not None else torch.zeros(w.shape[0], dtype=torch.double)
-    b_new = (bias + m * tensors["delta_bias"].double()).to(base.weight.dtype)
+    b_new = (bias + m * _delta_bias(meta, tensors, w.shape[0]).double()).to(base.weight.dtype)
     name = _down_proj_name(layer)
     if not full:
         def write(tmp):
@@ -246,13 +330,13 @@ def _save_full(folder, model, layer, w_new, b_new, needs_bias, tokenizer_source)
         state[f"{down}.bias"] = b_new
     model.save_pretrained(folder, state_dict=state)
     config.save_pretrained(folder)  # after the weights: the merged config (mlp_bias) is the one that stays
-    if isinstance(tokenizer_source, str):
+    if tokenizer_source is not None:  # a full folder is self-contained: vllm serve and AutoTokenizer read it
         from transformers import AutoTokenizer
 
-        from .loading import cache_dir
-
-        src = cache_dir() if tokenizer_source == "default" else tokenizer_source
-        AutoTokenizer.from_pretrained(src).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
+    else:
+        log.warning("fastsplit: the model's own folder is unknown, so the merged folder has no tokenizer: copy its "
+                    "tokenizer files beside the weights")
 
 
 def _atomic_file(out: str, write) -> None:

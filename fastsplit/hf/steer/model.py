@@ -13,13 +13,14 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from ... import steerfile
 from ...nn import FORMS
 from ...ops._checks import Multiplier
 from .. import runner
 from .layer import ResidualSteer, SteeredLinear
 
 SITES = ("down_proj", "residual")
-_FORMAT = "fastsplit.steering/1"
+_FORMAT = steerfile.FORMAT
 
 __all__ = ["Steering", "attach", "load_steering", "SITES"]
 
@@ -35,8 +36,10 @@ class Steering:
         >>> steering.detach()                                     # the model is as it was
     """
 
-    def __init__(self, model: nn.Module, layer: int, form: str, *, rank: int, site: str, backend: str):
+    def __init__(self, model: nn.Module, layer: int, form: str, *, rank: int, site: str, backend: str,
+                 delta_bias: bool = True):
         self.model, self.layer, self.form, self.site = model, layer, form, site
+        self.delta_bias = delta_bias
         self.rank = rank if form == "lora" else None
         target = runner.decoder_layers(model)[layer]
         self._handle = None
@@ -49,11 +52,13 @@ class Steering:
                 raise TypeError(f"layer {layer} has no mlp.down_proj nn.Linear (found {type(orig).__name__})")
             self._original = orig
             self._flags = (orig.weight.requires_grad, orig.bias.requires_grad if orig.bias is not None else None)
-            self.module: nn.Module = SteeredLinear.from_linear(orig, form=form, rank=rank, backend=backend)
+            self.module: nn.Module = SteeredLinear.from_linear(orig, form=form, rank=rank, backend=backend,
+                                                               delta_bias=delta_bias)
             mlp.down_proj = self.module
         else:
             p = next(target.parameters())
-            self.module = ResidualSteer(model.config.hidden_size, form, rank, device=p.device, dtype=p.dtype)
+            self.module = ResidualSteer(model.config.hidden_size, form, rank, delta_bias=delta_bias, device=p.device,
+                                        dtype=p.dtype)
             self._handle = target.register_forward_hook(self._residual_hook)
         self.module.multiplier = 1.0
         self.objective: str | None = None  # what trained it ("split", "sft", "reps"): set by fastsplit.train, saved
@@ -172,7 +177,8 @@ class Steering:
                 "rank": str(self.rank or 0), "model": runner.model_name(self.model),
                 "model_type": cfg.model_type, "hidden_size": str(cfg.hidden_size),
                 "intermediate_size": str(getattr(cfg, "intermediate_size", 0)),
-                "num_hidden_layers": str(cfg.num_hidden_layers), "objective": self.objective or "untrained"}
+                "num_hidden_layers": str(cfg.num_hidden_layers), "objective": self.objective or "untrained",
+                "delta_bias": "1" if self.delta_bias else "0"}
 
     def save(self, path: str) -> None:
         """Write the intervention to ``path`` as safetensors, with metadata checked by :func:`load_steering`."""
@@ -200,13 +206,14 @@ class Steering:
 
 
 def attach(model: nn.Module, layer: int, form: str, *, rank: int = 4, site: str = "down_proj",
-           backend: str = "auto") -> Steering:
+           backend: str = "auto", delta_bias: bool = True) -> Steering:
     """Attach a steering intervention of ``form`` ("vector", "lora", "local_weight") at decoder layer ``layer``.
 
     ``site="down_proj"`` (the paper's placement) makes layer L's ``mlp.down_proj`` a SteeredLinear: on Llama,
     Qwen2 and SmolLM the vector form there adds exactly m·v to the residual stream after layer L.
     ``site="residual"`` adds the update to the decoder layer's output (differs on Gemma-2, whose MLP output
     passes a post-feedforward norm). Every form starts as a no-op; train it with :func:`fastsplit.train`.
+    ``delta_bias=False`` (LoRA, local_weight) trains no Δb, so the peft export is a plain adapter that vLLM loads.
     """
     layer = resolve_layer(layer, len(runner.decoder_layers(model)))
     if form not in FORMS:
@@ -215,7 +222,9 @@ def attach(model: nn.Module, layer: int, form: str, *, rank: int = 4, site: str 
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
     if form == "lora" and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int for form='lora', got {rank!r}")
-    return Steering(model, layer, form, rank=rank, site=site, backend=backend)
+    if form == "vector" and not delta_bias:
+        raise ValueError("delta_bias=False leaves the vector form nothing to train (its update is Δb alone)")
+    return Steering(model, layer, form, rank=rank, site=site, backend=backend, delta_bias=delta_bias)
 
 
 def resolve_layer(layer: int, n: int) -> int:
@@ -227,24 +236,8 @@ def resolve_layer(layer: int, n: int) -> int:
 
 
 def read_steering_metadata(path: str) -> dict[str, str]:
-    """The metadata of a saved steering file, checked for the fields fastsplit writes."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no steering file at {path}")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a fastsplit steering file (format {meta.get('format')!r}, "
-                         f"expected {_FORMAT!r})")
-    missing = [k for k in ("form", "layer", "site", "rank", "model", "hidden_size", "num_hidden_layers")
-               if k not in meta]
-    if missing:
-        raise ValueError(f"{path} lacks the metadata fields {missing}")
-    return meta
+    """The metadata of a saved steering file, checked for the fields fastsplit writes (``fastsplit.steerfile``)."""
+    return steerfile.read_metadata(path)
 
 
 def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_model_name: bool = True) -> Steering:
@@ -257,7 +250,7 @@ def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_m
     meta = read_steering_metadata(path)
     check_steering_metadata(meta, model.config, path, check_model_name=check_model_name)
     steering = attach(model, int(meta["layer"]), meta["form"], rank=int(meta["rank"]) or 4, site=meta["site"],
-                      backend=backend)
+                      backend=backend, delta_bias=steerfile.has_delta_bias(meta))
     try:
         p = steering.parameters()[0]
         steering.load_state_dict({k: v.to(p.device, p.dtype) for k, v in load_file(path).items()})
