@@ -53,7 +53,8 @@ def test_split_loss_signature():
 
 def test_workflow_signatures():
     kw = lambda f: [n for n, p in inspect.signature(f).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    assert list(inspect.signature(fastsplit.attach).parameters) == ["model", "layer", "form", "rank", "site", "backend"]
+    assert list(inspect.signature(fastsplit.attach).parameters) == ["model", "layer", "form", "rank", "site", "backend",
+                                                                    "delta_bias"]
     assert kw(fastsplit.train)[:12] == ["loss", "lambda_p", "lambda_n", "gamma", "theta", "reduction",
                                         "steering_factors", "lr", "epochs", "batch_size", "grad_accum", "seed"]
     assert "pair_types" in kw(fastsplit.train)
@@ -63,4 +64,6 @@ def test_workflow_signatures():
     assert kw(fastsplit.operating_point) == ["max_util_drop", "grid"]
     for f in (fastsplit.train, fastsplit.generate_sweep, fastsplit.logodds_sweep):  # torch.distributed
         assert "group" in kw(f), f.__name__
+    for f in (fastsplit.generate_sweep, fastsplit.logodds_sweep):  # resumable
+        assert {"checkpoint_dir", "resume"} <= set(kw(f)), f.__name__
     assert callable(fastsplit.dist.active_group) and callable(fastsplit.dist.shard_range)

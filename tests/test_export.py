@@ -219,15 +219,32 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fastsplit", "export", *args], capture_output=True, text=True)
 
 
+def _fit(tmp_path, steering: str | None, name="fit.json"):
+    from fastsplit.hf.export import file_sha256
+
+    prov = {"steering": {"path": steering, "sha256": file_sha256(steering)}} if steering else None
+    fit = tmp_path / name
+    fit.write_text(json.dumps({"operating_point": {"multiplier": 2.5}, "provenance": prov,
+                               "warnings": ["the operating point is at the edge of the swept range"]}))
+    return fit
+
+
 def test_cli_export_at_the_operating_point(model_dir, tmp_path):
     _, s, path = _steered(model_dir, "vector", tmp_path)
-    fit = tmp_path / "fit.json"
-    fit.write_text(json.dumps({"operating_point": {"multiplier": 2.5}}))
     out = tmp_path / "sub" / "cv.gguf"
-    r = _cli("--steering", path, "--m", "op", "--fit", str(fit), "--format", "control-vector", "--out", str(out),
-             "--model", model_dir, "--any-model")
+    r = _cli("--steering", path, "--m", "op", "--fit", str(_fit(tmp_path, path)), "--format", "control-vector",
+             "--out", str(out), "--model", model_dir, "--any-model")
     assert r.returncode == 0, r.stderr
     assert "m = 2.5" in r.stdout and "--control-vector" in r.stdout and out.exists()
+    assert "warning (from" in r.stdout and "at the edge of the swept range" in r.stdout  # the sweep's own words
+    # a fit of another intervention, or one that does not say which, is refused in one line
+    _, _, lora = _steered(model_dir, "lora", tmp_path)
+    for fit, words in ((_fit(tmp_path, lora, "other.json"), "was swept with another steering file"),
+                       (_fit(tmp_path, None, "old.json"), "does not record which steering file")):
+        r = _cli("--steering", path, "--m", "op", "--fit", str(fit), "--format", "control-vector", "--out",
+                 str(tmp_path / "x.gguf"), "--model", model_dir, "--any-model")
+        assert r.returncode == 1 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "x.gguf").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "lora-as-cv", "m-word", "op-without-fit", "unwritable",

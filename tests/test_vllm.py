@@ -335,3 +335,31 @@ def test_peft_adapters_in_vllm(hf_default, tmp_path, caplog, capfd):
         assert "does not support LoRA bias" in out + err
     finally:
         _free(eng)
+
+
+def test_cli_sweep_and_generate_on_vllm(steering_files, tmp_path, capsys):
+    """`fastsplit sweep --engine vllm` writes what the torch engine writes (NLLs within 1e-3), and `fastsplit generate
+    --engine vllm` the same rows; options the vLLM engine cannot honour are refused in one line first."""
+    import csv
+
+    from fastsplit.cli import main
+
+    common = ["sweep", "--steering", steering_files["lora"], "--data", "demo", "--max-pairs", "4",
+              "--multipliers=-4,-3,-2,-1,0,1,2,3,4", "--bootstrap", "0", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "torch")]) == 0
+    assert main(common + ["--out", str(tmp_path / "vllm"), "--engine", "vllm",
+                          "--vllm-args", '{"max_model_len": 512}']) == 0
+    rows = [list(csv.DictReader(open(tmp_path / d / "sweep.csv"))) for d in ("torch", "vllm")]
+    assert len(rows[0]) == len(rows[1]) == 4 * 9
+    for a, b in zip(*rows):
+        for k in ("nll_pos", "nll_neg"):
+            assert abs(float(a[k]) - float(b[k])) < TOL
+    out = str(tmp_path / "gen.jsonl")
+    assert main(["generate", "--steering", steering_files["vector"], "--prompt", "Describe your week.",
+                 "--multipliers=-4,0,4", "--max-new-tokens", "8", "--engine", "vllm", "--out", out, "--quiet",
+                 "--vllm-args", '{"max_model_len": 512}']) == 0
+    gen = [json.loads(line) for line in open(out)]
+    assert [g["multiplier"] for g in gen] == [-4.0, 0.0, 4.0] and all(g["text"] for g in gen)
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "x"), "--engine", "vllm", "--manifold"]) == 1
+    assert "--manifold runs on the torch engine only" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from .logodds import Sweep
+from .plot import save_figure
 
 __all__ = ["compare", "read_sweep_dir", "gain_at_drop", "frontier", "DROPS"]
 
@@ -299,9 +300,4 @@ def plot_compare(runs: list[dict], result: dict, path_prefix: str) -> list[str]:
                  color="0.3")
     fig.suptitle(f"{len(runs)} interventions on the same {result['pairs']} pairs ({result.get('model') or '?'})",
                  fontsize=10)
-    fig.tight_layout()
-    paths = [f"{path_prefix}.png", f"{path_prefix}.svg"]
-    fig.savefig(paths[0], dpi=120)
-    fig.savefig(paths[1])
-    plt.close(fig)
-    return paths
+    return save_figure(fig, path_prefix)

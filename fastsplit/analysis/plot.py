@@ -91,6 +91,13 @@ def plot_sweep(sweep: Sweep, pref_fit: Fit | None, util_fit: Fit | None, op: Ope
         _manifold_panel(axes[2], sweep, manifold)
     if title:
         fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path_prefix)
+
+
+def save_figure(fig, path_prefix: str) -> list[str]:
+    """``path_prefix``.png (120 dpi) and .svg of ``fig``, which is then closed; returns the paths."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     paths = [f"{path_prefix}.png", f"{path_prefix}.svg"]
     fig.savefig(paths[0], dpi=120)

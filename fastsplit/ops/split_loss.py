@@ -224,6 +224,8 @@ def _auto_route(h: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], so
     (every launcher that can run, each at a few chunk sizes, on a slice of the rows), else ``static``'s rule."""
     key = tune_key(h, weight, bias, softcap, need_dh)
     hit = _tune.TUNER.memory.get(key)
+    if hit is None and torch.compiler.is_compiling():  # nothing to trace but the static rule
+        return static, 0
     if hit is None:
         hit = _tune.TUNER.route(key, h.device, lambda: _candidates(h, t, weight, bias, softcap, need_dh),
                                 f"{static}:chunk=0", parse=_parse_route)
@@ -463,19 +465,9 @@ def sequence_nll(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *, redu
     if lm_head_weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"hidden has size {hidden.shape[2]} but lm_head_weight has shape "
                          f"{tuple(lm_head_weight.shape)} = [V, H]")
-    check_tensor("labels", labels, shape=hidden.shape[:2])
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
-    if lm_head_bias is not None:
-        check_tensor("lm_head_bias", lm_head_bias, shape=(lm_head_weight.shape[0],), like=hidden)
-    if logit_softcap is not None and not logit_softcap > 0:
-        raise ValueError(f"logit_softcap must be positive, got {logit_softcap}")
-    chosen = _backend.resolve(backend, hidden.device, op="split_loss")
-    static = chosen
-    if backend == "auto" and _env.tuning(hidden.device.type):
-        chosen = "auto"
+    _check_labels("labels", labels, hidden)
+    _check_head_extras(lm_head_bias, lm_head_weight, logit_softcap, hidden)
+    static, chosen = _choose(backend, hidden.device)
     opts = dict(static=static, backend=chosen, reduction=reduction, ignore_index=int(ignore_index), shift=bool(shift),
                 softcap=float(logit_softcap) if logit_softcap else None)
     return SequenceNLLFunction.apply(hidden, lm_head_weight, lm_head_bias, labels, opts)
@@ -511,15 +503,30 @@ def _validate(hidden_pos, hidden_neg, weight, labels_pos, labels_neg, bias, redu
         raise ValueError(f"hidden sizes differ: hidden_pos {tuple(hidden_pos.shape)}, hidden_neg "
                          f"{tuple(hidden_neg.shape)}, lm_head_weight {tuple(weight.shape)} = [V, H]")
     for name, lab, hid in (("labels_pos", labels_pos, hidden_pos), ("labels_neg", labels_neg, hidden_neg)):
-        check_tensor(name, lab, shape=hid.shape[:2])
-        if lab.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer tensor, got dtype {lab.dtype}")
-        if lab.device != hid.device:
-            raise ValueError(f"{name} is on {lab.device} but the hidden states are on {hid.device}")
+        _check_labels(name, lab, hid)
+    _check_head_extras(bias, weight, softcap, hidden_pos)
+
+
+def _check_labels(name: str, lab, hid: Tensor) -> None:
+    check_tensor(name, lab, shape=hid.shape[:2])
+    if lab.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {lab.dtype}")
+    if lab.device != hid.device:
+        raise ValueError(f"{name} is on {lab.device} but the hidden states are on {hid.device}")
+
+
+def _check_head_extras(bias, weight: Tensor, softcap, like: Tensor) -> None:
     if bias is not None:
-        check_tensor("lm_head_bias", bias, shape=(weight.shape[0],), like=hidden_pos)
+        check_tensor("lm_head_bias", bias, shape=(weight.shape[0],), like=like)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"logit_softcap must be positive, got {softcap}")
+
+
+def _choose(backend: str, device: torch.device) -> tuple[str, str]:
+    """(the static backend, the backend the launch asks for): "auto" where the tuner may measure on this device
+    (each side's launcher and chunk size are then measured, or read from its cache)."""
+    static = _backend.resolve(backend, device, op="split_loss")
+    return static, ("auto" if backend == "auto" and _env.tuning(device.type) else static)
 
 
 def split_loss(hidden_pos: Tensor, hidden_neg: Tensor, lm_head_weight: Tensor, labels_pos: Tensor,
@@ -553,10 +560,7 @@ def split_loss(hidden_pos: Tensor, hidden_neg: Tensor, lm_head_weight: Tensor, l
     """
     _validate(hidden_pos, hidden_neg, lm_head_weight, labels_pos, labels_neg, lm_head_bias, reduction,
               logit_softcap)
-    chosen = _backend.resolve(backend, hidden_pos.device, op="split_loss")
-    static = chosen
-    if backend == "auto" and _env.tuning(hidden_pos.device.type):
-        chosen = "auto"  # each side's launcher and chunk size are measured (or read from the tuner's cache)
+    static, chosen = _choose(backend, hidden_pos.device)
     opts = dict(static=static, lambda_p=float(lambda_p), lambda_n=float(lambda_n), gamma=float(gamma), theta=float(theta),
                 reduction=reduction, ignore_index=int(ignore_index), shift=bool(shift),
                 softcap=float(logit_softcap) if logit_softcap else None, backend=chosen)

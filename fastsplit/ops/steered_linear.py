@@ -369,7 +369,7 @@ def _auto_route(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m
     hit = _tune.TUNER.memory.get(key)
     if hit is not None:
         return hit
-    if not _env.tuning(x.device.type):
+    if torch.compiler.is_compiling() or not _env.tuning(x.device.type):  # nothing to trace but the static rule
         return _static_route(x, weight, delta_weight, lora_a, m1)
     args = (x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2, key[8])
     static = "triton" if _static_route(x, weight, delta_weight, lora_a, m1) is _TRITON else "torch"

@@ -35,6 +35,16 @@ def fake_timer(times: dict):
     return lambda fn, device: times[fn.__name__]
 
 
+def named_candidates(real):
+    """The op's candidate builder, with each candidate's run function named after it (for :func:`fake_timer`)."""
+    def candidates(*args):
+        cands, check = real(*args)
+        for c in cands:
+            c.run.__name__ = c.name
+        return cands, check
+    return candidates
+
+
 def named(name, fn):
     fn.__name__ = name
     return fn
@@ -93,13 +103,7 @@ def _lw_inputs(rows=24):
 def test_op_follows_the_timings_and_stays_exact(tuner, prefer):
     x, W, b, dW, db = _lw_inputs()
     other = {"torch:fold": "torch:two_gemm", "torch:two_gemm": "torch:fold"}[prefer]
-    real = sl_mod._candidates
-
-    def candidates(*args):
-        cands, check = real(*args)
-        for c in cands:
-            c.run.__name__ = c.name
-        return cands, check
+    candidates = named_candidates(sl_mod._candidates)
     tuner.once = fake_timer({prefer: 1.0, other: 2.0})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sl_mod, "_candidates", candidates)
@@ -118,15 +122,13 @@ def test_a_candidate_wrong_in_its_output_or_gradient_is_refused(tuner, bad):
     real = sl_mod._candidates
 
     def candidates(*args):
-        cands, check = real(*args)
+        cands, check = named_candidates(real)(*args)
         base = cands[0].run
 
         def wrong():
             out = list(base())
             out[0 if bad == "output" else 1] = out[0 if bad == "output" else 1] + 1e-2
             return tuple(out)
-        for c in cands:
-            c.run.__name__ = c.name
         return cands + [_tune.Candidate("torch:wrong", named("torch:wrong", wrong))], check
     tuner.once = fake_timer({"torch:fold": 2.0, "torch:two_gemm": 3.0, "torch:wrong": 0.1})
     with pytest.MonkeyPatch.context() as mp:
@@ -292,14 +294,7 @@ def _gloo_worker(rank, port, cache, out):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     _env.set_tuning(True)
     prefer = ["torch:fold", "torch:two_gemm"][rank]  # each rank's fake timings favour another route
-    real = sl._candidates
-
-    def candidates(*args):
-        cands, check = real(*args)
-        for c in cands:
-            c.run.__name__ = c.name
-        return cands, check
-    sl._candidates = candidates
+    sl._candidates = named_candidates(sl._candidates)
     _tune.TUNER.once = lambda fn, d: 1.0 if fn.__name__ == prefer else 2.0
     if rank == 1:
         time.sleep(0.5)  # rank 0 settles first
@@ -324,3 +319,19 @@ def test_two_gloo_ranks_with_different_timings_take_one_route(tmp_path):
     mp.spawn(_gloo_worker, args=(port, str(tmp_path), str(tmp_path)), nprocs=2, join=True)
     routes = [json.load(open(tmp_path / f"{r}.json")) for r in (0, 1)]
     assert routes[0] == routes[1] == ["torch:fold"]  # rank 0 settled first; rank 1's timings favoured two GEMMs
+
+
+def test_torch_compile_fullgraph_with_tuning_on(tuner):
+    """Under torch.compile a cached route is read and a missing one takes the static rule: nothing to trace but
+    tensor code (fullgraph), and nothing tuned while tracing."""
+    x, W, b, dW, db = _lw_inputs(rows=40)
+    y_eager = fastsplit.steered_linear(x, W, b, delta_weight=dW, delta_bias=db, m1=0.5)  # tunes this key
+    runs = tuner.runs
+    fn = torch.compile(lambda x: fastsplit.steered_linear(x, W, b, delta_weight=dW, delta_bias=db, m1=0.5),
+                       fullgraph=True)
+    assert_close(fn(x), y_eager.double(), torch.float32, "cached route")
+    big = torch.randn(300, 40)  # another row bucket: not in the cache
+    want = fastsplit.steered_linear_ref(big.double(), W.double(), b.double(), delta_weight=dW.double(),
+                                        delta_bias=db.double(), m1=0.5)
+    assert_close(fn(big), want, torch.float32, "static rule")
+    assert tuner.runs == runs

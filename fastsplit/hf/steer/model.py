@@ -167,8 +167,8 @@ class Steering:
 
         h = hashlib.sha256(f"{self.form}|{self.layer}|{self.site}|{self.rank}".encode())
         for name, t in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)  # its bytes, no copy
         return h.hexdigest()
 
     def metadata(self) -> dict[str, str]:
