@@ -108,7 +108,7 @@ def tables(results: list[dict], drops=(0.5, 1.0, 2.0)) -> str:
         for tag, fit in r["fits"].items():
             form, obj = tag.rsplit("-", 1)
             s, op, b = fit["scores"], fit["operating_point"], (fit.get("bootstrap") or {}).get("m_op") or [None] * 2
-            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+            fmt = lambda v: "n/a" if v is None else "< −1" if v < -1 else f"{v:.3f}"  # a refit that ran away
             band = f" [{b[0]:.2f}, {b[1]:.2f}]" if b[0] is not None else ""
             out.append(f"| {r['concept']} | {form} | {obj} | {fmt(s['preference_r2_fit'])} "
                        f"({fmt(s['preference_r2_heldout_m'])}) | {fmt(s['utility_r2_fit'])} "

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active_group", "rank", "world_size", "is_main", "shard_range", "shard_by_work", "check_world",
-           "all_gather_list", "gather_indexed", "split_work", "agree", "atomic_write", "broadcast_object",
-           "first_published", "timeout"]
+           "all_gather_list", "gather_indexed", "gather_tensors", "run_tasks", "split_work", "agree", "atomic_write",
+           "broadcast_object", "first_published", "timeout", "Blocks"]
 
 
 def active_group(group=None):
@@ -80,6 +80,69 @@ def shard_by_work(costs: Sequence[float], group=None) -> list[int]:
         if r == me:
             mine.append(i)
     return sorted(mine)
+
+
+def gather_tensors(local: dict, group=None, *, what: str = "work") -> dict:
+    """``{key: tensor}`` of every rank united on every rank: the tensors travel as one flat buffer per rank through
+    ``all_gather`` (no pickling), only their keys, shapes and dtypes as objects. Tensors of one dtype per call."""
+    if group is None:
+        return dict(local)
+    keys = list(local)
+    metas = all_gather_list([[(k, tuple(local[k].shape), str(local[k].dtype).replace("torch.", ""))
+                              for k in keys]], group, what=what)
+    device = next(iter(local.values())).device if local else torch.device("cpu")
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtypes = {d for part in metas for _, _, d in part}
+    if len(dtypes) > 1:
+        raise ValueError(f"gather_tensors takes one dtype per call, got {sorted(dtypes)}")
+    dtype = getattr(torch, dtypes.pop()) if dtypes else torch.float32
+    sizes = [sum(int(torch.Size(shape).numel()) for _, shape, _ in part) for part in metas]
+    flat = torch.zeros(max(sizes) if sizes else 0, dtype=dtype, device=device)
+    if keys:
+        mine = torch.cat([local[k].reshape(-1).to(device, dtype) for k in keys])
+        flat[:mine.numel()] = mine
+    parts = [torch.empty_like(flat) for _ in metas]
+    dist.all_gather(parts, flat, group=group)
+    out = {}
+    for part, buf in zip(metas, parts):
+        at = 0
+        for k, shape, _ in part:
+            n = int(torch.Size(shape).numel())
+            out[k] = buf[at:at + n].reshape(shape).to(next(iter(local.values())).device if local else "cpu").clone()
+            at += n
+    return out
+
+
+_TASKS = {"calls": 0}
+
+
+def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work") -> list:
+    """``[fn(0), ..., fn(n - 1)]`` on every rank, the calls shared out dynamically: each rank takes the next index
+    nobody took from an atomic counter in the group's store, so a few slow tasks (a fit that runs to its iteration
+    limit) do not hold one rank back. ``fn`` must be deterministic in its index (the result is then one process's,
+    bit for bit). Without a store it falls back to :func:`split_work`'s fixed shares."""
+    if group is None:
+        return [fn(i) for i in range(n)]
+    _TASKS["calls"] += 1  # every rank makes the same calls in the same order: the same counter key
+    key = f"fastsplit/tasks/{_TASKS['calls']}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store: fixed shares
+        store = None
+
+    def work():
+        local = {}
+        if store is None:
+            for i in split_work(n, group):
+                local[i] = fn(i)
+            return local
+        while True:
+            i = int(store.add(key, 1)) - 1
+            if i >= n:
+                return local
+            local[i] = fn(i)
+    return gather_indexed(agree(work, group, what=what), n, group, what=what)
 
 
 def split_work(n: int, group=None) -> list[int]:

@@ -318,7 +318,7 @@ def train(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], *, los
         dist.agree(lambda: layout.build_cache(model, steering.layer, device, only=mine), group,
                    what="prefix cache")
         if group is not None:  # each rank computed its share; every rank holds them all (batches are split anew)
-            layout.cache.update(dist.all_gather_list(list(layout.cache.items()), group, what="prefix cache"))
+            layout.cache.update(dist.gather_tensors(layout.cache, group, what="prefix cache"))
     head, softcap = hf.lm_head(model), hf.logit_softcap(model)
     n_batches = math.ceil(len(pairs) / batch_size)
     total_steps = max(1, math.ceil(n_batches / grad_accum) * epochs)

@@ -95,13 +95,25 @@ def _synthetic_sweep():
     return fastsplit.Sweep.from_nll(ms, lp, lp + P)
 
 
+def _task_gather(out, rank):
+    """gather_tensors: each rank's tensors (other counts and shapes) united on every rank; run_tasks: every index run
+    once, in order, whoever ran it."""
+    local = {f"r{rank}-{k}": torch.full((k + 1, 3), float(rank * 10 + k)) for k in range(rank + 2)}
+    group = fastsplit.dist.active_group()
+    every = fastsplit.dist.gather_tensors(local, group)
+    ran = []
+    results = fastsplit.dist.run_tasks(lambda i: ran.append(i) or i * i, 9, group)
+    return {"keys": sorted(every), "sums": {k: float(v.sum()) for k, v in every.items()}, "results": results,
+            "ran": ran}
+
+
 def _task_analyze(out, rank):
     rep = fastsplit.analyze(_synthetic_sweep(), bootstrap_samples=12)
     return {"bootstrap": rep["bootstrap"], "heldout": rep["heldout_m"], "m_op": rep["operating_point"].multiplier}
 
 
 TASKS = {"sweep": _task_sweep, "generate": _task_generate, "train": _task_train, "bad_shard": _task_bad_shard,
-         "bad_pair": _task_bad_pair, "too_few": _task_too_few, "analyze": _task_analyze}
+         "bad_pair": _task_bad_pair, "too_few": _task_too_few, "analyze": _task_analyze, "gather": _task_gather}
 
 
 def _worker(rank, world, store, out, task, kw):
@@ -207,3 +219,12 @@ def test_shared_fits_equal_one_process_bit_for_bit(tmp_path):
     one = _task_analyze(None, 0)
     for res in _launch(tmp_path, "analyze"):
         assert res["ok"] == one
+
+
+def test_tensors_and_tasks_are_shared_between_ranks(tmp_path):
+    res = [r["ok"] for r in _launch(tmp_path, "gather")]
+    want = {f"r{r}-{k}": float((k + 1) * 3 * (r * 10 + k)) for r in range(2) for k in range(r + 2)}
+    for r in res:
+        assert r["keys"] == sorted(want) and r["sums"] == want
+        assert r["results"] == [i * i for i in range(9)]
+    assert sorted(res[0]["ran"] + res[1]["ran"]) == list(range(9))  # every task once, shared out

@@ -39,8 +39,7 @@ def heldout_m_r2(multipliers, values, kind: str, fit=None, *, group=None) -> flo
     def refit(j):
         keep = np.arange(m.size) != j
         return float(fit_curves(m[keep], y[keep], kind, starts=1, init=fit).predict(m[j:j + 1])[0])
-    pred = np.array(dist.gather_indexed({j: refit(j) for j in dist.split_work(m.size, group)}, m.size, group,
-                                        what=f"held-out-m refits of the {kind} fit"))
+    pred = np.array(dist.run_tasks(refit, m.size, group, what=f"held-out-m refits of the {kind} fit"))
     ss_tot = float(((y - y.mean()) ** 2).sum())
     return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
 
@@ -54,8 +53,9 @@ def bootstrap(sweep, pref_fit, util_fit, *, n: int = 100, max_util_drop: float =
               progress: bool = False, group=None) -> dict:
     """Pair-bootstrap 95% intervals of the preference and utility R² and of the operating point's m.
 
-    Inside a process group every rank draws the same resamples and refits its share of them; the gathered results
-    are those of one process, bit for bit, so the intervals are too."""
+    Inside a process group every rank draws the same resamples and the refits are shared out between the ranks
+    (:func:`fastsplit.dist.run_tasks`); the gathered results are those of one process, bit for bit, so the intervals
+    are too."""
     from tqdm.auto import tqdm
 
     group = dist.active_group(group)
@@ -71,9 +71,13 @@ def bootstrap(sweep, pref_fit, util_fit, *, n: int = 100, max_util_drop: float =
         except (RuntimeError, ValueError):  # a degenerate resample (constant values): no fit to score
             return None
         return fp.r2, fu.r2, operating_point(fp, fu, sweep.multipliers, u, max_util_drop=max_util_drop).multiplier
-    mine = dist.split_work(n, group)
-    local = {k: one(draws[k]) for k in tqdm(mine, desc="bootstrap", disable=not progress, leave=False)}
-    done = [r for r in dist.gather_indexed(local, n, group, what="pair bootstrap") if r is not None]
+    bar = tqdm(total=n, desc="bootstrap", disable=not progress, leave=False)
+
+    def task(k):
+        bar.update(1)
+        return one(draws[k])
+    done = [r for r in dist.run_tasks(task, n, group, what="pair bootstrap") if r is not None]
+    bar.close()
     r2p, r2u, mop = ([r[i] for r in done] for i in range(3))
     return {"resamples": len(r2p), "preference_r2": _interval(r2p), "utility_r2": _interval(r2u),
             "m_op": _interval(mop)}
@@ -125,17 +129,15 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
     group = dist.active_group(group)
     # Inside a process group the fits are shared out (the two curves, their refits, the bootstrap, the simpler
     # members), each rank doing its part; the results are one process's.
-    jobs = {0: lambda: fit_curves(m, sweep.pref_odds, "preference"), 1: lambda: fit_curves(m, sweep.util_odds, "utility")}
-    share = dist.split_work(2, group)
-    pref, util = dist.gather_indexed({k: jobs[k]() for k in share}, 2, group, what="curve fits")
+    jobs = (lambda: fit_curves(m, sweep.pref_odds, "preference"), lambda: fit_curves(m, sweep.util_odds, "utility"))
+    pref, util = dist.run_tasks(lambda k: jobs[k](), 2, group, what="curve fits")
     op = operating_point(pref, util, m, sweep.util_odds.mean(0), max_util_drop=max_util_drop)
     heldout = {"preference": heldout_m_r2(m, sweep.pref_odds, "preference", pref, group=group),
                "utility": heldout_m_r2(m, sweep.util_odds, "utility", util, group=group)}
     boot = bootstrap(sweep, pref, util, n=bootstrap_samples, max_util_drop=max_util_drop, seed=seed,
                      progress=progress, group=group) if bootstrap_samples and sweep.pref_odds.shape[0] >= 2 else None
-    members = {0: lambda: simpler_member(pref, m, sweep.pref_odds), 1: lambda: simpler_member(util, m, sweep.util_odds)}
-    simpler = dict(enumerate(dist.gather_indexed({k: members[k]() for k in share}, 2, group,
-                                                 what="simpler fits")))
+    members = (lambda: simpler_member(pref, m, sweep.pref_odds), lambda: simpler_member(util, m, sweep.util_odds))
+    simpler = dict(enumerate(dist.run_tasks(lambda k: members[k](), 2, group, what="simpler fits")))
     probe = op.multiplier if op.multiplier != 0 else float(m.max() if op.side == "positive" else m.min())
     groups = answer_groups(sweep, probe)
     warnings = list(op.warnings)
