@@ -161,7 +161,8 @@ def tables(results: list[dict], drops=(0.5, 1.0, 2.0)) -> str:
                 continue
             o, a, d = m["off_manifold"], m["abs_m"], m["difference"]["r2"] or [float("nan")] * 2
             out.append(f"| {r['concept']} | {form} | {obj} | {o['r2_monotone']:.3f} / {o['spearman']:.3f} | "
-                       f"{a['r2_monotone']:.3f} / {a['spearman']:.3f} | [{d[0]:+.3f}, {d[1]:+.3f}] | {m['verdict']} |")
+                       f"{a['r2_monotone']:.3f} / {a['spearman']:.3f} | [{d[0]:+.3f}, {d[1]:+.3f}] | "
+                       + m['verdict'].replace("|", "\\|") + " |")  # |m| inside a cell ends it
     return "\n".join(out)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import _env
 from .ops import _tune
-from .ops.split_loss import split_loss, tuned_rows
+from .ops.split_loss import launch_rows, split_loss, tuned_rows
 from .ops.split_loss import tune_key as loss_key
 from .ops.steered_linear import steered_linear
 from .ops.steered_linear import tune_key_text as sl_text
@@ -136,14 +136,15 @@ def _tune_loss(vocab, hidden, rows, dtype, device, force) -> dict:
     h_pos, h_neg = g(1, rows, hidden).requires_grad_(), g(1, rows, hidden).requires_grad_()
     lab = lambda: torch.randint(0, vocab, (1, rows), generator=gen).to(device)
     l_pos, l_neg = lab(), lab()
-    key = loss_key(h_pos[0], W, None, None, True)
+    n = launch_rows(rows, rows)[0]  # the rows of the launch the loss makes: both sides' while they are few
+    key = loss_key(torch.cat([h_pos[0], h_neg[0]])[:n].detach(), W, None, None, True)
     if force:
         _tune.TUNER.forget(key, device)
-    split_loss(h_pos, h_neg, W, l_pos, l_neg)  # tunes each side's key (both sides share it here)
+    split_loss(h_pos, h_neg, W, l_pos, l_neg)  # tunes the launch's key (one launch, or two that share it)
     rec = _record(key, device)
     # The floor a fused loss is judged by: its own two GEMMs (logits, then dH) on the rows the tuner timed.
-    timed = tuned_rows(rows, vocab, h_pos[0])
-    hs = h_pos[0, :timed].detach()
+    timed = tuned_rows(n, vocab, h_pos[0])
+    hs = torch.cat([h_pos[0], h_neg[0]])[:timed].detach()
     rec["gemms_ms"] = _tune.measure(lambda: (hs @ W.t()) @ W, device, _tune.budget_ms(device))[0]
     rec["rows_timed"] = timed
     return {"op": "split_loss", "form": "", "mkind": "", "rows": rows, **rec}

@@ -1,13 +1,13 @@
 """The SPLIT loss ``λp·L_pos + λn·L_neg + γ·ReLU(θ − (L_neg − L_pos))`` over an lm_head, fused.
 
-Flow per side: every token row goes to a forward launcher (masked rows take a dummy target and get a
-zero coefficient; gathering only the unmasked rows would give a data-dependent shape, which synchronises
-with the host: callers with many masked rows gather them themselves, as ``fastsplit.train`` does with
-``fastsplit.hf.completion_positions``); the launcher returns per-token NLL,
-log-sum-exp and the *unscaled* gradient ``dH = (softmax − onehot)·W`` (computed in the forward,
-tile by tile, so the [tokens × vocab] logits never exist); ``_reduce`` turns the NLLs into the
-loss and each row's coefficient ``∂loss/∂NLL``; backward only rescales dH by it (dH is linear in
-the coefficient). A trainable lm_head gets its gradient from a chunked recompute in backward.
+Flow: every token row goes to a forward launcher, both sides' rows in one launch while they are few (the head is
+then read once), a launch per side above that. Masked rows take a dummy target and get a zero coefficient
+(gathering only the unmasked rows would give a data-dependent shape, which synchronises with the host: callers
+with many masked rows gather them themselves, as ``fastsplit.train`` does with
+``fastsplit.hf.completion_positions``). The launcher returns per-token NLL, log-sum-exp and the *unscaled* gradient
+``dH = (softmax − onehot)·W`` (computed in the forward, tile by tile, so the [tokens × vocab] logits never exist);
+``_reduce`` turns the NLLs into the loss and each row's coefficient ``∂loss/∂NLL``; backward only rescales dH by it
+(dH is linear in the coefficient). A trainable lm_head gets its gradient from a chunked recompute in backward.
 
 ``split_loss_ref`` is the naive full-logits reference (test oracle, benchmark baseline).
 ``split_loss_fwd_torch`` is the chunked torch launcher (the CPU path); ``backend="triton"`` (``auto`` on CUDA) is
@@ -173,6 +173,15 @@ def _reduce(nll_p, rows_p, nll_n, rows_n, B: int, reduction: str, lp: float, ln:
     return loss, (pos, neg, pref, active), coefs[0], coefs[1]
 
 
+_MERGE_ROWS = 2048  # rows of both sides up to which one launch serves both (the head read once)
+
+
+def launch_rows(n_pos: int, n_neg: int) -> list[int]:
+    """Token rows of each launch for sides of ``n_pos`` and ``n_neg`` rows: both in one launch up to
+    ``_MERGE_ROWS`` (a small pass is bound by reading the head, so it reads it once), else one per side."""
+    return [n_pos + n_neg] if n_pos + n_neg <= _MERGE_ROWS else [n_pos, n_neg]
+
+
 def _launcher(backend: str, h: Tensor, V: int, chunk: int = 0):
     """(launcher, chunk rows) of ``backend`` for rows ``h`` [n, H] over a vocabulary of V; ``chunk`` 0: the static
     rule of the backend (``_chunks``)."""
@@ -220,7 +229,7 @@ def _side(hidden: Tensor, labels: Tensor, V: int, name: str, shift: bool, ignore
 
 def _auto_route(h: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
                 need_dh: bool, static: str) -> tuple[str, int]:
-    """(backend, chunk rows) for one side's rows ``h`` [n, H]: the tuner's memory, its disk cache, a measurement
+    """(backend, chunk rows) for one launch's rows ``h`` [n, H] (both sides, or one): the tuner's memory, its disk cache, a measurement
     (every launcher that can run, each at a few chunk sizes, on a slice of the rows), else ``static``'s rule."""
     key = tune_key(h, weight, bias, softcap, need_dh)
     hit = _tune.TUNER.memory.get(key)
@@ -233,7 +242,7 @@ def _auto_route(h: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], so
 
 
 def tune_key(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float], need_dh: bool) -> tuple:
-    """The tuner's key of one side's launch: the row, H and V buckets, dtype, dH or not, soft-cap, bias, device."""
+    """The tuner's key of one launch: the row, H and V buckets, dtype, dH or not, soft-cap, bias, device."""
     n, H = h.shape
     return ("split_loss", f"rows<={_tune.bucket(n)}", h.dtype, f"H<={_tune.bucket(H)}",
             f"V<={_tune.bucket(weight.shape[0])}", "dh" if need_dh else "no-dh", "cap" if softcap else "no-cap",
@@ -262,7 +271,7 @@ def _backends(h: Tensor) -> list[str]:
 
 
 def tuned_rows(n: int, V: int, h: Tensor, backends: Optional[list[str]] = None) -> int:
-    """How many of a side's ``n`` rows the tuner times its candidates on: the largest candidate chunk's worth (a
+    """How many of a launch's ``n`` rows the tuner times its candidates on: the largest candidate chunk's worth (a
     launcher's time is linear in its chunks), so tuning costs about one chunk per candidate at any n."""
     backends = backends or _backends(h)
     return min(n, max(max(_chunk_choices(b, n, V, h.shape[1], h)) for b in backends))
@@ -340,18 +349,27 @@ class SplitLossFunction(torch.autograd.Function):
     def forward(ctx, hidden_pos, hidden_neg, weight, bias, labels_pos, labels_neg, opts: dict):
         B, V = hidden_pos.shape[0], weight.shape[0]
         need_dh = ctx.needs_input_grad[:2]
-        sides = []
-        for name, hid, lab, need in (("labels_pos", hidden_pos, labels_pos, need_dh[0]),
-                                     ("labels_neg", hidden_neg, labels_neg, need_dh[1])):
-            h, t, rows, bad = _side(hid, lab, V, name, opts["shift"], opts["ignore_index"])
+        hp, tp, rp, bad_p = _side(hidden_pos, labels_pos, V, "labels_pos", opts["shift"], opts["ignore_index"])
+        hn, tn, rn, bad_n = _side(hidden_neg, labels_neg, V, "labels_neg", opts["shift"], opts["ignore_index"])
+        n_p = hp.shape[0]
+        # Few rows: one launch over both sides, so the head (the bytes that bound a small pass) is read once, not
+        # twice; many rows are compute-bound and run a side at a time (no [2N, H] copy of the inputs).
+        merged = [(torch.cat([hp, hn]), torch.cat([tp, tn]), bool(need_dh[0] or need_dh[1]))] \
+            if len(launch_rows(n_p, hn.shape[0])) == 1 else [(hp, tp, need_dh[0]), (hn, tn, need_dh[1])]
+        outs = []
+        for h, t, need in merged:
             backend, chunk = opts["backend"], 0
-            if backend == "auto":  # measured per side's key (rows, sizes, dtype, device): _auto_route
+            if backend == "auto":  # measured per launch's key (rows, sizes, dtype, device): _auto_route
                 backend, chunk = _auto_route(h, t, weight, bias, opts["softcap"], bool(need), opts["static"])
             fwd, chunk = _launcher(backend, h, V, chunk)
-            nll, lse, dh = fwd(h, t, weight, bias, opts["softcap"], need, chunk)
-            nll = torch.where(bad, torch.full((), float("nan"), device=nll.device, dtype=nll.dtype), nll)
-            sides.append((h, t, rows, nll, lse, dh))
-        (hp, tp, rp, nll_p, lse_p, dh_p), (hn, tn, rn, nll_n, lse_n, dh_n) = sides
+            outs.append(fwd(h, t, weight, bias, opts["softcap"], need, chunk))
+        if len(outs) == 1:  # split the merged launch back into its sides (views)
+            (nll, lse, dh), = outs
+            outs = [(nll[:n_p], lse[:n_p], dh[:n_p] if dh.numel() else dh),
+                    (nll[n_p:], lse[n_p:], dh[n_p:] if dh.numel() else dh)]
+        nan = torch.full((), float("nan"), device=outs[0][0].device, dtype=outs[0][0].dtype)
+        (nll_p, lse_p, dh_p), (nll_n, lse_n, dh_n) = ((torch.where(bad, nan, nll), lse, dh)
+                                                      for (nll, lse, dh), bad in zip(outs, (bad_p, bad_n)))
         if value_checks(rp):
             _check_counts(rp, rn, B, opts["reduction"])
         reduce = _reduce
@@ -524,7 +542,7 @@ def _check_head_extras(bias, weight: Tensor, softcap, like: Tensor) -> None:
 
 def _choose(backend: str, device: torch.device) -> tuple[str, str]:
     """(the static backend, the backend the launch asks for): "auto" where the tuner may measure on this device
-    (each side's launcher and chunk size are then measured, or read from its cache)."""
+    (each launch's launcher and chunk size are then measured, or read from its cache)."""
     static = _backend.resolve(backend, device, op="split_loss")
     return static, ("auto" if backend == "auto" and _env.tuning(device.type) else static)
 

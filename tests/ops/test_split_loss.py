@@ -80,6 +80,29 @@ def test_no_shift_and_mixed_hinge(backend, dtype):
     assert parts["hinge_active"].numel() == B
 
 
+@pytest.mark.parametrize("backend,dtype", backend_cases(()))  # the layout, not the precision: f64/f32
+@pytest.mark.parametrize("merge", [True, False], ids=["one-launch", "launch-per-side"])
+@pytest.mark.parametrize("frozen", [None, "hidden_neg"], ids=["both-trained", "neg-frozen"])
+def test_sides_in_one_launch_or_two(backend, dtype, merge, frozen, monkeypatch):
+    """Few rows run both sides in one launch (the head read once), many rows a launch per side: both layouts give
+    the reference's loss and gradients, also when only one side needs its gradient."""
+    from fastsplit.ops import split_loss as sl
+
+    monkeypatch.setattr(sl, "_MERGE_ROWS", 10 ** 9 if merge else 0)
+    t, lp, ln = make_case(1000, dtype, bias=True)
+    if frozen:
+        t[frozen].requires_grad_(False)
+    loss, parts, grads = run(lambda *a, **k: split_loss(*a, backend=backend, **k), t, lp, ln, logit_softcap=3.0)
+    ref = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in t.items()}
+    loss_r, parts_r, grads_r = run(split_loss_ref, ref, lp, ln, logit_softcap=3.0)
+    assert set(grads) == set(grads_r) == ({"hidden_pos", "hidden_neg"} - {frozen})
+    assert_close(loss, loss_r, dtype, "loss")
+    for k in ("pos", "neg"):
+        assert_close(parts[k], parts_r[k], dtype, k)
+    for k in grads:
+        assert_close(grads[k], grads_r[k], dtype, f"d{k}")
+
+
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "softcap"])
 def test_fused_chunks_agree(softcap):
     """Small chunks push the fused launcher through several reuses of its one logits buffer (a chunk of 16

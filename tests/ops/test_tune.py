@@ -250,7 +250,12 @@ def test_tuning_off_on_the_cpu_by_default(monkeypatch, tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "tune"))
 
 
-def test_split_loss_tuned_routes_are_exact(tuner):
+@pytest.mark.parametrize("merged", [True, False], ids=["sides-merged", "side-by-side"])
+def test_split_loss_tuned_routes_are_exact(tuner, monkeypatch, merged):
+    from fastsplit.ops import split_loss as sl
+
+    if not merged:  # rows above the merge limit: a launch (and a key) per side
+        monkeypatch.setattr(sl, "_MERGE_ROWS", 0)
     H, V = 24, 300
     W, b = torch.randn(V, H) * 0.3, torch.randn(V)
     hp, hn = torch.randn(2, 9, H, requires_grad=True), torch.randn(2, 7, H, requires_grad=True)
@@ -264,7 +269,8 @@ def test_split_loss_tuned_routes_are_exact(tuner):
     assert_close(loss, ref.detach(), torch.float32, "loss")
     assert_close(hp.grad, ref_h[0].grad, torch.float32, "dh_pos")
     entries = [k for k in json.load(open(_tune.cache_path(CPU)))["entries"] if k.startswith("split_loss")]
-    assert len(entries) == 2  # one key per side's row count (18 and 14 rows: buckets 32 and 16)
+    # merged: one launch of both sides' 32 rows; else one key per side's row count (18 and 14 rows: buckets 32, 16)
+    assert sorted(k.split("|")[1] for k in entries) == (["rows<=32"] if merged else ["rows<=16", "rows<=32"])
     for k in entries:
         assert tuner._files[_tune.cache_path(CPU)][k].times  # measured
 
