@@ -120,8 +120,8 @@ def sweep_command(world, data, ms, out, args, *extra) -> list:
 
 def command(world, data, ms, tmp, args, runs) -> list[float]:
     times = []
-    for k in range(runs):
-        out = os.path.join(tmp, f"cmd-{world}-{len(ms)}-{k}")
+    for _ in range(runs):
+        out = tempfile.mkdtemp(dir=tmp, prefix=f"cmd-{world}-{len(ms)}-")
         t0 = time.perf_counter()
         r = subprocess.run(sweep_command(world, data, ms, out, args), env=_env(), capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
@@ -132,7 +132,9 @@ def command(world, data, ms, tmp, args, runs) -> list[float]:
 
 def resume(data, n_pairs, tmp, args) -> dict:
     """One process: killed when half the pairs are in blocks, then resumed; against an uninterrupted command."""
-    whole = command(1, data, MS21, tmp, args, 1)[0]
+    base = os.path.join(tmp, "resume-base")
+    os.makedirs(base)
+    whole = command(1, data, MS21, base, args, 1)[0]
     out = os.path.join(tmp, "killed")
     blocks = os.path.join(out, "blocks")
     t0 = time.perf_counter()
@@ -154,7 +156,7 @@ def resume(data, n_pairs, tmp, args) -> dict:
     resumed = time.perf_counter() - t1
     if r.returncode != 0:
         raise SystemExit(f"the resumed sweep failed:\n{r.stderr[-3000:]}")
-    a = np.loadtxt(os.path.join(tmp, "cmd-1-21-0", "sweep.csv"), delimiter=",", skiprows=1, usecols=(3, 4))
+    a = np.loadtxt(os.path.join(base, os.listdir(base)[0], "sweep.csv"), delimiter=",", skiprows=1, usecols=(3, 4))
     b = np.loadtxt(os.path.join(out, "sweep.csv"), delimiter=",", skiprows=1, usecols=(3, 4))
     return {"uninterrupted_s": whole, "killed_after_s": killed_at, "pairs_done_when_killed": done,
             "resumed_s": resumed, "ratio": (killed_at + resumed) / whole, "max_abs_diff": float(np.abs(a - b).max())}
@@ -166,6 +168,8 @@ def main() -> None:
     p.add_argument("--train-pairs", type=int, default=128)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--which", default="phases,commands,resume",
+                   help="what to time: phases (sweep and training between barriers), commands, resume")
     p.add_argument("--steering", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # set in launched ranks
     args = p.parse_args()
@@ -190,30 +194,37 @@ def main() -> None:
         write_pairs(sweep_pairs("mc", args.pairs), data64)
         write_pairs(sweep_pairs("mc", 16), data16)
         res = {"device": harness.device_name("cpu"), "threads_per_process": 1, "pairs": args.pairs}
-        ph = {w: phase(w, args, tmp) for w in (1, 2)}
+        which = set(args.which.split(","))
         med = lambda v: float(np.median(v))
-        res["sweep_phase_s"] = {w: med(ph[w][0]["sweep"]) for w in (1, 2)}
-        res["sweep_phase_ratio"] = res["sweep_phase_s"][2] / res["sweep_phase_s"][1]
-        res["busy_s_per_rank"] = {w: [med(r["busy"]) for r in ph[w]] for w in (1, 2)}
-        res["train_epoch_s"] = {w: med(ph[w][0]["train"]) for w in (1, 2)}
-        res["train_ratio"] = res["train_epoch_s"][2] / res["train_epoch_s"][1]
-        print(f"sweep phase {args.pairs} pairs x 21 m: 1 rank {res['sweep_phase_s'][1]:.1f} s, 2 ranks "
-              f"{res['sweep_phase_s'][2]:.1f} s -> {res['sweep_phase_ratio']:.3f}x (busy per rank "
-              f"{[round(b, 1) for b in res['busy_s_per_rank'][2]]} s)", flush=True)
-        print(f"training {args.train_pairs} pairs, 1 epoch: 1 rank {res['train_epoch_s'][1]:.1f} s, 2 ranks "
-              f"{res['train_epoch_s'][2]:.1f} s -> {res['train_ratio']:.3f}x", flush=True)
+        if "phases" in which:
+            ph = {w: phase(w, args, tmp) for w in (1, 2)}
+            res["sweep_phase_s"] = {w: med(ph[w][0]["sweep"]) for w in (1, 2)}
+            res["sweep_phase_ratio"] = res["sweep_phase_s"][2] / res["sweep_phase_s"][1]
+            res["busy_s_per_rank"] = {w: [med(r["busy"]) for r in ph[w]] for w in (1, 2)}
+            res["train_epoch_s"] = {w: med(ph[w][0]["train"]) for w in (1, 2)}
+            res["train_ratio"] = res["train_epoch_s"][2] / res["train_epoch_s"][1]
+            print(f"sweep phase {args.pairs} pairs x 21 m: 1 rank {res['sweep_phase_s'][1]:.1f} s, 2 ranks "
+                  f"{res['sweep_phase_s'][2]:.1f} s -> {res['sweep_phase_ratio']:.3f}x (busy per rank "
+                  f"{[round(b, 1) for b in res['busy_s_per_rank'][2]]} s)", flush=True)
+            print(f"training {args.train_pairs} pairs, 1 epoch: 1 rank {res['train_epoch_s'][1]:.1f} s, 2 ranks "
+                  f"{res['train_epoch_s'][2]:.1f} s -> {res['train_ratio']:.3f}x", flush=True)
         runs = 1 if args.quick else args.runs
-        for label, data, ms in (("64x21", data64, MS21), ("16x9", data16, MS9)):
-            t = {w: med(command(w, data, ms, tmp, args, runs)) for w in (1, 2)}
-            res[f"command_{label}_s"] = t
+        for label, data, ms in (("64x21", data64, MS21), ("16x9", data16, MS9)) if "commands" in which else ():
+            every = {1: [], 2: []}
+            for _ in range(runs):  # interleaved, so a drift of the machine's speed hits both alike
+                for w in (1, 2):
+                    every[w] += command(w, data, ms, tmp, args, 1)
+            t = {w: med(v) for w, v in every.items()}
+            res[f"command_{label}_s"], res[f"command_{label}_runs_s"] = t, every
             res[f"command_{label}_ratio"] = t[2] / t[1]
-            print(f"whole sweep command {label}: 1 rank {t[1]:.1f} s, 2 ranks {t[2]:.1f} s -> {t[2] / t[1]:.3f}x",
-                  flush=True)
-        res["resume"] = resume(data64, args.pairs, tmp, args)
-        print(f"resume: killed at {res['resume']['pairs_done_when_killed']} pairs done, killed run "
-              f"{res['resume']['killed_after_s']:.1f} s + resumed {res['resume']['resumed_s']:.1f} s against "
-              f"{res['resume']['uninterrupted_s']:.1f} s uninterrupted -> {res['resume']['ratio']:.3f}x (max |ΔNLL| "
-              f"{res['resume']['max_abs_diff']:.2g})", flush=True)
+            print(f"whole sweep command {label}: 1 rank {t[1]:.1f} s, 2 ranks {t[2]:.1f} s -> {t[2] / t[1]:.3f}x "
+                  f"(runs: {[round(v, 1) for v in every[1]]}, {[round(v, 1) for v in every[2]]})", flush=True)
+        if "resume" in which:
+            res["resume"] = resume(data64, args.pairs, tmp, args)
+            print(f"resume: killed at {res['resume']['pairs_done_when_killed']} pairs done, killed run "
+                  f"{res['resume']['killed_after_s']:.1f} s + resumed {res['resume']['resumed_s']:.1f} s against "
+                  f"{res['resume']['uninterrupted_s']:.1f} s uninterrupted -> {res['resume']['ratio']:.3f}x "
+                  f"(max |ΔNLL| {res['resume']['max_abs_diff']:.2g})", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .. import dist
-from .fit import MIN_POINTS, fit_curves, operating_point, simpler_member
+from .fit import MIN_POINTS, REFIT_TOL, fit_curves, operating_point, simpler_member
 
 __all__ = ["analyze", "heldout_m_r2", "bootstrap", "answer_groups"]
 
@@ -38,7 +38,7 @@ def heldout_m_r2(multipliers, values, kind: str, fit=None, *, group=None) -> flo
 
     def refit(j):
         keep = np.arange(m.size) != j
-        return float(fit_curves(m[keep], y[keep], kind, starts=1, init=fit).predict(m[j:j + 1])[0])
+        return float(fit_curves(m[keep], y[keep], kind, starts=1, init=fit, tol=REFIT_TOL).predict(m[j:j + 1])[0])
     pred = np.array(dist.run_tasks(refit, m.size, group, what=f"held-out-m refits of the {kind} fit"))
     ss_tot = float(((y - y.mean()) ** 2).sum())
     return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
@@ -66,8 +66,8 @@ def bootstrap(sweep, pref_fit, util_fit, *, n: int = 100, max_util_drop: float =
     def one(idx):
         p, u = sweep.pref_odds[idx].mean(0), sweep.util_odds[idx].mean(0)
         try:
-            fp = fit_curves(sweep.multipliers, p, "preference", starts=0, init=pref_fit)
-            fu = fit_curves(sweep.multipliers, u, "utility", starts=0, init=util_fit)
+            fp = fit_curves(sweep.multipliers, p, "preference", starts=0, init=pref_fit, tol=REFIT_TOL)
+            fu = fit_curves(sweep.multipliers, u, "utility", starts=0, init=util_fit, tol=REFIT_TOL)
         except (RuntimeError, ValueError):  # a degenerate resample (constant values): no fit to score
             return None
         return fp.r2, fu.r2, operating_point(fp, fu, sweep.multipliers, u, max_util_drop=max_util_drop).multiplier

@@ -141,6 +141,25 @@ def test_degenerate_inputs(m, y, msg):
         fit_curves(m, y, "preference")
     with pytest.raises(ValueError, match="kind must be"):
         fit_curves(M, np.arange(21.0), "slope")
+    for tol in (0.0, 1.5, "1e-6"):
+        with pytest.raises(ValueError, match="tol must be"):
+            fit_curves(M, np.arange(21.0), "preference", tol=tol)
+
+
+def test_refit_tolerance_keeps_the_fit():
+    """A refit from the full fit at REFIT_TOL lands on the same curve as one at 1e-9 (to 1e-5 of the values' span),
+    and the bootstrap and held-out m read their figures to a few digits."""
+    from fastsplit.analysis.fit import REFIT_TOL
+
+    rng = np.random.default_rng(5)
+    y = _model("preference", PREF, M) + rng.normal(0, 0.2, (8, M.size))
+    full = fit_curves(M, y, "preference")
+    resample = y[rng.integers(0, 8, 8)]
+    tight = fit_curves(M, resample, "preference", starts=0, init=full)
+    loose = fit_curves(M, resample, "preference", starts=0, init=full, tol=REFIT_TOL)
+    span = float(np.ptp(resample.mean(0)))
+    assert np.abs(tight.predict(M) - loose.predict(M)).max() < 1e-5 * span
+    assert loose.r2 == pytest.approx(tight.r2, abs=1e-6)
 
 
 def test_analyze_and_plot(tmp_path):
