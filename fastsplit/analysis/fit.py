@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import dist
+
 __all__ = ["Fit", "OperatingPoint", "fit_curves", "operating_point", "simpler_member", "validity_decay", "MIN_POINTS"]
 
 KINDS = ("preference", "utility")
@@ -250,10 +252,14 @@ def _local(kind, m, y, x0, lo, hi, fixed: dict | None = None, tol: float = 1e-9)
 
 
 def _solve(kind: str, m: np.ndarray, y: np.ndarray, starts: list[np.ndarray], fixed: dict | None = None,
-           tol: float = 1e-9):
+           tol: float = 1e-9, group=None):
     scale = float(np.abs(m).max()) or 1.0
     lo, hi = _bounds(kind, scale, y)
-    tried = [r for r in (_local(kind, m, y, x0, lo, hi, fixed, tol) for x0 in starts) if r is not None]
+    # Inside a process group the starts are shared out (each is deterministic: the gathered runs are one process's).
+    local = dist.run_tasks(lambda i: _local(kind, m, y, starts[i], lo, hi, fixed, tol), len(starts), group,
+                           what=f"{kind} fit") if group is not None else \
+        [_local(kind, m, y, x0, lo, hi, fixed, tol) for x0 in starts]
+    tried = [r for r in local if r is not None]
     if not tried:
         raise RuntimeError(f"the {kind} fit failed from all {len(starts)} starts")
     runs = [r for r in tried if r[-1]] or tried  # converged runs only, unless none converged (then flagged)
@@ -369,7 +375,7 @@ def _make_fit(kind, m, y, params, at, runs, *, fixed=None, member="full") -> Fit
 
 
 def fit_curves(multipliers, values, kind: str = "preference", *, starts: int = _STARTS, init: Fit | None = None,
-               tol: float = 1e-9) -> Fit:
+               tol: float = 1e-9, group=None) -> Fit:
     """Fit the paper's preference or utility curve to ``values`` over ``multipliers``.
 
     ``values`` is [M] or [N, M] (per pair; the per-m means are fitted). At least 9 points, all finite, not
@@ -377,7 +383,9 @@ def fit_curves(multipliers, values, kind: str = "preference", *, starts: int = _
     the same kind) adds its parameters as a start, so refits on resampled or held-out data can use
     ``starts=0``. ``tol`` is the least-squares stopping tolerance (relative change of the cost, the parameters and
     the gradient's scale); refits whose figures are read to a few digits (the bootstrap, held-out m) use
-    :data:`REFIT_TOL`, about half the work.
+    :data:`REFIT_TOL`, about half the work. ``group``: a process group whose ranks all make this call; they share
+    out the starts (the fit is one process's, bit for bit). None (the default, not the active group): this process
+    alone, as inside a task that is already shared out.
 
     Example::
 
@@ -395,7 +403,7 @@ def fit_curves(multipliers, values, kind: str = "preference", *, starts: int = _
         x0 = [init._params] + x0
     if not (isinstance(tol, float) and 0 < tol < 1):
         raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
-    return _make_fit(kind, m, y, *_solve(kind, m, y, x0, tol=tol))
+    return _make_fit(kind, m, y, *_solve(kind, m, y, x0, tol=tol, group=group))
 
 
 def brute_force_sse(multipliers, values, kind: str, *, points: int = 7) -> float:

@@ -127,10 +127,11 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
     """
     m = sweep.multipliers
     group = dist.active_group(group)
-    # Inside a process group the fits are shared out (the two curves, their refits, the bootstrap, the simpler
-    # members), each rank doing its part; the results are one process's.
-    jobs = (lambda: fit_curves(m, sweep.pref_odds, "preference"), lambda: fit_curves(m, sweep.util_odds, "utility"))
-    pref, util = dist.run_tasks(lambda k: jobs[k](), 2, group, what="curve fits")
+    # Inside a process group the fits are shared out (the two curves' starts, their refits, the bootstrap, the
+    # simpler members), each rank doing its part; the results are one process's. The curves share their starts,
+    # not one curve a rank: the preference fit can take most of the fitting time, and the other rank would idle.
+    pref = fit_curves(m, sweep.pref_odds, "preference", group=group)
+    util = fit_curves(m, sweep.util_odds, "utility", group=group)
     op = operating_point(pref, util, m, sweep.util_odds.mean(0), max_util_drop=max_util_drop)
     heldout = {"preference": heldout_m_r2(m, sweep.pref_odds, "preference", pref, group=group),
                "utility": heldout_m_r2(m, sweep.util_odds, "utility", util, group=group)}
