@@ -396,13 +396,13 @@ def fit_curves(multipliers, values, kind: str = "preference", *, starts: int = _
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if isinstance(starts, bool) or not isinstance(starts, int) or starts < (0 if init is not None else 1):
         raise ValueError(f"starts must be a positive int (or 0 with init), got {starts!r}")
+    if not (isinstance(tol, float) and 0 < tol < 1):
+        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
     m, y = _prepare(multipliers, values)
     scale = float(np.abs(m).max()) or 1.0
     x0 = _grid_starts(kind, m, y, scale, starts) if starts else []
     if init is not None:
         x0 = [init._params] + x0
-    if not (isinstance(tol, float) and 0 < tol < 1):
-        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
     return _make_fit(kind, m, y, *_solve(kind, m, y, x0, tol=tol, group=group))
 
 

@@ -229,8 +229,9 @@ def _side(hidden: Tensor, labels: Tensor, V: int, name: str, shift: bool, ignore
 
 def _auto_route(h: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
                 need_dh: bool, static: str) -> tuple[str, int]:
-    """(backend, chunk rows) for one launch's rows ``h`` [n, H] (both sides, or one): the tuner's memory, its disk cache, a measurement
-    (every launcher that can run, each at a few chunk sizes, on a slice of the rows), else ``static``'s rule."""
+    """(backend, chunk rows) for one launch's rows ``h`` [n, H] (both sides, or one): the tuner's memory, its disk
+    cache, a measurement (every launcher that can run, each at a few chunk sizes, on a slice of the rows), else
+    ``static``'s rule."""
     key = tune_key(h, weight, bias, softcap, need_dh)
     hit = _tune.TUNER.memory.get(key)
     if hit is None and torch.compiler.is_compiling():  # nothing to trace but the static rule
