@@ -90,7 +90,8 @@ def gather_tensors(local: dict, group=None, *, what: str = "work") -> dict:
     keys = list(local)
     metas = all_gather_list([[(k, tuple(local[k].shape), str(local[k].dtype).replace("torch.", ""))
                               for k in keys]], group, what=what)
-    device = next(iter(local.values())).device if local else torch.device("cpu")
+    home = next(iter(local.values())).device if local else torch.device("cpu")  # where the results go
+    device = home
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     dtypes = {d for part in metas for _, _, d in part}
@@ -109,12 +110,12 @@ def gather_tensors(local: dict, group=None, *, what: str = "work") -> dict:
         at = 0
         for k, shape, _ in part:
             n = int(torch.Size(shape).numel())
-            out[k] = buf[at:at + n].reshape(shape).to(next(iter(local.values())).device if local else "cpu").clone()
+            out[k] = buf[at:at + n].reshape(shape).to(home).clone()
             at += n
     return out
 
 
-_TASKS = {"calls": 0}
+_TASKS: dict = {}  # calls of run_tasks so far, per group (its ranks)
 
 
 def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work") -> list:
@@ -124,8 +125,11 @@ def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work
     bit for bit). Without a store it falls back to :func:`split_work`'s fixed shares."""
     if group is None:
         return [fn(i) for i in range(n)]
-    _TASKS["calls"] += 1  # every rank makes the same calls in the same order: the same counter key
-    key = f"fastsplit/tasks/{_TASKS['calls']}"
+    # Every rank of a group makes the same calls in the same order: the same counter key. The key names the group's
+    # ranks, so groups that share the default store (subgroups making other numbers of calls) never share a counter.
+    ranks = tuple(dist.get_process_group_ranks(group))
+    _TASKS[ranks] = _TASKS.get(ranks, 0) + 1
+    key = f"fastsplit/tasks/{','.join(map(str, ranks))}/{_TASKS[ranks]}"
     try:
         store = dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - no store: fixed shares
