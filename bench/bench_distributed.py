@@ -7,9 +7,13 @@ Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
              writes), wall time: 64 pairs x 21 m [<= 0.58x] and 16 pairs x 9 m [<= 0.75x]
   resume     one process: the command killed (SIGKILL) when half of its pairs are in blocks, then `--resume`, in all,
              against an uninterrupted command [<= 1.1x]
+  floor      what 2 ranks can reach on this machine: a fixed piece of work (the sweep's GEMMs; the fits' refits) timed
+             in one process alone and in each of two processes at once; two processes slowing each other by a factor
+             c (shared caches, memory bandwidth, or two vCPUs on one physical core) bound a perfectly divided phase at
+             c/2 of one rank, not 0.5
 
 Floors: with one thread per process, 2 ranks have twice the cores of 1, so the ideal ratio is 0.5x for the parallel
-part; what stays above it is the serial part (launch, model load: about 2 s per process, in parallel; the plot and
+part if the two processes do not slow each other (the floor row measures how much they do); what stays above it is the serial part (launch, model load: about 2 s per process, in parallel; the plot and
 the writes: about 2 s on rank 0) and imbalance (pairs of different lengths; the shards are spread by tokens).
 
 Data: the psychopathy set in ../shared/data (the demo set when it is absent) as 3-token multiple-choice answers
@@ -98,6 +102,43 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def floor_worker(kind: str) -> None:
+    """A fixed piece of work on one thread; prints its seconds. gemm: the model's MLP shapes, as the sweep runs them;
+    fits: held-out refits of a preference curve, as the analysis runs them (scipy, mostly interpreter time)."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    if kind == "gemm":
+        x, w = torch.randn(512, 576), torch.randn(576, 1536)
+        for _ in range(150):
+            x = torch.tanh(x @ w) @ w.T * 0.01
+    else:
+        from fastsplit.analysis import fit_curves
+
+        rng = np.random.default_rng(0)
+        ms = np.linspace(-10, 10, 21)
+        y = 0.4 * ms * np.exp(-(ms / 6) ** 2) + rng.normal(0, 0.05, (16, 21))
+        fit = fit_curves(ms, y, "preference")
+        for j in list(range(21)) * 2:
+            keep = np.arange(21) != j
+            fit_curves(ms[keep], y[:, keep], "preference", starts=1, init=fit, tol=1e-6)
+    print(time.perf_counter() - t0)
+
+
+def floor(runs: int) -> dict:
+    """c = (seconds of the work in each of two processes at once) / (seconds alone), median over interleaved runs."""
+    out = {}
+    for kind in ("gemm", "fits"):
+        cmd = [sys.executable, __file__, "--floor-worker", kind]
+        alone, pair = [], []
+        for _ in range(runs):
+            alone.append(float(subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=True).stdout))
+            procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, text=True) for _ in range(2)]
+            pair.append(float(np.mean([float(p.communicate()[0]) for p in procs])))
+        c = float(np.median(pair) / np.median(alone))
+        out[kind] = {"alone_s": alone, "pair_s": pair, "slowdown": c, "floor_ratio": c / 2}
+    return out
+
+
 def _torchrun(world: int, *args) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *args]
 
@@ -168,13 +209,17 @@ def main() -> None:
     p.add_argument("--train-pairs", type=int, default=128)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--json", default=None)
-    p.add_argument("--which", default="phases,commands,resume",
-                   help="what to time: phases (sweep and training between barriers), commands, resume")
+    p.add_argument("--which", default="floor,phases,commands,resume",
+                   help="what to time: floor (two processes slowing each other), phases (sweep and training between "
+                        "barriers), commands, resume")
+    p.add_argument("--floor-worker", default=None, help=argparse.SUPPRESS)  # one process of the floor row
     p.add_argument("--steering", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # set in launched ranks
     args = p.parse_args()
     if args.worker_out and "RANK" in os.environ:
         return worker(args)
+    if args.floor_worker:
+        return floor_worker(args.floor_worker)
     if args.quick:
         args.pairs, args.train_pairs, args.runs = 8, 16, 1
     from bench_workflows import sweep_pairs
@@ -196,6 +241,12 @@ def main() -> None:
         res = {"device": harness.device_name("cpu"), "threads_per_process": 1, "pairs": args.pairs}
         which = set(args.which.split(","))
         med = lambda v: float(np.median(v))
+        if "floor" in which:
+            res["floor"] = floor(1 if args.quick else 3)
+            for kind, f in res["floor"].items():
+                print(f"floor, {kind}: alone {med(f['alone_s']):.2f} s, each of two at once {med(f['pair_s']):.2f} s "
+                      f"-> two processes slow each other {f['slowdown']:.2f}x; a perfectly divided phase on 2 ranks "
+                      f">= {f['floor_ratio']:.3f}x", flush=True)
         if "phases" in which:
             ph = {w: phase(w, args, tmp) for w in (1, 2)}
             res["sweep_phase_s"] = {w: med(ph[w][0]["sweep"]) for w in (1, 2)}

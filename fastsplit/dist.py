@@ -118,12 +118,19 @@ def gather_tensors(local: dict, group=None, *, what: str = "work") -> dict:
 _TASKS: dict = {}  # calls of run_tasks so far, per group (its ranks)
 
 
-def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work") -> list:
+def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work",
+              before: Callable[[], None] | None = None) -> list:
     """``[fn(0), ..., fn(n - 1)]`` on every rank, the calls shared out dynamically: each rank takes the next index
     nobody took from an atomic counter in the group's store, so a few slow tasks (a fit that runs to its iteration
     limit) do not hold one rank back. ``fn`` must be deterministic in its index (the result is then one process's,
-    bit for bit). Without a store it falls back to :func:`split_work`'s fixed shares."""
+    bit for bit). Without a store it falls back to :func:`split_work`'s fixed shares.
+
+    ``before``: work of this rank alone (rank 0 drawing a plot), done before it takes its first task; meanwhile the
+    other ranks take more tasks, so its time is shared out too. An error in it stops every rank, as an error in a
+    task does."""
     if group is None:
+        if before is not None:
+            before()
         return [fn(i) for i in range(n)]
     # Every rank of a group makes the same calls in the same order: the same counter key. The key names the group's
     # ranks, so groups that share the default store (subgroups making other numbers of calls) never share a counter.
@@ -137,6 +144,8 @@ def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work
 
     def work():
         local = {}
+        if before is not None:
+            before()
         if store is None:
             for i in split_work(n, group):
                 local[i] = fn(i)

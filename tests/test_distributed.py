@@ -107,9 +107,20 @@ def _task_gather(out, rank):
             "ran": ran}
 
 
-def _task_analyze(out, rank):
-    rep = fastsplit.analyze(_synthetic_sweep(), bootstrap_samples=12)
-    return {"bootstrap": rep["bootstrap"], "heldout": rep["heldout_m"], "m_op": rep["operating_point"].multiplier}
+def _task_analyze(out, rank, slow_rank0=False, fail_rank0=False):
+    """The fits shared out; with slow_rank0, rank 0 first spends a while on work of its own (the CLI's plot) while
+    rank 1 takes the bootstrap's refits; with fail_rank0 that work fails."""
+    drew = []
+
+    def draw(result):
+        if fail_rank0:
+            raise OSError("the plot cannot be written")
+        time.sleep(1.0)
+        drew.append(result["bootstrap"])
+    rep = fastsplit.analyze(_synthetic_sweep(), bootstrap_samples=12, on_fits=draw if slow_rank0 and rank == 0
+                            else None)
+    return {"bootstrap": rep["bootstrap"], "heldout": rep["heldout_m"], "m_op": rep["operating_point"].multiplier,
+            "drew": drew}
 
 
 TASKS = {"sweep": _task_sweep, "generate": _task_generate, "train": _task_train, "bad_shard": _task_bad_shard,
@@ -133,9 +144,10 @@ def _worker(rank, world, store, out, task, kw):
 
 def _launch(tmp_path, task, world=2, **kw) -> list[dict]:
     """Run ``task`` on ``world`` gloo ranks; returns each rank's {"ok": result} or {"error": message}."""
-    out = tmp_path / task
+    launch = len(list(tmp_path.glob(f"{task}-*")))  # the outputs of earlier launches of this task stay
+    out = tmp_path / f"{task}-{launch}"
     out.mkdir()
-    store = tmp_path / f"{task}-{len(list(tmp_path.glob('*.store*')))}.store"  # a fresh rendezvous per launch
+    store = tmp_path / f"{task}-{launch}.store"  # a fresh rendezvous per launch
     ctx = mp.start_processes(_worker, args=(world, str(store), str(out), task, kw),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + TIMEOUT_S
@@ -190,7 +202,6 @@ def test_two_rank_resume_matches_an_uninterrupted_run(tmp_path):
     _ok(_launch(tmp_path, "train", epochs=2, checkpoint_dir=str(ck)))
     assert sorted(os.listdir(ck)) == ["checkpoint-epoch1.pt", "checkpoint-epoch2.pt"]  # rank 0 wrote, whole
     (ck / "checkpoint-epoch2.pt").unlink()  # as if stopped after epoch 1
-    (tmp_path / "train").rename(tmp_path / "first")
     resumed = _ok(_launch(tmp_path, "train", epochs=2, checkpoint_dir=str(ck), resume=True))
     model, s = _fresh()
     _train(model, s, epochs=2)
@@ -219,6 +230,15 @@ def test_shared_fits_equal_one_process_bit_for_bit(tmp_path):
     one = _task_analyze(None, 0)
     for res in _launch(tmp_path, "analyze"):
         assert res["ok"] == one
+    # Rank 0 drawing before its first refit (on_fits) leaves the figures as they are; it drew once, rank 1 never.
+    slow = _ok(_launch(tmp_path, "analyze", slow_rank0=True))
+    assert [r["drew"] for r in slow] == [[None], []]
+    for r in slow:
+        assert {**r, "drew": []} == one
+    # That work failing on rank 0 stops both ranks, rank 1 with an error naming rank 0.
+    failed = _launch(tmp_path, "analyze", slow_rank0=True, fail_rank0=True)
+    assert failed[0]["error"] == "OSError: the plot cannot be written"
+    assert failed[1]["error"].startswith("RuntimeError: rank 0 failed during the pair bootstrap")
 
 
 def test_tensors_and_tasks_are_shared_between_ranks(tmp_path):

@@ -20,6 +20,7 @@ import torch
 
 import fastsplit
 from fastsplit import dist as fdist
+from fastsplit.analysis import Sweep, analyze
 from fastsplit.analysis import logodds as lo
 from fastsplit.cli import main
 from tests.test_cli import model_dir  # noqa: F401 - the tiny saved model, a fixture
@@ -225,7 +226,14 @@ def test_two_nodes_on_localhost_equal_one_process(model_dir, steering_file, tmp_
     for n, (_, err) in zip(nodes, outs):
         assert n.returncode == 0, err[-3000:]
     _same_sweep(tmp_path / "one" / "sweep.csv", tmp_path / "two" / "sweep.csv")
-    one, two = (json.load(open(tmp_path / d / "fit.json"))["bootstrap"] for d in ("one", "two"))
-    assert one["resamples"] == two["resamples"] == 20  # shared between the ranks (tests/test_distributed.py: exact)
+    one, two = (json.load(open(tmp_path / d / "fit.json")) for d in ("one", "two"))
+    for k in ("preference_r2_fit", "utility_r2_fit"):
+        np.testing.assert_allclose(two["scores"][k], one["scores"][k], rtol=1e-4)
+    # The fits the two nodes shared are one process's fits of the same sweep, bit for bit. (Not of one process's
+    # sweep: the two differ by float32 rounding, which a bootstrap refit of this run's weakly identified utility
+    # curve moves by about 3e-3 in an interval's end.)
+    alone = analyze(Sweep.from_csv(str(tmp_path / "two" / "sweep.csv")), bootstrap_samples=20)
+    assert two["bootstrap"]["resamples"] == alone["bootstrap"]["resamples"] == 20
     for k in ("preference_r2", "utility_r2", "m_op"):
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-3, atol=1e-4)
+        assert two["bootstrap"][k] == alone["bootstrap"][k], k
+    assert two["scores"]["utility_r2_fit"] == alone["utility"].r2

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import dist
 
-__all__ = ["Fit", "OperatingPoint", "fit_curves", "operating_point", "simpler_member", "validity_decay", "MIN_POINTS"]
+__all__ = ["Fit", "OperatingPoint", "fit_curves", "fit_many", "operating_point", "simpler_member", "validity_decay", "MIN_POINTS"]
 
 KINDS = ("preference", "utility")
 _DECAY = ("m_pos", "L_pos", "p_pos", "m_neg", "L_neg", "p_neg")
@@ -253,15 +253,18 @@ def _local(kind, m, y, x0, lo, hi, fixed: dict | None = None, tol: float = 1e-9)
 
 def _solve(kind: str, m: np.ndarray, y: np.ndarray, starts: list[np.ndarray], fixed: dict | None = None,
            tol: float = 1e-9, group=None):
-    scale = float(np.abs(m).max()) or 1.0
-    lo, hi = _bounds(kind, scale, y)
+    lo, hi = _bounds(kind, float(np.abs(m).max()) or 1.0, y)
     # Inside a process group the starts are shared out (each is deterministic: the gathered runs are one process's).
     local = dist.run_tasks(lambda i: _local(kind, m, y, starts[i], lo, hi, fixed, tol), len(starts), group,
-                           what=f"{kind} fit") if group is not None else \
-        [_local(kind, m, y, x0, lo, hi, fixed, tol) for x0 in starts]
+                           what=f"{kind} fit")
+    return _best(kind, local, len(starts), fixed)
+
+
+def _best(kind: str, local: list, n_starts: int, fixed: dict | None = None):
+    """The best converged run of ``local`` (one per start; None where a run failed): (x, at_bounds, runs)."""
     tried = [r for r in local if r is not None]
     if not tried:
-        raise RuntimeError(f"the {kind} fit failed from all {len(starts)} starts")
+        raise RuntimeError(f"the {kind} fit failed from all {n_starts} starts")
     runs = [r for r in tried if r[-1]] or tried  # converged runs only, unless none converged (then flagged)
     _, x, z, zlo, zhi, converged = min(runs, key=lambda r: r[0])
     tol = 1e-3 * (zhi - zlo)  # 0.1% of each range, in the search space (log for L and p)
@@ -392,18 +395,49 @@ def fit_curves(multipliers, values, kind: str = "preference", *, starts: int = _
         >>> fit = fit_curves(sweep.multipliers, sweep.pref_odds, "preference")
         >>> fit.r2, fit.at_bounds, fit.regions["positive"]["linear"]
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if isinstance(starts, bool) or not isinstance(starts, int) or starts < (0 if init is not None else 1):
-        raise ValueError(f"starts must be a positive int (or 0 with init), got {starts!r}")
+    return fit_many([(multipliers, values, kind)], starts=starts, init=[init], tol=tol, group=group)[0]
+
+
+def fit_many(jobs, *, starts: int = _STARTS, init=None, tol: float = 1e-9, group=None) -> list[Fit]:
+    """:func:`fit_curves` of every ``(multipliers, values, kind)`` in ``jobs``, the same fits, with all their starts
+    in one pool: inside a process group the ranks share out the starts of every fit at once (one collective, not
+    one per fit). Fits whose starts take unequal time (the preference fit's take about three times the utility
+    fit's) then balance across the ranks, where fits in a row would leave a rank idle at the end of each.
+    ``init``: None or one earlier fit (or None) per job. Put the slower fit first: starts are handed out in order.
+
+    Example::
+
+        >>> pref, util = fit_many([(ms, sweep.pref_odds, "preference"), (ms, sweep.util_odds, "utility")])
+    """
+    init = [None] * len(jobs) if init is None else list(init)
+    if len(init) != len(jobs):
+        raise ValueError(f"init has {len(init)} entries for {len(jobs)} jobs")
     if not (isinstance(tol, float) and 0 < tol < 1):
         raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
-    m, y = _prepare(multipliers, values)
-    scale = float(np.abs(m).max()) or 1.0
-    x0 = _grid_starts(kind, m, y, scale, starts) if starts else []
-    if init is not None:
-        x0 = [init._params] + x0
-    return _make_fit(kind, m, y, *_solve(kind, m, y, x0, tol=tol, group=group))
+    plans = []
+    for (multipliers, values, kind), first in zip(jobs, init):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if isinstance(starts, bool) or not isinstance(starts, int) or starts < (0 if first is not None else 1):
+            raise ValueError(f"starts must be a positive int (or 0 with init), got {starts!r}")
+        m, y = _prepare(multipliers, values)
+        scale = float(np.abs(m).max()) or 1.0
+        x0 = ([first._params] if first is not None else []) + (_grid_starts(kind, m, y, scale, starts) if starts
+                                                               else [])
+        plans.append((kind, m, y, x0, *_bounds(kind, scale, y)))
+    tasks = [(j, x0) for j, plan in enumerate(plans) for x0 in plan[3]]
+
+    def run(i):
+        j, x0 = tasks[i]
+        kind, m, y, _, lo, hi = plans[j]
+        return _local(kind, m, y, x0, lo, hi, None, tol)
+    what = " and ".join(p[0] for p in plans) + " fit" + ("s" if len(plans) > 1 else "")
+    local = dist.run_tasks(run, len(tasks), group, what=what)
+    fits = []
+    for j, (kind, m, y, x0, _, _) in enumerate(plans):
+        mine = [r for (k, _), r in zip(tasks, local) if k == j]
+        fits.append(_make_fit(kind, m, y, *_best(kind, mine, len(x0))))
+    return fits
 
 
 def brute_force_sse(multipliers, values, kind: str, *, points: int = 7) -> float:

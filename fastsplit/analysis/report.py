@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .. import dist
-from .fit import MIN_POINTS, REFIT_TOL, fit_curves, operating_point, simpler_member
+from .fit import MIN_POINTS, REFIT_TOL, fit_curves, fit_many, operating_point, simpler_member
 
 __all__ = ["analyze", "heldout_m_r2", "bootstrap", "answer_groups"]
 
@@ -28,18 +28,28 @@ _OPPOSITE_MIN = 0.1  # nats: a group's mean preference change that counts as a m
 def heldout_m_r2(multipliers, values, kind: str, fit=None, *, group=None) -> float | None:
     """R² of leave-one-m-out predictions (None with fewer than MIN_POINTS + 1 multipliers). Inside a process
     group the refits are shared out between the ranks (the same value as one process)."""
-    m = np.asarray(multipliers, np.float64)
-    y = np.asarray(values, np.float64)
-    y = y.mean(0) if y.ndim == 2 else y
+    m, y = _curve(multipliers, values)
     if m.size < MIN_POINTS + 1:
         return None
     fit = fit or fit_curves(m, y, kind)
-    group = dist.active_group(group)
+    pred = dist.run_tasks(lambda j: _heldout_refit(m, y, kind, fit, j), m.size, dist.active_group(group),
+                          what=f"held-out-m refits of the {kind} fit")
+    return _heldout_score(y, pred)
 
-    def refit(j):
-        keep = np.arange(m.size) != j
-        return float(fit_curves(m[keep], y[keep], kind, starts=1, init=fit, tol=REFIT_TOL).predict(m[j:j + 1])[0])
-    pred = np.array(dist.run_tasks(refit, m.size, group, what=f"held-out-m refits of the {kind} fit"))
+
+def _curve(multipliers, values) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(values, np.float64)
+    return np.asarray(multipliers, np.float64), (y.mean(0) if y.ndim == 2 else y)
+
+
+def _heldout_refit(m, y, kind, fit, j) -> float:
+    """The prediction at m[j] of a refit without it (from ``fit``)."""
+    keep = np.arange(m.size) != j
+    return float(fit_curves(m[keep], y[keep], kind, starts=1, init=fit, tol=REFIT_TOL).predict(m[j:j + 1])[0])
+
+
+def _heldout_score(y, pred) -> float:
+    pred = np.asarray(pred, np.float64)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
 
@@ -50,12 +60,12 @@ def _interval(values) -> list[float] | None:
 
 
 def bootstrap(sweep, pref_fit, util_fit, *, n: int = 100, max_util_drop: float = 1.0, seed: int = 0,
-              progress: bool = False, group=None) -> dict:
+              progress: bool = False, group=None, before=None) -> dict:
     """Pair-bootstrap 95% intervals of the preference and utility R² and of the operating point's m.
 
     Inside a process group every rank draws the same resamples and the refits are shared out between the ranks
     (:func:`fastsplit.dist.run_tasks`); the gathered results are those of one process, bit for bit, so the intervals
-    are too."""
+    are too. ``before``: this rank's own work before its first refit (:func:`fastsplit.dist.run_tasks`)."""
     from tqdm.auto import tqdm
 
     group = dist.active_group(group)
@@ -63,21 +73,23 @@ def bootstrap(sweep, pref_fit, util_fit, *, n: int = 100, max_util_drop: float =
     N = sweep.pref_odds.shape[0]
     draws = [rng.integers(0, N, N) for _ in range(n)]  # every rank: the one-process sequence of resamples
 
-    def one(idx):
-        p, u = sweep.pref_odds[idx].mean(0), sweep.util_odds[idx].mean(0)
+    def refit(k):  # tasks 0..n-1: the preference refits (the slow ones, first), n..2n-1: the utility refits
+        kind, values, full = ("preference", sweep.pref_odds, pref_fit) if k < n else ("utility", sweep.util_odds,
+                                                                                         util_fit)
+        bar.update(1)
         try:
-            fp = fit_curves(sweep.multipliers, p, "preference", starts=0, init=pref_fit, tol=REFIT_TOL)
-            fu = fit_curves(sweep.multipliers, u, "utility", starts=0, init=util_fit, tol=REFIT_TOL)
+            return fit_curves(sweep.multipliers, values[draws[k % n]].mean(0), kind, starts=0, init=full,
+                              tol=REFIT_TOL)
         except (RuntimeError, ValueError):  # a degenerate resample (constant values): no fit to score
             return None
-        return fp.r2, fu.r2, operating_point(fp, fu, sweep.multipliers, u, max_util_drop=max_util_drop).multiplier
-    bar = tqdm(total=n, desc="bootstrap", disable=not progress, leave=False)
-
-    def task(k):
-        bar.update(1)
-        return one(draws[k])
-    done = [r for r in dist.run_tasks(task, n, group, what="pair bootstrap") if r is not None]
+    bar = tqdm(total=2 * n, desc="bootstrap", disable=not progress, leave=False)
+    # A task per refit, not per resample: the preference refits vary most (a few run for thousands of evaluations)
+    # and the utility refits behind them, each a few milliseconds, fill in while the slowest finish elsewhere.
+    fits = dist.run_tasks(refit, 2 * n, group, what="pair bootstrap", before=before)
     bar.close()
+    done = [(fp.r2, fu.r2, operating_point(fp, fu, sweep.multipliers, sweep.util_odds[draws[k]].mean(0),
+                                           max_util_drop=max_util_drop).multiplier)
+            for k, (fp, fu) in enumerate(zip(fits[:n], fits[n:])) if fp is not None and fu is not None]
     r2p, r2u, mop = ([r[i] for r in done] for i in range(3))
     return {"resamples": len(r2p), "preference_r2": _interval(r2p), "utility_r2": _interval(r2u),
             "m_op": _interval(mop)}
@@ -111,7 +123,7 @@ def answer_groups(sweep, m_probe: float) -> dict:
 
 
 def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, seed: int = 0,
-            progress: bool = False, group=None) -> dict:
+            progress: bool = False, group=None, on_fits=None) -> dict:
     """Both fits on the per-m means, held-out-m R², pair-bootstrap intervals, the operating point (judged
     against *measured* utility), answer-group diagnostics, and the warnings a reader must see.
 
@@ -120,6 +132,10 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
     "warnings": [str]}. ``simpler`` is a simpler member of the paper's family that fits as well (or None);
     ``at_zero`` compares each fit's value at m = 0 with the measured mean there.
 
+    ``on_fits(result)``: called on this rank with everything but the bootstrap (``result["bootstrap"]`` None)
+    before the bootstrap starts, for work that needs only the fits (a plot); inside a process group the other
+    ranks meanwhile take more of the bootstrap's refits, so a rank 0 that draws costs little wall time.
+
     Example::
 
         >>> report = analyze(sweep)
@@ -127,18 +143,22 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
     """
     m = sweep.multipliers
     group = dist.active_group(group)
-    # Inside a process group the fits are shared out (the two curves' starts, their refits, the bootstrap, the
-    # simpler members), each rank doing its part; the results are one process's. The curves share their starts,
-    # not one curve a rank: the preference fit can take most of the fitting time, and the other rank would idle.
-    pref = fit_curves(m, sweep.pref_odds, "preference", group=group)
-    util = fit_curves(m, sweep.util_odds, "utility", group=group)
+    # Inside a process group the fits are shared out (the two curves' starts in one pool, their refits, the
+    # simpler members, the bootstrap), each rank doing its part; the results are one process's. One pool, not one
+    # curve a rank: the preference fit's starts take about three times the utility fit's.
+    pref, util = fit_many([(m, sweep.pref_odds, "preference"), (m, sweep.util_odds, "utility")], group=group)
     op = operating_point(pref, util, m, sweep.util_odds.mean(0), max_util_drop=max_util_drop)
-    heldout = {"preference": heldout_m_r2(m, sweep.pref_odds, "preference", pref, group=group),
-               "utility": heldout_m_r2(m, sweep.util_odds, "utility", util, group=group)}
-    boot = bootstrap(sweep, pref, util, n=bootstrap_samples, max_util_drop=max_util_drop, seed=seed,
-                     progress=progress, group=group) if bootstrap_samples and sweep.pref_odds.shape[0] >= 2 else None
-    members = (lambda: simpler_member(pref, m, sweep.pref_odds), lambda: simpler_member(util, m, sweep.util_odds))
-    simpler = dict(enumerate(dist.run_tasks(lambda k: members[k](), 2, group, what="simpler fits")))
+    # The held-out-m refits of both curves and the two simpler members: one pool of tasks, the slowest kind first.
+    curves = {"preference": (pref, _curve(m, sweep.pref_odds)[1]), "utility": (util, _curve(m, sweep.util_odds)[1])}
+    heldout_js = range(m.size) if m.size >= MIN_POINTS + 1 else range(0)
+    tasks = ([lambda j=j: _heldout_refit(m, curves["preference"][1], "preference", pref, j) for j in heldout_js] +
+             [lambda: simpler_member(pref, m, sweep.pref_odds), lambda: simpler_member(util, m, sweep.util_odds)] +
+             [lambda j=j: _heldout_refit(m, curves["utility"][1], "utility", util, j) for j in heldout_js])
+    done = dist.run_tasks(lambda k: tasks[k](), len(tasks), group, what="held-out-m refits and simpler fits")
+    n_h = len(heldout_js)
+    heldout = {"preference": _heldout_score(curves["preference"][1], done[:n_h]) if n_h else None,
+               "utility": _heldout_score(curves["utility"][1], done[n_h + 2:]) if n_h else None}
+    simpler = {0: done[n_h], 1: done[n_h + 1]}
     probe = op.multiplier if op.multiplier != 0 else float(m.max() if op.side == "positive" else m.min())
     groups = answer_groups(sweep, probe)
     warnings = list(op.warnings)
@@ -170,5 +190,12 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
             warnings.append(f"the {fit.kind} fit gives {fitted:+.3f} at m = 0 where the measured mean is "
                             f"{measured:+.3f} ± {se0:.3f} (a gap of {gap:+.3f}): the two-sided decay cannot match "
                             "m = 0 and its neighbours at once; judge utility by the measured values")
-    return {"preference": pref, "utility": util, "operating_point": op, "heldout_m": heldout, "bootstrap": boot,
-            "groups": groups, "identifiability": ident, "warnings": warnings}
+    result = {"preference": pref, "utility": util, "operating_point": op, "heldout_m": heldout, "bootstrap": None,
+              "groups": groups, "identifiability": ident, "warnings": warnings}
+    before = (lambda: on_fits(result)) if on_fits is not None else None
+    if bootstrap_samples and sweep.pref_odds.shape[0] >= 2:
+        result["bootstrap"] = bootstrap(sweep, pref, util, n=bootstrap_samples, max_util_drop=max_util_drop,
+                                        seed=seed, progress=progress, group=group, before=before)
+    else:  # every rank makes this call (the collective), whether or not it has work of its own
+        dist.agree(before or (lambda: None), group, what="work before the bootstrap")
+    return result

@@ -44,16 +44,26 @@ def provenance(model: str, steering_path: str | None, meta: dict, data: str, pai
             "multipliers": [float(m) for m in ms], "length_norm": bool(length_norm)}
 
 
-def write_report(sweep, result: dict, out: str, title: str, max_util_drop: float, prov: dict | None = None) -> dict:
-    """fit.json (every score named, and the sweep's provenance) and plot.png/.svg beside sweep.csv; returns the
-    report."""
+def draw_plots(sweep, result: dict, out: str, title: str, max_util_drop: float) -> dict:
+    """plot.png and plot.svg in ``out``: needs the fits, not the bootstrap (``analyze``'s ``on_fits`` draws them
+    while the other ranks start the bootstrap). Returns the plots' paths."""
     from fastsplit.analysis import plot_sweep
 
     os.makedirs(out, exist_ok=True)
+    return plot_sweep(sweep, result["preference"], result["utility"], result["operating_point"],
+                      os.path.join(out, "plot"), title=title, heldout_r2=result["heldout_m"],
+                      max_util_drop=max_util_drop, identifiability=result["identifiability"],
+                      manifold=result.get("manifold"))
+
+
+def write_report(sweep, result: dict, out: str, title: str, max_util_drop: float, prov: dict | None = None,
+                 plots: dict | None = None) -> dict:
+    """fit.json (every score named, and the sweep's provenance) and, unless ``plots`` says they are drawn
+    (:func:`draw_plots`), plot.png/.svg beside sweep.csv; returns the report."""
+    os.makedirs(out, exist_ok=True)
     op = result["operating_point"]
-    plots = plot_sweep(sweep, result["preference"], result["utility"], op, os.path.join(out, "plot"), title=title,
-                       heldout_r2=result["heldout_m"], max_util_drop=max_util_drop,
-                       identifiability=result["identifiability"], manifold=result.get("manifold"))
+    if plots is None:
+        plots = draw_plots(sweep, result, out, title, max_util_drop)
     report = {
         "title": title,
         "preference": result["preference"].to_dict(), "utility": result["utility"].to_dict(),
@@ -234,20 +244,24 @@ def run_sweep(args) -> int:
                 sweep.extra = {c: man[c] for c in COLUMNS}
                 sweep.manifold_subspace = man["subspace"]
             steering.detach()
+        title = _title(model_label, int(meta["layer"]), meta["form"], data, len(pairs), held)
+        drawn = {}
+
+        def draw(result, sweep=sweep, out=out, title=title):  # rank 0, while the other ranks start the bootstrap
+            if args.manifold:
+                from fastsplit.analysis.manifold import explain_utility
+
+                result["manifold"] = {**explain_utility(sweep, bootstrap=max(args.bootstrap, 50)),
+                                      "subspace": sweep.manifold_subspace}
+            drawn["plots"] = draw_plots(sweep, result, out, title, args.max_util_drop)
         if is_main():  # every rank holds the whole sweep; rank 0 writes, every rank shares the fits' bootstrap
             write_sweep(sweep, out)
         result = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
-                         progress=not args.quiet)
+                         progress=not args.quiet, on_fits=draw if is_main() else None)
         if not is_main():
             continue
-        if args.manifold:
-            from fastsplit.analysis.manifold import explain_utility
-
-            result["manifold"] = {**explain_utility(sweep, bootstrap=max(args.bootstrap, 50)),
-                                  "subspace": sweep.manifold_subspace}
-        title = _title(model_label, int(meta["layer"]), meta["form"], data, len(pairs), held)
         prov = provenance(model_label, path, meta, data, pairs, ms, args.length_norm)
-        report = write_report(sweep, result, out, title, args.max_util_drop, prov)
+        report = write_report(sweep, result, out, title, args.max_util_drop, prov, plots=drawn["plots"])
         if len(args.steering) > 1:
             print(f"== {path} (layer {meta['layer']}, {meta['form']})")
         print_report(report)
@@ -299,14 +313,15 @@ def run_demo(args) -> int:
     # rank 0 writes; every rank shares the fits' bootstrap, then generates its share at the chosen m
     if is_main():
         write_sweep(sweep, args.out)
+    title = _title(fastsplit.hf.model_name(model), layer, args.form, args.data, len(test_pairs), True)
+    drawn = {}
+    draw = lambda result: drawn.update(plots=draw_plots(sweep, result, args.out, title, args.max_util_drop))
     analysis = analyze(sweep, max_util_drop=args.max_util_drop, bootstrap_samples=args.bootstrap,
-                       progress=not args.quiet)
+                       progress=not args.quiet, on_fits=draw if is_main() else None)
     if is_main():
         prov = provenance(fastsplit.hf.model_name(model), os.path.join(args.out, "steering.safetensors"),
                           steering.metadata(), args.data, test_pairs, ms, False)
-        report = write_report(sweep, analysis, args.out, _title(fastsplit.hf.model_name(model), layer, args.form,
-                                                                 args.data, len(test_pairs), True),
-                              args.max_util_drop, prov)
+        report = write_report(sweep, analysis, args.out, title, args.max_util_drop, prov, plots=drawn["plots"])
         print_report(report)
         m_op = [report["operating_point"]["multiplier"]]
     m_op = fastsplit.dist.broadcast_object(m_op[0])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastsplit.analysis import analyze, answer_groups, fit_curves, heldout_m_r2, operating_point, plot_sweep, validity_decay
-from fastsplit.analysis.fit import P_BOUNDS, _from_search, _jacobian, _model, _to_search, brute_force_sse
+from fastsplit.analysis.fit import P_BOUNDS, _from_search, fit_many, _jacobian, _model, _to_search, brute_force_sse
 from fastsplit.analysis.logodds import Sweep
 
 M = np.linspace(-10, 10, 21)
@@ -160,6 +160,40 @@ def test_refit_tolerance_keeps_the_fit():
     span = float(np.ptp(resample.mean(0)))
     assert np.abs(tight.predict(M) - loose.predict(M)).max() < 1e-5 * span
     assert loose.r2 == pytest.approx(tight.r2, abs=1e-6)
+
+
+def test_fit_many_is_fit_curves_per_job():
+    """Several fits with their starts in one pool: each is the fit fit_curves makes alone, parameter for parameter."""
+    rng = np.random.default_rng(6)
+    pref = _model("preference", PREF, M) + rng.normal(0, 0.2, (8, M.size))
+    util = _model("utility", UTIL, M) + rng.normal(0, 0.2, (8, M.size))
+    both = fit_many([(M, pref, "preference"), (M, util, "utility")])
+    alone = [fit_curves(M, pref, "preference"), fit_curves(M, util, "utility")]
+    for got, want in zip(both, alone):
+        assert got.kind == want.kind and np.array_equal(got._params, want._params) and got.r2 == want.r2
+    refits = fit_many([(M, pref[::-1], "preference"), (M, util[::-1], "utility")], starts=0, init=both)
+    assert np.array_equal(refits[0]._params, fit_curves(M, pref[::-1], "preference", starts=0, init=both[0])._params)
+    with pytest.raises(ValueError, match="init has 1 entries for 2 jobs"):
+        fit_many([(M, pref, "preference"), (M, util, "utility")], init=[both[0]])
+    with pytest.raises(ValueError, match="kind must be"):
+        fit_many([(M, pref, "preference"), (M, util, "slope")])
+
+
+def test_on_fits_sees_the_fits_before_the_bootstrap():
+    """analyze's on_fits gets the finished fits (for the plot) before the bootstrap, once, and changes nothing."""
+    rng = np.random.default_rng(8)
+    pref = _model("preference", PREF, M) + rng.normal(0, 0.2, (8, M.size))
+    util = _model("utility", UTIL, M) + rng.normal(0, 0.2, (8, M.size))
+    seen = []
+    result = analyze(_sweep(pref, util), bootstrap_samples=10,
+                     on_fits=lambda r: seen.append((r["bootstrap"], r["preference"], r["identifiability"])))
+    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] is result["preference"]
+    assert seen[0][2] is result["identifiability"] and result["bootstrap"]["resamples"] == 10
+    plain = analyze(_sweep(pref, util), bootstrap_samples=10)
+    assert plain["bootstrap"] == result["bootstrap"] and plain["warnings"] == result["warnings"]
+    seen.clear()
+    analyze(_sweep(pref, util), bootstrap_samples=0, on_fits=lambda r: seen.append(r["bootstrap"]))
+    assert seen == [None]  # no bootstrap: still called
 
 
 def test_analyze_and_plot(tmp_path):

@@ -153,9 +153,24 @@ def test_summary_and_csv(tmp_path):
     assert lines[0] == "pair,group,multiplier,nll_pos,nll_neg,pref_odds,util_odds,util_clamped" and len(lines) == 7
     grouped = Sweep.from_nll([0.0], [[1.0], [2.0]], [[1.0], [1.0]], groups=["Yes", "No"])
     grouped.to_csv(str(path))
-    assert path.read_text().splitlines()[1].startswith("0,Yes,0,")
+    assert path.read_text().splitlines()[1].startswith("0,Yes,0.0,")
     with pytest.raises(ValueError, match="groups has 1 labels for 2 pairs"):
         Sweep.from_nll([0.0], [[1.0], [2.0]], [[1.0], [1.0]], groups=["Yes"])
+
+
+def test_csv_round_trip_is_exact(tmp_path):
+    """sweep.csv holds the sweep exactly (a re-analysis gives its fit.json's figures): float32 NLLs as a sweep
+    stores them, float64 ones and multipliers with no short decimal form."""
+    rng = np.random.default_rng(3)
+    ms = [-10 / 3, -0.1, 0.0, 1 / 7, 2.5]
+    lp = rng.uniform(0.01, 60, (5, 5)).astype(np.float32).astype(np.float64)
+    ln = rng.uniform(0.01, 60, (5, 5))
+    sweep = Sweep.from_nll(ms, lp, ln, groups=list("abcde"))
+    sweep.to_csv(str(tmp_path / "s.csv"))
+    back = Sweep.from_csv(str(tmp_path / "s.csv"))
+    for name in ("multipliers", "nll_pos", "nll_neg", "pref_odds", "util_odds"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(sweep, name), err_msg=name)
+    assert back.groups == sweep.groups
 
 
 def test_bad_inputs():
