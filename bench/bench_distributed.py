@@ -13,8 +13,10 @@ Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
              c/2 of one rank, not 0.5
 
 Floors: with one thread per process, 2 ranks have twice the cores of 1, so the ideal ratio is 0.5x for the parallel
-part if the two processes do not slow each other (the floor row measures how much they do); what stays above it is the serial part (launch, model load: about 2 s per process, in parallel; the plot and
-the writes: about 2 s on rank 0) and imbalance (pairs of different lengths; the shards are spread by tokens).
+part if the two processes do not slow each other (the floor row measures how much they do); what stays above it is
+the serial part (launch, imports and model load: about 8 s per process, in parallel; the exit: about 2 s; rank 0's
+writes; its plot is drawn while the other ranks start the bootstrap) and imbalance (pairs of different lengths; the
+shards are spread by tokens).
 
 Data: the psychopathy set in ../shared/data (the demo set when it is absent) as 3-token multiple-choice answers
 (bench_workflows.sweep_pairs "mc"); a vector at layer 15 trained for one epoch on 96 other pairs of the set (a

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastsplit.analysis import analyze, answer_groups, fit_curves, heldout_m_r2, operating_point, plot_sweep, validity_decay
-from fastsplit.analysis.fit import P_BOUNDS, _from_search, fit_many, _jacobian, _model, _to_search, brute_force_sse
+from fastsplit.analysis.fit import P_BOUNDS, _from_search, _jacobian, _model, _to_search, brute_force_sse, fit_many
 from fastsplit.analysis.logodds import Sweep
 
 M = np.linspace(-10, 10, 21)
