@@ -147,17 +147,17 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
     # simpler members, the bootstrap), each rank doing its part; the results are one process's. One pool, not one
     # curve a rank: the preference fit's starts take about three times the utility fit's.
     pref, util = fit_many([(m, sweep.pref_odds, "preference"), (m, sweep.util_odds, "utility")], group=group)
-    op = operating_point(pref, util, m, sweep.util_odds.mean(0), max_util_drop=max_util_drop)
+    y_pref, y_util = sweep.pref_odds.mean(0), sweep.util_odds.mean(0)  # the per-m means the curves were fitted to
+    op = operating_point(pref, util, m, y_util, max_util_drop=max_util_drop)
     # The held-out-m refits of both curves and the two simpler members: one pool of tasks, the slowest kind first.
-    curves = {"preference": (pref, _curve(m, sweep.pref_odds)[1]), "utility": (util, _curve(m, sweep.util_odds)[1])}
     heldout_js = range(m.size) if m.size >= MIN_POINTS + 1 else range(0)
-    tasks = ([lambda j=j: _heldout_refit(m, curves["preference"][1], "preference", pref, j) for j in heldout_js] +
+    tasks = ([lambda j=j: _heldout_refit(m, y_pref, "preference", pref, j) for j in heldout_js] +
              [lambda: simpler_member(pref, m, sweep.pref_odds), lambda: simpler_member(util, m, sweep.util_odds)] +
-             [lambda j=j: _heldout_refit(m, curves["utility"][1], "utility", util, j) for j in heldout_js])
+             [lambda j=j: _heldout_refit(m, y_util, "utility", util, j) for j in heldout_js])
     done = dist.run_tasks(lambda k: tasks[k](), len(tasks), group, what="held-out-m refits and simpler fits")
     n_h = len(heldout_js)
-    heldout = {"preference": _heldout_score(curves["preference"][1], done[:n_h]) if n_h else None,
-               "utility": _heldout_score(curves["utility"][1], done[n_h + 2:]) if n_h else None}
+    heldout = {"preference": _heldout_score(y_pref, done[:n_h]) if n_h else None,
+               "utility": _heldout_score(y_util, done[n_h + 2:]) if n_h else None}
     simpler = {0: done[n_h], 1: done[n_h + 1]}
     probe = op.multiplier if op.multiplier != 0 else float(m.max() if op.side == "positive" else m.min())
     groups = answer_groups(sweep, probe)
@@ -167,12 +167,12 @@ def analyze(sweep, *, max_util_drop: float = 1.0, bootstrap_samples: int = 100, 
         warnings.append(f"answer groups move in opposite directions at m = {probe:g} ({moves}): the vector follows "
                         "the answer token, not the concept; balance the answers per group or change the format")
     ident = {}
-    for k, (fit, values) in enumerate(((pref, sweep.pref_odds), (util, sweep.util_odds))):
+    for k, (fit, values, means) in enumerate(((pref, sweep.pref_odds, y_pref), (util, sweep.util_odds, y_util))):
         if not fit.converged:
             warnings.append(f"the {fit.kind} fit did not converge from any start: its curve is the best iterate "
                             "found, not an optimum; do not read its parameters")
         simple = simpler[k]
-        measured = float(np.interp(0.0, np.sort(m), values.mean(0)[np.argsort(m)]))
+        measured = float(np.interp(0.0, np.sort(m), means[np.argsort(m)]))
         fitted = float(fit.predict(np.array([0.0]))[0])
         ident[fit.kind] = {"not_identified": fit.not_identified, "simpler": simple.to_dict() if simple else None,
                            "at_zero": {"fitted": fitted, "measured": measured, "gap": fitted - measured}}
