@@ -65,16 +65,18 @@ def worker(args) -> None:
     model, tok = fastsplit.load_default_model()
     steering = fastsplit.load_steering(model, args.steering)
     pairs = sweep_pairs("mc", args.pairs)
-    busy = {"t": 0.0}
-    real = lo._sweep_nll
+    busy = {"t": 0.0, "depth": 0}
 
-    def timed_nll(*a, **k):  # this rank's own work, between its collectives
-        t0 = time.perf_counter()
-        try:
-            return real(*a, **k)
-        finally:
-            busy["t"] += time.perf_counter() - t0
-    lo._sweep_nll = timed_nll
+    def counted(real):  # this rank's own work (its pairs; its block of the shared prefix's m rows), between collectives
+        def run(*a, **k):  # one process runs the prefix inside _sweep_nll: only the outermost call counts
+            t0, busy["depth"] = time.perf_counter(), busy["depth"] + 1
+            try:
+                return real(*a, **k)
+            finally:
+                busy["depth"] -= 1
+                busy["t"] += 0.0 if busy["depth"] else time.perf_counter() - t0
+        return run
+    lo._sweep_nll, lo._prefix_caches = counted(lo._sweep_nll), counted(lo._prefix_caches)
 
     def timed(fn):
         dist.barrier()

@@ -38,10 +38,22 @@ def _train(model, s, pairs=PAIRS, **kw):
 
 
 # --- what each rank runs: module-level, so spawn can pickle it --------------------------------------------
-def _task_sweep(out, rank):
+def _task_sweep(out, rank, ms=MS):
+    """The sweep, and how many m rows of the shared prefix this process ran itself."""
+    import fastsplit.analysis.logodds as lo
+
     model, s = _fresh()
-    sweep = fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:5], MS, progress=False)
-    return {"nll_pos": sweep.nll_pos, "nll_neg": sweep.nll_neg, "groups": sweep.groups}
+    real, prefix_rows = lo._prefix_caches, []
+
+    def counted(model, steering, prefix, m_all, *a):
+        prefix_rows.append(len(m_all))
+        return real(model, steering, prefix, m_all, *a)
+    lo._prefix_caches = counted
+    try:
+        sweep = fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:5], ms, progress=False)
+    finally:
+        lo._prefix_caches = real
+    return {"nll_pos": sweep.nll_pos, "nll_neg": sweep.nll_neg, "groups": sweep.groups, "prefix_rows": prefix_rows}
 
 
 def _task_generate(out, rank):
@@ -166,14 +178,18 @@ def _ok(results):
 
 
 # --- the tests -----------------------------------------------------------------------------------------
-def test_sharded_sweep_equals_one_process(tmp_path):
-    ranks = _ok(_launch(tmp_path, "sweep"))
-    one = _task_sweep(None, 0)
+@pytest.mark.parametrize("ms", [MS, [2.0]], ids=["9m", "1m-a-rank-without-prefix-rows"])
+def test_sharded_sweep_equals_one_process(tmp_path, ms):
+    ranks = _ok(_launch(tmp_path, "sweep", ms=ms))
+    one = _task_sweep(None, 0, ms)
     for got in ranks:  # every rank returns the whole sweep, in the input order
         for k in ("nll_pos", "nll_neg"):
-            assert got[k].shape == one[k].shape == (5, len(MS))
+            assert got[k].shape == one[k].shape == (5, len(ms))
             assert abs(got[k] - one[k]).max() <= 1e-5, k
         assert got["groups"] == one["groups"]
+    # The shared prefix's m rows were shared out in blocks (earlier ranks larger), not run whole on every rank.
+    half = (len(ms) + 1) // 2
+    assert one["prefix_rows"] == [len(ms)] and [r["prefix_rows"] for r in ranks] == [[half], [len(ms) - half]]
 
 
 def test_sharded_generation_equals_one_process(tmp_path):

@@ -80,6 +80,26 @@ def test_cache_slots(arch):
     assert hf.packable(model, [([1] * 3, [2], [3])])
 
 
+@pytest.mark.parametrize("arch", ALL)
+def test_cache_states_round_trip(arch):
+    """layer_states reads the slots' keys and values; cache_of rebuilds a cache on which the next tokens run as on
+    the original (how the ranks share the sweep's shared-prefix cache)."""
+    model = tiny_model(arch, init_std=0.15)
+    ids = torch.randint(3, len(tiny_tokenizer()), (3, 9))
+    mask = torch.ones_like(ids)
+    cache = hf.new_cache(model)
+    hf.last_hidden(model, input_ids=ids[:, :6], attention_mask=mask[:, :6], cache=cache)
+    states = hf.layer_states(cache, 1)
+    assert sorted(states) == list(range(1, model.config.num_hidden_layers))
+    assert all(k.shape[0] == 3 and k.shape[2] == 6 and v.shape == k.shape for k, v in states.values())
+    rebuilt = hf.cache_of(model, {i: (k.clone(), v.clone()) for i, (k, v) in hf.layer_states(cache, 0).items()})
+    pos = torch.arange(6, 9)[None].expand(3, -1)
+    nxt = [hf.last_hidden(model, input_ids=ids[:, 6:], attention_mask=mask, position_ids=pos, cache=c)
+           for c in (cache, rebuilt)]
+    torch.testing.assert_close(nxt[1], nxt[0], atol=0, rtol=0)
+    assert hf.layer_states(hf.new_cache(model), 0) == {}  # an empty cache holds no states
+
+
 @pytest.mark.parametrize("arch", MORE_ARCHS)
 def test_sweep_equals_naive_loop_on_more_architectures(arch):
     """The fast sweep on Mistral and Phi-3 (whose fused attention makes it fall back to full layers)."""

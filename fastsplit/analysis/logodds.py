@@ -218,6 +218,9 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     c = 0 if hf.window_shorter_than(model, longest) else _shared_prefix([p for p, _, _ in enc])
     mine = [todo[j] for j in dist.shard_by_work([len(enc[i][0]) - c + len(enc[i][1]) + len(enc[i][2]) + 2
                                                  for i in todo], group)] if todo else []
+    # The shared prefix's m rows are shared out too (every rank needs its whole cache): with 2 ranks it was about
+    # 3 pairs' work of 32 on each (bench_distributed's 110-token instruction, 21 m).
+    caches = _shared_prefix_caches(model, steering, enc[0][0][:c], ms, group) if todo and c and group else None
 
     def write(indices, nll):
         if blocks is not None:
@@ -228,7 +231,7 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
             return {}
         nll = _sweep_nll(model, steering, [enc[i] for i in mine], ms, pad=hf.pad_id_of(tokenizer),
                          length_norm=length_norm, batch_size=batch_size, progress=progress and dist.is_main(group),
-                         prefix=c, on_batch=lambda pos, rows: write([mine[k] for k in pos], rows))
+                         prefix=c, caches=caches, on_batch=lambda pos, rows: write([mine[k] for k in pos], rows))
         return {i: row.tolist() for i, row in zip(mine, nll)}
 
     new = dist.agree(local, group, what="log-odds sweep")
@@ -245,33 +248,37 @@ def _shared_prefix(prompts) -> int:
 
 
 def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress, prefix: int | None = None,
-               on_batch=None) -> np.ndarray:
+               caches=None, on_batch=None) -> np.ndarray:
     """Summed (or mean) NLLs [N, M, 2] of the encoded pairs' two completions at every m: the fast path.
 
     A prompt row is [shared prefix | left-padded rest of the prompt | right-padded completion], and runs in
     three stages, each on the KV cache of the one before: the prefix every prompt shares (the chat template's
     header, an instruction) once per m for the whole sweep; the rest of each prompt but its last token once per
     (pair, m); the prompt's last token and one completion once per (pair, m, side). Rows are m-major, so the
-    prefix cache [M] repeats into (m, pair) and then (m, pair, side) rows by interleaving."""
+    prefix cache [M] repeats into (m, pair) and then (m, pair, side) rows by interleaving. ``caches``: the
+    prefix's (below, above) caches when the caller made them (:func:`_shared_prefix_caches`)."""
     from tqdm.auto import tqdm
 
     M = len(ms)
-    device = next(model.parameters()).device
-    m_all = torch.tensor(ms, device=device, dtype=next(steering.module.parameters()).dtype)
+    m_all, start, last = _layout(model, steering, ms)
+    device = m_all.device
     head, softcap = hf.lm_head(model), hf.logit_softcap(model)
-    L = steering.layer
     per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
     nll = np.zeros((len(enc), M, 2))
-    last = len(hf.decoder_layers(model)) - 1
-    start = L + 1 if hf.affine_in_m(model, L, steering.site) else L  # the first layer whose input depends on m
     longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)  # a padded row
     c = prefix if prefix is not None else (0 if hf.window_shorter_than(model, longest) else
                                            _shared_prefix([p for p, _, _ in enc]))
-    pre_below, pre_above = _prefix_caches(model, steering, enc[0][0][:c], m_all, start, last) if c else (None, None)
+    if c and caches is None:
+        caches = _prefix_caches(model, steering, enc[0][0][:c], m_all, start, last)
+    pre_below, pre_above = caches if c else (None, None)
     # The bar counts pairs (each is 2·M sequences), so it moves with the work whatever the batch size.
     bar = tqdm(total=len(enc), desc=f"log-odds sweep ({M} m)", unit="pair", disable=not progress, leave=False)
+    # Batches of pairs of similar lengths: a batch pads every prompt to its longest (bench_distributed's pairs in
+    # input order, 2 a batch: 6.8% of the prompts' tokens after the prefix were padding; sorted by length, 0.5%).
+    order = sorted(range(len(enc)), key=lambda i: (len(enc[i][0]), max(len(enc[i][1]), len(enc[i][2]))))
     for s in range(0, len(enc), per):
-        chunk = enc[s:s + per]
+        idx = order[s:s + per]
+        chunk = [enc[i] for i in idx]
         b = len(chunk)
         S = max(len(p) for p, _, _ in chunk) - c  # the longest rest of a prompt (>= 1: its last token)
         Tp, Tq = c + S, c + S - 1
@@ -322,17 +329,27 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
         row_nll.index_add_(0, valid.nonzero()[:, 0], tok_nll)
         if length_norm:
             row_nll = row_nll / valid.sum(1)
-        nll[s:s + b] = row_nll.view(M, b, 2).transpose(0, 1).double().cpu().numpy()
+        nll[idx] = row_nll.view(M, b, 2).transpose(0, 1).double().cpu().numpy()
         if on_batch is not None:  # a finished block of pairs (positions in enc) and their NLLs [b, M, 2]
-            on_batch(list(range(s, s + b)), nll[s:s + b])
+            on_batch(idx, nll[idx])
         bar.update(b)
     bar.close()
     return nll
 
 
+def _layout(model, steering, ms):
+    """The multipliers as a tensor [M] on the model's device, the first layer whose input depends on m, and the
+    last layer."""
+    m_all = torch.tensor(ms, device=next(model.parameters()).device, dtype=next(steering.module.parameters()).dtype)
+    L = steering.layer
+    start = L + 1 if hf.affine_in_m(model, L, steering.site) else L
+    return m_all, start, len(hf.decoder_layers(model)) - 1
+
+
 def _prefix_caches(model, steering, prefix: list[int], m_all, start: int, last: int):
     """The KV caches of the prompts' shared prefix, once for the whole sweep: below the first m-dependent layer
-    (one row; None when there is no such layer) and from it up (one row per m, m-major)."""
+    (one row; None when there is no such layer) and from it up (one row per m of ``m_all``, m-major; empty when
+    ``m_all`` is)."""
     device, M = m_all.device, m_all.shape[0]
     ids = torch.tensor([prefix], device=device)
     mask, pos = torch.ones_like(ids), torch.arange(len(prefix), device=device)[None]
@@ -342,9 +359,31 @@ def _prefix_caches(model, steering, prefix: list[int], m_all, start: int, last: 
         h, d = _capture(model, steering, start, ids, mask, pos, below)
     rows = lambda t: None if t is None else t.expand(M, *t.shape[1:])
     above = hf.new_cache(model)
-    with hf.keys_values_only(model, last):
-        _decoder_pass(model, steering, m_all, _at(rows(h), rows(d), m_all), start, input_ids=rows(ids),
-                      attention_mask=rows(mask), position_ids=rows(pos), cache=above)
+    if M:
+        with hf.keys_values_only(model, last):
+            _decoder_pass(model, steering, m_all, _at(rows(h), rows(d), m_all), start, input_ids=rows(ids),
+                          attention_mask=rows(mask), position_ids=rows(pos), cache=above)
+    if start > 0 and M:
+        hf.alias_skipped(above, start)
+    return below, above
+
+
+def _shared_prefix_caches(model, steering, prefix: list[int], ms, group):
+    """:func:`_prefix_caches` of all of ``ms`` on every rank of ``group``, each rank having run a contiguous block of
+    the m rows (:func:`fastsplit.dist.shard_range`; the part below the first m-dependent layer, one row, on every
+    rank): the blocks' keys and values travel through one ``all_gather`` and are stacked in rank order."""
+    m_all, start, last = _layout(model, steering, ms)
+    rows = dist.shard_range(len(ms), group)
+    below, part = dist.agree(lambda: _prefix_caches(model, steering, prefix, m_all[rows.start:rows.stop], start,
+                                                    last), group, what="log-odds sweep's shared prefix")
+    me = dist.rank(group)
+    got = dist.gather_tensors({f"{me}/{i}/{j}": t for i, kv in hf.layer_states(part, start).items()
+                               for j, t in enumerate(kv)}, group, what="log-odds sweep's shared prefix")
+    states = {}
+    for i in range(start, last + 1):
+        states[i] = tuple(torch.cat([got[k] for r in range(dist.world_size(group)) if (k := f"{r}/{i}/{j}") in got])
+                          for j in (0, 1))
+    above = hf.cache_of(model, states)
     if start > 0:
         hf.alias_skipped(above, start)
     return below, above

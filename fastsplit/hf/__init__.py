@@ -7,7 +7,8 @@ in ``internals.py`` with the transformers versions it was tested on.
 """
 from . import compat
 from .export import export_steering
-from .kv import affine_in_m, alias_skipped, keys_values_only, new_cache, repeat_rows, window_shorter_than
+from .kv import (affine_in_m, alias_skipped, cache_of, keys_values_only, layer_states, new_cache, repeat_rows,
+                 window_shorter_than)
 from .loading import (DEFAULT_MODEL_NAME, cache_dir, default_gguf, default_model_folder, load_config, load_default_model,
                       load_model, load_tokenizer, model_folder)
 from .packing import PackedRows, SideRows, packable
@@ -22,4 +23,5 @@ __all__ = ["compat", "export_steering", "attach", "Steering", "load_steering", "
            "default_model_folder", "model_folder", "load_tokenizer",
            "decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",
            "from_layer", "last_hidden", "layer_outputs", "pad", "pad_rows", "pad_id_of", "completion_positions",
-           "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than", "SideRows", "PackedRows", "packable"]
+           "keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than",
+           "layer_states", "cache_of", "SideRows", "PackedRows", "packable"]

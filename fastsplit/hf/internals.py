@@ -41,9 +41,11 @@ INTERNALS = (
              "(read from the forward signature)", "compat.cache_keyword, compat.cache_kwargs, compat.cache_from",
              "run the decoder on a cache of our own; a stand-in layer given the cache under another name runs "
              "the full layer after one warning"),
-    Internal("DynamicCache(config=...), .layers slots with .is_sliding and their own batch_repeat_interleave, "
-             "update(k, v, idx), copy.deepcopy of a cache", "kv.alias_skipped, kv.repeat_rows, workflows' sweeps",
-             "one prompt cache shared by both completions and every m; one shared-prefix cache for every pair"),
+    Internal("DynamicCache(config=...), .layers slots with .is_sliding, .is_initialized, .keys and .values "
+             "[rows, kv_heads, tokens, head_dim] and their own batch_repeat_interleave, update(k, v, idx), "
+             "copy.deepcopy of a cache", "kv.alias_skipped, kv.repeat_rows, kv.layer_states, kv.cache_of, "
+             "workflows' sweeps", "one prompt cache shared by both completions and every m; one shared-prefix "
+             "cache for every pair, its m rows run by the ranks in blocks and gathered"),
     Internal("config._attn_implementation in ('sdpa', 'eager') accepts a 4-D additive mask; config.sliding_window "
              "and config.layer_types", "packing.packable", "one packed row per pair with a mask of our own"),
     Internal("config.final_logit_softcapping (Gemma-2)", "runner.logit_softcap", "the SPLIT loss caps logits as the model does"),

@@ -11,7 +11,8 @@ from torch import nn
 from .compat import cache_from, warn_fallback
 from .runner import decoder_layers
 
-__all__ = ["keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than"]
+__all__ = ["keys_values_only", "alias_skipped", "affine_in_m", "new_cache", "repeat_rows", "window_shorter_than",
+           "layer_states", "cache_of"]
 
 
 _KNOWN = ("cache", "past_key_values", "position_embeddings")
@@ -123,3 +124,19 @@ def new_cache(model: nn.Module):
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
+
+
+def layer_states(cache, first: int) -> dict:
+    """``{layer: (keys, values)}`` of the cache's layers from ``first`` up that hold states, each [rows, kv_heads,
+    tokens, head_dim] (the slots below a first m-dependent layer are :func:`alias_skipped` aliases, not states)."""
+    return {i: (slot.keys, slot.values) for i, slot in enumerate(cache.layers)
+            if i >= first and getattr(slot, "is_initialized", False)}
+
+
+def cache_of(model: nn.Module, states: dict):
+    """A new cache for ``model`` holding ``states`` ({layer: (keys, values)}, as :func:`layer_states` gives), as if
+    those layers had written them: the inverse of :func:`layer_states`, for caches that crossed processes."""
+    cache = new_cache(model)
+    for i in sorted(states):
+        cache.update(*states[i], i)
+    return cache
