@@ -2,7 +2,8 @@
 
 Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
   phase      the log-odds sweep alone, 64 held-out pairs x 21 m, timed between barriers inside the ranks, and each
-             rank's busy time (the balance) [2 ranks <= 0.52x one]; one training epoch on 128 pairs [<= 0.6x]
+             rank's busy time (its pairs and its block of the shared prefix's m rows: the balance) [2 ranks <= 0.52x
+             one]; one training epoch on 128 pairs [<= 0.6x]
   command    the whole `fastsplit sweep` command (launch, model load, sweep, fits with a 100-resample bootstrap, plot,
              writes), wall time: 64 pairs x 21 m [<= 0.58x] and 16 pairs x 9 m [<= 0.75x]
   resume     one process: the command killed (SIGKILL) when half of its pairs are in blocks, then `--resume`, in all,

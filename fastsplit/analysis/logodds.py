@@ -187,7 +187,8 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     With ``length_norm=True`` the NLLs are token means. Tokenisation is :func:`fastsplit.encode_pair`'s.
 
     Inside an initialised process group (``torchrun``; or ``group=``) the pairs are spread over the ranks by their
-    token work (:func:`fastsplit.dist.shard_by_work`), and every rank returns the whole sweep, in the input order.
+    token work (:func:`fastsplit.dist.shard_by_work`), the m rows of the prompts' shared prefix too (each rank runs
+    a block of them; the keys and values are gathered), and every rank returns the whole sweep, in the input order.
 
     ``checkpoint_dir``: each batch of finished pairs is written there as a block (:class:`fastsplit.dist.Blocks`,
     with the steering's digest, the pairs' digest and the multipliers); with ``resume=True`` the pairs found there
