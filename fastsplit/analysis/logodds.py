@@ -221,7 +221,8 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
                                                  for i in todo], group)] if todo else []
     # The shared prefix's m rows are shared out too (every rank needs its whole cache): with 2 ranks it was about
     # 3 pairs' work of 32 on each (bench_distributed's 110-token instruction, 21 m).
-    caches = _shared_prefix_caches(model, steering, enc[0][0][:c], ms, group) if todo and c and group else None
+    caches = (_shared_prefix_caches(model, steering, enc[0][0][:c], ms, group) if todo and c and group is not None
+              else None)
 
     def write(indices, nll):
         if blocks is not None:
@@ -381,9 +382,9 @@ def _shared_prefix_caches(model, steering, prefix: list[int], ms, group):
     got = dist.gather_tensors({f"{me}/{i}/{j}": t for i, kv in hf.layer_states(part, start).items()
                                for j, t in enumerate(kv)}, group, what="log-odds sweep's shared prefix")
     states = {}
-    for i in range(start, last + 1):
-        states[i] = tuple(torch.cat([got[k] for r in range(dist.world_size(group)) if (k := f"{r}/{i}/{j}") in got])
-                          for j in (0, 1))
+    for i in range(start, last + 1):  # .to: gather_tensors puts them on the CPU for a rank that ran no m rows
+        states[i] = tuple(torch.cat([got[k].to(m_all.device) for r in range(dist.world_size(group))
+                                     if (k := f"{r}/{i}/{j}") in got]) for j in (0, 1))
     above = hf.cache_of(model, states)
     if start > 0:
         hf.alias_skipped(above, start)
