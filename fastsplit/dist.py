@@ -82,15 +82,17 @@ def shard_by_work(costs: Sequence[float], group=None) -> list[int]:
     return sorted(mine)
 
 
-def gather_tensors(local: dict, group=None, *, what: str = "work") -> dict:
+def gather_tensors(local: dict, group=None, *, what: str = "work", device=None) -> dict:
     """``{key: tensor}`` of every rank united on every rank: the tensors travel as one flat buffer per rank through
-    ``all_gather`` (no pickling), only their keys, shapes and dtypes as objects. Tensors of one dtype per call."""
+    ``all_gather`` (no pickling), only their keys, shapes and dtypes as objects. Tensors of one dtype per call.
+    ``device``: where the results go; by default where this rank's tensors are, the CPU on a rank that has none."""
     if group is None:
-        return dict(local)
+        return {k: v.to(device) for k, v in local.items()} if device is not None else dict(local)
     keys = list(local)
     metas = all_gather_list([[(k, tuple(local[k].shape), str(local[k].dtype).replace("torch.", ""))
                               for k in keys]], group, what=what)
-    home = next(iter(local.values())).device if local else torch.device("cpu")  # where the results go
+    home = (torch.device(device) if device is not None else
+            next(iter(local.values())).device if local else torch.device("cpu"))  # where the results go
     device = home
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())

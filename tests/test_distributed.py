@@ -113,10 +113,12 @@ def _task_gather(out, rank):
     local = {f"r{rank}-{k}": torch.full((k + 1, 3), float(rank * 10 + k)) for k in range(rank + 2)}
     group = fastsplit.dist.active_group()
     every = fastsplit.dist.gather_tensors(local, group)
+    # device=: the results go there, whatever device this rank's tensors are on (or when it has none)
+    elsewhere = fastsplit.dist.gather_tensors(local if rank == 0 else {}, group, device="meta")
     ran = []
     results = fastsplit.dist.run_tasks(lambda i: ran.append(i) or i * i, 9, group)
     return {"keys": sorted(every), "sums": {k: float(v.sum()) for k, v in every.items()}, "results": results,
-            "ran": ran}
+            "ran": ran, "elsewhere": {k: (v.device.type, tuple(v.shape)) for k, v in elsewhere.items()}}
 
 
 def _task_analyze(out, rank, slow_rank0=False, fail_rank0=False):
@@ -263,4 +265,5 @@ def test_tensors_and_tasks_are_shared_between_ranks(tmp_path):
     for r in res:
         assert r["keys"] == sorted(want) and r["sums"] == want
         assert r["results"] == [i * i for i in range(9)]
+        assert r["elsewhere"] == {f"r0-{k}": ("meta", (k + 1, 3)) for k in range(2)}  # rank 1 had none
     assert sorted(res[0]["ran"] + res[1]["ran"]) == list(range(9))  # every task once, shared out

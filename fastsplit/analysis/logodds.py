@@ -380,11 +380,12 @@ def _shared_prefix_caches(model, steering, prefix: list[int], ms, group):
                                                     last), group, what="log-odds sweep's shared prefix")
     me = dist.rank(group)
     got = dist.gather_tensors({f"{me}/{i}/{j}": t for i, kv in hf.layer_states(part, start).items()
-                               for j, t in enumerate(kv)}, group, what="log-odds sweep's shared prefix")
+                               for j, t in enumerate(kv)}, group, what="log-odds sweep's shared prefix",
+                              device=m_all.device)  # also on a rank that ran no m rows
     states = {}
-    for i in range(start, last + 1):  # .to: gather_tensors puts them on the CPU for a rank that ran no m rows
-        states[i] = tuple(torch.cat([got[k].to(m_all.device) for r in range(dist.world_size(group))
-                                     if (k := f"{r}/{i}/{j}") in got]) for j in (0, 1))
+    for i in range(start, last + 1):
+        states[i] = tuple(torch.cat([got[k] for r in range(dist.world_size(group)) if (k := f"{r}/{i}/{j}") in got])
+                          for j in (0, 1))
     above = hf.cache_of(model, states)
     if start > 0:
         hf.alias_skipped(above, start)
