@@ -2,8 +2,8 @@
 
 Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
   phase      the log-odds sweep alone, 64 held-out pairs x 21 m, timed between barriers inside the ranks, and each
-             rank's busy time (its pairs and its block of the shared prefix's m rows: the balance) [2 ranks <= 0.52x
-             one]; one training epoch on 128 pairs [<= 0.6x]
+             rank's busy time (the batches it took and its block of the shared prefix's m rows: the balance)
+             [2 ranks <= 0.52x one]; one training epoch on 128 pairs [<= 0.6x]
   command    the whole `fastsplit sweep` command (launch, model load, sweep, fits with a 100-resample bootstrap, plot,
              writes), wall time: 64 pairs x 21 m [<= 0.58x] and 16 pairs x 9 m [<= 0.75x]
   resume     one process: the command killed (SIGKILL) when half of its pairs are in blocks, then `--resume`, in all,
@@ -16,8 +16,8 @@ Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
 Floors: with one thread per process, 2 ranks have twice the cores of 1, so the ideal ratio is 0.5x for the parallel
 part if the two processes do not slow each other (the floor row measures how much they do); what stays above it is
 the serial part (launch, imports and model load: about 8 s per process, in parallel; the exit: about 2 s; rank 0's
-writes; its plot is drawn while the other ranks start the bootstrap) and imbalance (pairs of different lengths; the
-shards are spread by tokens).
+writes; its plot is drawn while the other ranks start the bootstrap) and imbalance (the ranks take the sweep's
+batches from a shared counter, costliest first, so it is at most about the last batch).
 
 Data: the psychopathy set in ../shared/data (the demo set when it is absent) as 3-token multiple-choice answers
 (bench_workflows.sweep_pairs "mc"); a vector at layer 15 trained for one epoch on 96 other pairs of the set (a
@@ -68,8 +68,8 @@ def worker(args) -> None:
     pairs = sweep_pairs("mc", args.pairs)
     busy = {"t": 0.0, "depth": 0}
 
-    def counted(real):  # this rank's own work (its pairs; its block of the shared prefix's m rows), between collectives
-        def run(*a, **k):  # one process runs the prefix inside _sweep_nll: only the outermost call counts
+    def counted(real):  # this rank's own work (the batches it took; its block of the shared prefix's m rows)
+        def run(*a, **k):  # only the outermost call counts
             t0, busy["depth"] = time.perf_counter(), busy["depth"] + 1
             try:
                 return real(*a, **k)
@@ -77,7 +77,7 @@ def worker(args) -> None:
                 busy["depth"] -= 1
                 busy["t"] += 0.0 if busy["depth"] else time.perf_counter() - t0
         return run
-    lo._sweep_nll, lo._prefix_caches = counted(lo._sweep_nll), counted(lo._prefix_caches)
+    lo._batch_nll, lo._prefix_caches = counted(lo._batch_nll), counted(lo._prefix_caches)
 
     def timed(fn):
         dist.barrier()

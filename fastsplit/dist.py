@@ -121,24 +121,52 @@ _TASKS: dict = {}  # calls of run_tasks so far, per group (its ranks)
 
 
 def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work",
-              before: Callable[[], None] | None = None) -> list:
+              before: Callable[[], None] | None = None, sizes: Sequence[float] | None = None,
+              on_done: Callable[[int, float], None] | None = None) -> list:
     """``[fn(0), ..., fn(n - 1)]`` on every rank, the calls shared out dynamically: each rank takes the next index
     nobody took from an atomic counter in the group's store, so a few slow tasks (a fit that runs to its iteration
-    limit) do not hold one rank back. ``fn`` must be deterministic in its index (the result is then one process's,
-    bit for bit). Without a store it falls back to :func:`split_work`'s fixed shares.
+    limit), or a rank whose core runs slower, do not hold the others back; give the costliest tasks the lowest
+    indices, so the ranks end on small ones. ``fn`` must be deterministic in its index (the result is then one
+    process's, bit for bit). Without a store it falls back to :func:`split_work`'s fixed shares.
 
     ``before``: work of this rank alone (rank 0 drawing a plot), done before it takes its first task; meanwhile the
     other ranks take more tasks, so its time is shared out too. An error in it stops every rank, as an error in a
-    task does."""
+    task does.
+
+    ``on_done(i, finished)``: called on the rank that ran task ``i``, right after it, with how much of the work every
+    rank has finished so far (the sum of ``sizes`` of the finished tasks, each 1 by default; counted in the store, so
+    every rank must pass it): a progress bar on rank 0 that follows all ranks.
+
+    Example::
+
+        >>> squares = run_tasks(lambda i: i * i, 9)     # on every rank of a torchrun job: [0, 1, 4, ..., 64]
+    """
+    sizes = [1.0] * n if sizes is None else list(sizes)
+    if len(sizes) != n:
+        raise ValueError(f"sizes has {len(sizes)} entries for {n} tasks")
+    tally = {"local": 0.0}
+
+    def finish(i, result):
+        if on_done is not None:
+            if store is not None and sizes[i] == int(sizes[i]):  # the store's counter adds integers
+                finished = float(store.add(done_key, int(sizes[i])))
+            else:  # this rank's own work only
+                tally["local"] += sizes[i]
+                finished = tally["local"]
+            on_done(i, finished)
+        return result
+
     if group is None:
+        store = None
         if before is not None:
             before()
-        return [fn(i) for i in range(n)]
+        return [finish(i, fn(i)) for i in range(n)]
     # Every rank of a group makes the same calls in the same order: the same counter key. The key names the group's
     # ranks, so groups that share the default store (subgroups making other numbers of calls) never share a counter.
     ranks = tuple(dist.get_process_group_ranks(group))
     _TASKS[ranks] = _TASKS.get(ranks, 0) + 1
     key = f"fastsplit/tasks/{','.join(map(str, ranks))}/{_TASKS[ranks]}"
+    done_key = key + "/done"
     try:
         store = dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - no store: fixed shares
@@ -150,13 +178,13 @@ def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work
             before()
         if store is None:
             for i in split_work(n, group):
-                local[i] = fn(i)
+                local[i] = finish(i, fn(i))
             return local
         while True:
             i = int(store.add(key, 1)) - 1
             if i >= n:
                 return local
-            local[i] = fn(i)
+            local[i] = finish(i, fn(i))
     return gather_indexed(agree(work, group, what=what), n, group, what=what)
 
 

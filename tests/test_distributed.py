@@ -38,22 +38,30 @@ def _train(model, s, pairs=PAIRS, **kw):
 
 
 # --- what each rank runs: module-level, so spawn can pickle it --------------------------------------------
-def _task_sweep(out, rank, ms=MS):
-    """The sweep, and how many m rows of the shared prefix this process ran itself."""
+def _task_sweep(out, rank, ms=MS, slow_rank0=False):
+    """The sweep in batches of one pair, how many m rows of the shared prefix this process ran itself, and the
+    batches it took (the pairs' first tokens after the prefix). Each batch waits a while (longer on rank 0 with
+    ``slow_rank0``), so that both ranks surely take some."""
     import fastsplit.analysis.logodds as lo
 
     model, s = _fresh()
-    real, prefix_rows = lo._prefix_caches, []
+    real_prefix, real_batch, prefix_rows, took = lo._prefix_caches, lo._batch_nll, [], []
 
     def counted(model, steering, prefix, m_all, *a):
         prefix_rows.append(len(m_all))
-        return real(model, steering, prefix, m_all, *a)
-    lo._prefix_caches = counted
+        return real_prefix(model, steering, prefix, m_all, *a)
+
+    def batch(model, steering, chunk, *a, **k):
+        took.append([len(p) for p, _, _ in chunk])
+        time.sleep(1.5 if slow_rank0 and rank == 0 else 0.3)
+        return real_batch(model, steering, chunk, *a, **k)
+    lo._prefix_caches, lo._batch_nll = counted, batch
     try:
-        sweep = fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:5], ms, progress=False)
+        sweep = fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:5], ms, progress=False, batch_size=1)
     finally:
-        lo._prefix_caches = real
-    return {"nll_pos": sweep.nll_pos, "nll_neg": sweep.nll_neg, "groups": sweep.groups, "prefix_rows": prefix_rows}
+        lo._prefix_caches, lo._batch_nll = real_prefix, real_batch
+    return {"nll_pos": sweep.nll_pos, "nll_neg": sweep.nll_neg, "groups": sweep.groups, "prefix_rows": prefix_rows,
+            "took": took}
 
 
 def _task_generate(out, rank):
@@ -79,11 +87,15 @@ def _task_bad_shard(out, rank):
     import fastsplit.analysis.logodds as lo
 
     model, s = _fresh()
-    if rank == 1:  # this rank's shard fails half-way through the sweep; rank 0's succeeds
-        def broken(*a, **k):
-            raise ValueError("a completion tokenises to nothing (rank 1's shard)")
-        lo._sweep_nll = broken
-    fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:4], MS, progress=False)
+    real = lo._batch_nll
+
+    def batch(*a, **k):  # rank 0's batches succeed, slowly (so rank 1 surely takes one); rank 1's fail
+        if rank == 1:
+            raise ValueError("a completion tokenises to nothing (rank 1's batch)")
+        time.sleep(2.0)
+        return real(*a, **k)
+    lo._batch_nll = batch
+    fastsplit.logodds_sweep(model, tiny_tokenizer(), s, PAIRS[:4], MS, progress=False, batch_size=1)
 
 
 def _task_bad_pair(out, rank):
@@ -115,10 +127,14 @@ def _task_gather(out, rank):
     every = fastsplit.dist.gather_tensors(local, group)
     # device=: the results go there, whatever device this rank's tensors are on (or when it has none)
     elsewhere = fastsplit.dist.gather_tensors(local if rank == 0 else {}, group, device="meta")
-    ran = []
+    ran, finished = [], []
     results = fastsplit.dist.run_tasks(lambda i: ran.append(i) or i * i, 9, group)
+    # on_done: how much of the work (sizes) every rank has finished, after each task this rank ran
+    fastsplit.dist.run_tasks(lambda i: time.sleep(0.05), 9, group, sizes=range(1, 10),
+                             on_done=lambda i, f: finished.append(f))
     return {"keys": sorted(every), "sums": {k: float(v.sum()) for k, v in every.items()}, "results": results,
-            "ran": ran, "elsewhere": {k: (v.device.type, tuple(v.shape)) for k, v in elsewhere.items()}}
+            "ran": ran, "elsewhere": {k: (v.device.type, tuple(v.shape)) for k, v in elsewhere.items()},
+            "finished": finished}
 
 
 def _task_analyze(out, rank, slow_rank0=False, fail_rank0=False):
@@ -192,6 +208,17 @@ def test_sharded_sweep_equals_one_process(tmp_path, ms):
     # The shared prefix's m rows were shared out in blocks (earlier ranks larger), not run whole on every rank.
     half = (len(ms) + 1) // 2
     assert one["prefix_rows"] == [len(ms)] and [r["prefix_rows"] for r in ranks] == [[half], [len(ms) - half]]
+    # Each of the 5 batches ran once, on one rank: the ranks took them from a shared counter, costliest first.
+    assert sorted(ranks[0]["took"] + ranks[1]["took"]) == sorted(one["took"]) and len(one["took"]) == 5
+    assert ranks[0]["took"] and ranks[1]["took"]
+
+
+def test_a_slower_rank_takes_fewer_batches(tmp_path):
+    ranks = _ok(_launch(tmp_path, "sweep", slow_rank0=True))
+    one = _task_sweep(None, 0)
+    for k in ("nll_pos", "nll_neg"):
+        assert abs(ranks[0][k] - one[k]).max() <= 1e-5, k
+    assert len(ranks[0]["took"]) < len(ranks[1]["took"])  # fixed shares would have given rank 0 three of five
 
 
 def test_sharded_generation_equals_one_process(tmp_path):
@@ -267,3 +294,6 @@ def test_tensors_and_tasks_are_shared_between_ranks(tmp_path):
         assert r["results"] == [i * i for i in range(9)]
         assert r["elsewhere"] == {f"r0-{k}": ("meta", (k + 1, 3)) for k in range(2)}  # rank 1 had none
     assert sorted(res[0]["ran"] + res[1]["ran"]) == list(range(9))  # every task once, shared out
+    fins = [r["finished"] for r in res]
+    assert all(f == sorted(f) for f in fins) and len(fins[0]) + len(fins[1]) == 9
+    assert max(fins[0] + fins[1]) == 45  # the last task done anywhere saw all of the work (1 + ... + 9)

@@ -44,6 +44,27 @@ def test_shard_by_work_balances_and_covers_every_item(monkeypatch):
     assert max(loads) < max(contiguous)  # what equal counts gave: 12
 
 
+def test_sweep_batches_hold_pairs_of_similar_lengths_costliest_first():
+    """The sweep's batches (which the ranks take from a counter): every pair once, pairs of similar lengths together
+    (less padding), and the costliest batch first, so the ranks end on small ones."""
+    rng = np.random.default_rng(3)
+    enc = [([1] * int(rng.integers(5, 40)), [2] * int(rng.integers(1, 6)), [3] * int(rng.integers(1, 6)))
+           for _ in range(11)]
+    batches = lo._batches(enc, 3, 4)
+    assert sorted(i for b in batches for i in b) == list(range(11)) and [len(b) for b in batches].count(2) == 1
+    rest = lambda b: max(len(enc[i][0]) for i in b) - 4
+    comp = lambda b: max(max(len(enc[i][1]), len(enc[i][2])) for i in b)
+    costs = [len(b) * (rest(b) + 2 * (1 + comp(b))) for b in batches]
+    assert costs == sorted(costs, reverse=True)
+    by_length = sorted(range(11), key=lambda i: (len(enc[i][0]), max(len(enc[i][1]), len(enc[i][2]))))
+    assert sorted(map(sorted, batches)) == sorted(sorted(by_length[s:s + 3]) for s in range(0, 11, 3))
+    # split_last: the last batches go as one pair each (ranks then finish within about one pair of each other)
+    split = lo._batches(enc, 3, 4, split_last=2)
+    assert split[:2] == batches[:2] and sorted(i for b in split[2:] for i in b) == sorted(batches[2] + batches[3])
+    assert [len(b) for b in split[2:]] == [1] * (len(batches[2]) + len(batches[3]))
+    assert [len(b) for b in lo._batches(enc, 3, 4, split_last=9)] == [1] * 11
+
+
 def _steering(model):
     s = fastsplit.attach(model, 2, "lora", rank=2)
     randomize(s, scale=0.3)

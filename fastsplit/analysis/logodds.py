@@ -186,9 +186,10 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     and about 512 on a GPU.
     With ``length_norm=True`` the NLLs are token means. Tokenisation is :func:`fastsplit.encode_pair`'s.
 
-    Inside an initialised process group (``torchrun``; or ``group=``) the pairs are spread over the ranks by their
-    token work (:func:`fastsplit.dist.shard_by_work`), the m rows of the prompts' shared prefix too (each rank runs
-    a block of them; the keys and values are gathered), and every rank returns the whole sweep, in the input order.
+    Inside an initialised process group (``torchrun``; or ``group=``) the ranks take batches of pairs of similar
+    lengths, costliest first, from a shared counter (:func:`fastsplit.dist.run_tasks`), so the work follows how fast
+    each rank runs; the m rows of the prompts' shared prefix are shared out too (each rank runs a block of them; the
+    keys and values are gathered), and every rank returns the whole sweep, in the input order.
 
     ``checkpoint_dir``: each batch of finished pairs is written there as a block (:class:`fastsplit.dist.Blocks`,
     with the steering's digest, the pairs' digest and the multipliers); with ``resume=True`` the pairs found there
@@ -204,7 +205,7 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     pairs = list(pairs)
     group = dist.active_group(group)
     dist.check_world(len(pairs), "pairs", group)
-    enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]  # every pair's lengths: they balance the shards
+    enc = [encode_pair(tokenizer, p, chat=chat) for p in pairs]  # every rank: a bad pair stops each before any work
     groups = _groups(tokenizer, enc)
     done, blocks = {}, None
     if checkpoint_dir:
@@ -217,28 +218,22 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     todo = [i for i in range(len(pairs)) if i not in done]
     longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)
     c = 0 if hf.window_shorter_than(model, longest) else _shared_prefix([p for p, _, _ in enc])
-    mine = [todo[j] for j in dist.shard_by_work([len(enc[i][0]) - c + len(enc[i][1]) + len(enc[i][2]) + 2
-                                                 for i in todo], group)] if todo else []
     # The shared prefix's m rows are shared out too (every rank needs its whole cache): with 2 ranks it was about
     # 3 pairs' work of 32 on each (bench_distributed's 110-token instruction, 21 m).
     caches = (_shared_prefix_caches(model, steering, enc[0][0][:c], ms, group) if todo and c and group is not None
               else None)
 
-    def write(indices, nll):
+    def write(positions, nll):  # a finished batch: positions in todo
         if blocks is not None:
-            blocks.write({i: row.tolist() for i, row in zip(indices, nll)})
+            blocks.write({todo[k]: row.tolist() for k, row in zip(positions, nll)})
 
-    def local():
-        if not mine:
-            return {}
-        nll = _sweep_nll(model, steering, [enc[i] for i in mine], ms, pad=hf.pad_id_of(tokenizer),
-                         length_norm=length_norm, batch_size=batch_size, progress=progress and dist.is_main(group),
-                         prefix=c, caches=caches, on_batch=lambda pos, rows: write([mine[k] for k in pos], rows))
-        return {i: row.tolist() for i, row in zip(mine, nll)}
-
-    new = dist.agree(local, group, what="log-odds sweep")
-    rows = dist.gather_indexed({**(done if dist.is_main(group) else {}), **new}, len(pairs), group,
-                               what="log-odds sweep")
+    new = {}
+    if todo:  # every rank takes batches until none is left, and gets every batch's NLLs back
+        swept = _sweep_nll(model, steering, [enc[i] for i in todo], ms, pad=hf.pad_id_of(tokenizer),
+                           length_norm=length_norm, batch_size=batch_size, progress=progress and dist.is_main(group),
+                           prefix=c, caches=caches, on_batch=write, group=group)
+        new = dict(zip(todo, swept.tolist()))
+    rows = [done[i] if i in done else new[i] for i in range(len(pairs))]
     nll = np.asarray(rows, np.float64)
     return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, groups)
 
@@ -250,93 +245,134 @@ def _shared_prefix(prompts) -> int:
 
 
 def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress, prefix: int | None = None,
-               caches=None, on_batch=None) -> np.ndarray:
+               caches=None, on_batch=None, group=None) -> np.ndarray:
     """Summed (or mean) NLLs [N, M, 2] of the encoded pairs' two completions at every m: the fast path.
 
     A prompt row is [shared prefix | left-padded rest of the prompt | right-padded completion], and runs in
     three stages, each on the KV cache of the one before: the prefix every prompt shares (the chat template's
     header, an instruction) once per m for the whole sweep; the rest of each prompt but its last token once per
-    (pair, m); the prompt's last token and one completion once per (pair, m, side). Rows are m-major, so the
-    prefix cache [M] repeats into (m, pair) and then (m, pair, side) rows by interleaving. ``caches``: the
-    prefix's (below, above) caches when the caller made them (:func:`_shared_prefix_caches`)."""
+    (pair, m); the prompt's last token and one completion once per (pair, m, side). ``caches``: the prefix's
+    (below, above) caches when the caller made them (:func:`_shared_prefix_caches`).
+
+    The pairs go in batches of similar lengths (:func:`_batches`); under a process group (``group``) the ranks take
+    the batches one at a time, costliest first, from a shared counter (:func:`fastsplit.dist.run_tasks`), so a rank
+    whose core runs slower in this run takes fewer, and every rank returns every pair's NLLs. ``on_batch(idx, nll)``:
+    a finished batch (positions in ``enc``, NLLs [b, M, 2]), on the rank that ran it."""
     from tqdm.auto import tqdm
 
     M = len(ms)
-    m_all, start, last = _layout(model, steering, ms)
-    device = m_all.device
-    head, softcap = hf.lm_head(model), hf.logit_softcap(model)
+    device = next(model.parameters()).device
     per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
-    nll = np.zeros((len(enc), M, 2))
     longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)  # a padded row
     c = prefix if prefix is not None else (0 if hf.window_shorter_than(model, longest) else
                                            _shared_prefix([p for p, _, _ in enc]))
-    if c and caches is None:
-        caches = _prefix_caches(model, steering, enc[0][0][:c], m_all, start, last)
-    pre_below, pre_above = caches if c else (None, None)
-    # The bar counts pairs (each is 2·M sequences), so it moves with the work whatever the batch size.
+    batches = _batches(enc, per, c, split_last=dist.world_size(group) if group is not None else 0)
+    # The bar counts pairs (each is 2·M sequences) finished on every rank, so it moves with the work.
     bar = tqdm(total=len(enc), desc=f"log-odds sweep ({M} m)", unit="pair", disable=not progress, leave=False)
-    # Batches of pairs of similar lengths: a batch pads every prompt to its longest (bench_distributed's pairs in
-    # input order, 2 a batch: 6.8% of the prompts' tokens after the prefix were padding; sorted by length, 0.5%).
-    order = sorted(range(len(enc)), key=lambda i: (len(enc[i][0]), max(len(enc[i][1]), len(enc[i][2]))))
-    for s in range(0, len(enc), per):
-        idx = order[s:s + per]
-        chunk = [enc[i] for i in idx]
-        b = len(chunk)
-        S = max(len(p) for p, _, _ in chunk) - c  # the longest rest of a prompt (>= 1: its last token)
-        Tp, Tq = c + S, c + S - 1
-        Tc = max(max(len(a), len(n)) for _, a, n in chunk)
-        # Rows (pair, side): the shared prefix, the rest of the prompt left-padded to S, the completion
-        # right-padded to Tc. Positions count real tokens, so padding in the middle changes nothing.
-        rest = hf.pad_rows([p[c:] for p, _, _ in chunk for _ in range(2)], pad, left=True, length=S)
-        comps = hf.pad_rows([comp for _, a, n in chunk for comp in (a, n)], pad, length=Tc)
-        pre = [torch.tensor([chunk[0][0][:c]] * 2 * b, dtype=torch.long), torch.ones(2 * b, c, dtype=torch.long)]
-        ids, mask = (torch.cat([a, r, z], dim=1).view(b, 2, Tp + Tc).to(device) for a, r, z in zip(pre, rest, comps))
-        pos = _positions(mask.flatten(0, 1)).view(b, 2, -1)
-        # Body: the rest of the prompt but its last token, shared by both sides (its mask spans the prefix too).
-        # Tail: the prompt's last token and one completion; each side runs it on the body's KV cache. Only the
-        # tails' outputs are read, so the prefix's and body's last layer need only write keys and values.
-        body = lambda t: t[:, 0, c:Tq]  # [b, Tq - c]
-        tail = lambda t: t[:, :, Tq:].flatten(0, 1)  # [2b, 1 + Tc], rows (pair, side)
-        h_body = d_body = h_tail = d_tail = None
-        if start > 0:  # the layers below the first m-dependent one: once per pair, whatever M is
-            below = _copy_rows(pre_below, b) if c else hf.new_cache(model)
-            if Tq > c:
-                h_body, d_body = _capture(model, steering, start, body(ids), mask[:, 0, :Tq], body(pos), below)
-            if Tq:
-                hf.repeat_rows(below, 2)
-            h_tail, d_tail = _capture(model, steering, start, tail(ids), mask.flatten(0, 1), tail(pos), below)
-        # Body pass: rows (m, pair).
-        m_body = m_all.repeat_interleave(b)
-        tile = lambda t: None if t is None else t.repeat(M, *[1] * (t.dim() - 1))  # rows (pair..) -> (m, pair..)
-        cache = _copy_rows(pre_above, b) if c else hf.new_cache(model)
-        if Tq > c:
-            with hf.keys_values_only(model, last):
-                _decoder_pass(model, steering, m_body, _at(tile(h_body), tile(d_body), m_body), start,
-                              input_ids=tile(body(ids)), attention_mask=tile(mask[:, 0, :Tq]),
-                              position_ids=tile(body(pos)), cache=cache)
-            if start > 0:
-                hf.alias_skipped(cache, start)
-        if Tq:
-            hf.repeat_rows(cache, 2)
-        # Tail pass: rows (m, pair, side); the body's cache serves both sides.
-        tail_ids, m_tail = tile(tail(ids)), m_all.repeat_interleave(2 * b)
-        h_comp = _decoder_pass(model, steering, m_tail, _at(tile(h_tail), tile(d_tail), m_tail), start,
-                               input_ids=tail_ids, attention_mask=tile(mask.flatten(0, 1)),
-                               position_ids=tile(tail(pos)), cache=cache)
-        # Completion token t is predicted at tail position t (position 0 is the prompt's last token).
-        targets, valid = tail_ids[:, 1:], tile(tail(mask))[:, 1:].bool()
-        h_pred = h_comp[:, :-1]
-        tok_nll, _, _ = split_loss_fwd_torch(h_pred[valid], targets[valid], head.weight, head.bias, softcap, False)
-        row_nll = torch.zeros(valid.shape[0], device=device, dtype=tok_nll.dtype)
-        row_nll.index_add_(0, valid.nonzero()[:, 0], tok_nll)
-        if length_norm:
-            row_nll = row_nll / valid.sum(1)
-        nll[idx] = row_nll.view(M, b, 2).transpose(0, 1).double().cpu().numpy()
-        if on_batch is not None:  # a finished block of pairs (positions in enc) and their NLLs [b, M, 2]
-            on_batch(idx, nll[idx])
-        bar.update(b)
+    ctx = {}
+
+    def setup():  # inside run_tasks: an error here stops every rank, as one in a batch does
+        m_all, start, last = _layout(model, steering, ms)
+        pre = caches if caches is not None or not c else _prefix_caches(model, steering, enc[0][0][:c], m_all, start,
+                                                                         last)
+        ctx.update(m_all=m_all, start=start, last=last, caches=pre if c else (None, None), head=hf.lm_head(model),
+                   softcap=hf.logit_softcap(model))
+
+    def run(k):
+        idx = batches[k]
+        rows = _batch_nll(model, steering, [enc[i] for i in idx], c, pad=pad, length_norm=length_norm, **ctx)
+        if on_batch is not None:
+            on_batch(idx, rows)
+        return rows
+
+    done = dist.run_tasks(run, len(batches), group, what="log-odds sweep", before=setup,
+                          sizes=[len(b) for b in batches],  # every rank counts its batches, bar or not
+                          on_done=lambda k, finished: bar.update(finished - bar.n))
     bar.close()
+    nll = np.zeros((len(enc), M, 2))
+    for idx, rows in zip(batches, done):
+        nll[idx] = rows
     return nll
+
+
+def _batches(enc, per: int, c: int, split_last: int = 0) -> list[list[int]]:
+    """Positions of ``enc`` in batches of ``per`` pairs of similar lengths, the costliest batch first (padded tokens
+    after the shared prefix ``c``: the rest of the prompt once, the last prompt token and a completion twice); the
+    last ``split_last`` batches go as one pair each.
+
+    A batch pads every prompt to its longest (bench_distributed's pairs in input order, 2 a batch: 6.8% of the
+    prompts' tokens after the prefix were padding; sorted by length, 0.5%). Costliest first, and small at the end:
+    ranks taking batches from a counter then finish within about one pair's work of each other (a pair alone runs
+    as fast per pair as two together on the CPU)."""
+    order = sorted(range(len(enc)), key=lambda i: (len(enc[i][0]), max(len(enc[i][1]), len(enc[i][2]))))
+    batches = [order[s:s + per] for s in range(0, len(order), per)]
+
+    def cost(idx):
+        rest = max(len(enc[i][0]) for i in idx) - c
+        comp = max(max(len(enc[i][1]), len(enc[i][2])) for i in idx)
+        return len(idx) * (rest + 2 * (1 + comp))
+    batches.sort(key=cost, reverse=True)  # stable: equal costs keep their length order
+    cut = len(batches) - min(split_last, len(batches))
+    return batches[:cut] + sorted(([i] for b in batches[cut:] for i in b), key=cost, reverse=True)
+
+
+def _batch_nll(model, steering, chunk, c: int, *, pad, length_norm, m_all, start, last, caches, head,
+               softcap) -> np.ndarray:
+    """NLLs [b, M, 2] of one batch of encoded pairs (:func:`_sweep_nll`'s three stages). Rows are m-major, so the
+    prefix cache [M] repeats into (m, pair) and then (m, pair, side) rows by interleaving."""
+    M, device = m_all.shape[0], m_all.device
+    pre_below, pre_above = caches
+    b = len(chunk)
+    S = max(len(p) for p, _, _ in chunk) - c  # the longest rest of a prompt (>= 1: its last token)
+    Tp, Tq = c + S, c + S - 1
+    Tc = max(max(len(a), len(n)) for _, a, n in chunk)
+    # Rows (pair, side): the shared prefix, the rest of the prompt left-padded to S, the completion
+    # right-padded to Tc. Positions count real tokens, so padding in the middle changes nothing.
+    rest = hf.pad_rows([p[c:] for p, _, _ in chunk for _ in range(2)], pad, left=True, length=S)
+    comps = hf.pad_rows([comp for _, a, n in chunk for comp in (a, n)], pad, length=Tc)
+    pre = [torch.tensor([chunk[0][0][:c]] * 2 * b, dtype=torch.long), torch.ones(2 * b, c, dtype=torch.long)]
+    ids, mask = (torch.cat([a, r, z], dim=1).view(b, 2, Tp + Tc).to(device) for a, r, z in zip(pre, rest, comps))
+    pos = _positions(mask.flatten(0, 1)).view(b, 2, -1)
+    # Body: the rest of the prompt but its last token, shared by both sides (its mask spans the prefix too).
+    # Tail: the prompt's last token and one completion; each side runs it on the body's KV cache. Only the
+    # tails' outputs are read, so the prefix's and body's last layer need only write keys and values.
+    body = lambda t: t[:, 0, c:Tq]  # [b, Tq - c]
+    tail = lambda t: t[:, :, Tq:].flatten(0, 1)  # [2b, 1 + Tc], rows (pair, side)
+    h_body = d_body = h_tail = d_tail = None
+    if start > 0:  # the layers below the first m-dependent one: once per pair, whatever M is
+        below = _copy_rows(pre_below, b) if c else hf.new_cache(model)
+        if Tq > c:
+            h_body, d_body = _capture(model, steering, start, body(ids), mask[:, 0, :Tq], body(pos), below)
+        if Tq:
+            hf.repeat_rows(below, 2)
+        h_tail, d_tail = _capture(model, steering, start, tail(ids), mask.flatten(0, 1), tail(pos), below)
+    # Body pass: rows (m, pair).
+    m_body = m_all.repeat_interleave(b)
+    tile = lambda t: None if t is None else t.repeat(M, *[1] * (t.dim() - 1))  # rows (pair..) -> (m, pair..)
+    cache = _copy_rows(pre_above, b) if c else hf.new_cache(model)
+    if Tq > c:
+        with hf.keys_values_only(model, last):
+            _decoder_pass(model, steering, m_body, _at(tile(h_body), tile(d_body), m_body), start,
+                          input_ids=tile(body(ids)), attention_mask=tile(mask[:, 0, :Tq]),
+                          position_ids=tile(body(pos)), cache=cache)
+        if start > 0:
+            hf.alias_skipped(cache, start)
+    if Tq:
+        hf.repeat_rows(cache, 2)
+    # Tail pass: rows (m, pair, side); the body's cache serves both sides.
+    tail_ids, m_tail = tile(tail(ids)), m_all.repeat_interleave(2 * b)
+    h_comp = _decoder_pass(model, steering, m_tail, _at(tile(h_tail), tile(d_tail), m_tail), start,
+                           input_ids=tail_ids, attention_mask=tile(mask.flatten(0, 1)),
+                           position_ids=tile(tail(pos)), cache=cache)
+    # Completion token t is predicted at tail position t (position 0 is the prompt's last token).
+    targets, valid = tail_ids[:, 1:], tile(tail(mask))[:, 1:].bool()
+    h_pred = h_comp[:, :-1]
+    tok_nll, _, _ = split_loss_fwd_torch(h_pred[valid], targets[valid], head.weight, head.bias, softcap, False)
+    row_nll = torch.zeros(valid.shape[0], device=device, dtype=tok_nll.dtype)
+    row_nll.index_add_(0, valid.nonzero()[:, 0], tok_nll)
+    if length_norm:
+        row_nll = row_nll / valid.sum(1)
+    return row_nll.view(M, b, 2).transpose(0, 1).double().cpu().numpy()
 
 
 def _layout(model, steering, ms):
