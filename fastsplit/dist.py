@@ -135,7 +135,8 @@ def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work
 
     ``on_done(i, finished)``: called on the rank that ran task ``i``, right after it, with how much of the work every
     rank has finished so far (the sum of ``sizes`` of the finished tasks, each 1 by default; counted in the store, so
-    every rank must pass it): a progress bar on rank 0 that follows all ranks.
+    every rank must pass it; with sizes that are not whole numbers, or without a store, this rank's own): a progress
+    bar on rank 0 that follows all ranks.
 
     Example::
 
@@ -145,10 +146,11 @@ def run_tasks(fn: Callable[[int], Any], n: int, group=None, *, what: str = "work
     if len(sizes) != n:
         raise ValueError(f"sizes has {len(sizes)} entries for {n} tasks")
     tally = {"local": 0.0}
+    whole = all(float(x).is_integer() for x in sizes)  # the store's counter adds integers
 
     def finish(i, result):
         if on_done is not None:
-            if store is not None and sizes[i] == int(sizes[i]):  # the store's counter adds integers
+            if store is not None and whole:
                 finished = float(store.add(done_key, int(sizes[i])))
             else:  # this rank's own work only
                 tally["local"] += sizes[i]

@@ -44,6 +44,14 @@ def test_shard_by_work_balances_and_covers_every_item(monkeypatch):
     assert max(loads) < max(contiguous)  # what equal counts gave: 12
 
 
+def test_run_tasks_reports_the_work_finished_in_one_process():
+    seen = []
+    out = fdist.run_tasks(lambda i: i * 10, 3, None, sizes=[0.5, 1, 2], on_done=lambda i, f: seen.append((i, f)))
+    assert out == [0, 10, 20] and seen == [(0, 0.5), (1, 1.5), (2, 3.5)]
+    with pytest.raises(ValueError, match="sizes has 2 entries for 3 tasks"):
+        fdist.run_tasks(lambda i: i, 3, None, sizes=[1, 1])
+
+
 def test_sweep_batches_hold_pairs_of_similar_lengths_costliest_first():
     """The sweep's batches (which the ranks take from a counter): every pair once, pairs of similar lengths together
     (less padding), and the costliest batch first, so the ranks end on small ones."""

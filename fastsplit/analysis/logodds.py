@@ -266,7 +266,10 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
     longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)  # a padded row
     c = prefix if prefix is not None else (0 if hf.window_shorter_than(model, longest) else
                                            _shared_prefix([p for p, _, _ in enc]))
-    batches = _batches(enc, per, c, split_last=dist.world_size(group) if group is not None else 0)
+    # Single pairs at the end on the CPU only, where a pair alone runs as fast per pair as two together; a GPU's batch
+    # of one pair would leave it mostly idle (its ranks end within one full batch of each other instead).
+    batches = _batches(enc, per, c, split_last=dist.world_size(group) if group is not None and device.type == "cpu"
+                       else 0)
     # The bar counts pairs (each is 2·M sequences) finished on every rank, so it moves with the work.
     bar = tqdm(total=len(enc), desc=f"log-odds sweep ({M} m)", unit="pair", disable=not progress, leave=False)
     ctx = {}
@@ -302,8 +305,7 @@ def _batches(enc, per: int, c: int, split_last: int = 0) -> list[list[int]]:
 
     A batch pads every prompt to its longest (bench_distributed's pairs in input order, 2 a batch: 6.8% of the
     prompts' tokens after the prefix were padding; sorted by length, 0.5%). Costliest first, and small at the end:
-    ranks taking batches from a counter then finish within about one pair's work of each other (a pair alone runs
-    as fast per pair as two together on the CPU)."""
+    ranks taking batches from a counter then finish within about one pair's work of each other."""
     order = sorted(range(len(enc)), key=lambda i: (len(enc[i][0]), max(len(enc[i][1]), len(enc[i][2]))))
     batches = [order[s:s + per] for s in range(0, len(order), per)]
 
