@@ -40,8 +40,8 @@ def _train(model, s, pairs=PAIRS, **kw):
 # --- what each rank runs: module-level, so spawn can pickle it --------------------------------------------
 def _task_sweep(out, rank, ms=MS, slow_rank0=False):
     """The sweep in batches of one pair, how many m rows of the shared prefix this process ran itself, and the
-    batches it took (the pairs' first tokens after the prefix). Each batch waits a while (longer on rank 0 with
-    ``slow_rank0``), so that both ranks surely take some."""
+    batches it took (each as its pairs' tokens). Each batch waits a while (longer on rank 0 with ``slow_rank0``), so
+    that both ranks surely take some."""
     import fastsplit.analysis.logodds as lo
 
     model, s = _fresh()
@@ -52,7 +52,7 @@ def _task_sweep(out, rank, ms=MS, slow_rank0=False):
         return real_prefix(model, steering, prefix, m_all, *a)
 
     def batch(model, steering, chunk, *a, **k):
-        took.append([len(p) for p, _, _ in chunk])
+        took.append([(tuple(p), tuple(a), tuple(n)) for p, a, n in chunk])
         time.sleep(1.5 if slow_rank0 and rank == 0 else 0.3)
         return real_batch(model, steering, chunk, *a, **k)
     lo._prefix_caches, lo._batch_nll = counted, batch
@@ -209,7 +209,7 @@ def test_sharded_sweep_equals_one_process(tmp_path, ms):
     half = (len(ms) + 1) // 2
     assert one["prefix_rows"] == [len(ms)] and [r["prefix_rows"] for r in ranks] == [[half], [len(ms) - half]]
     # Each of the 5 batches ran once, on one rank: the ranks took them from a shared counter, costliest first.
-    assert sorted(ranks[0]["took"] + ranks[1]["took"]) == sorted(one["took"]) and len(one["took"]) == 5
+    assert sorted(ranks[0]["took"] + ranks[1]["took"]) == sorted(one["took"]) and len(set(map(str, one["took"]))) == 5
     assert ranks[0]["took"] and ranks[1]["took"]
 
 
