@@ -290,7 +290,7 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
 
     done = dist.run_tasks(run, len(batches), group, what="log-odds sweep", before=setup,
                           sizes=[len(b) for b in batches],  # every rank counts its batches, bar or not
-                          on_done=lambda k, finished: bar.update(finished - bar.n))
+                          on_done=lambda k, finished: bar.update(int(finished) - bar.n))
     bar.close()
     nll = np.zeros((len(enc), M, 2))
     for idx, rows in zip(batches, done):
