@@ -244,14 +244,15 @@ def _shared_prefix(prompts) -> int:
     return max(0, min(len(os.path.commonprefix(list(prompts))), min(len(p) for p in prompts) - 1))
 
 
-def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress, prefix: int | None = None,
-               caches=None, on_batch=None, group=None) -> np.ndarray:
+def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progress, prefix: int, caches=None,
+               on_batch=None, group=None) -> np.ndarray:
     """Summed (or mean) NLLs [N, M, 2] of the encoded pairs' two completions at every m: the fast path.
 
     A prompt row is [shared prefix | left-padded rest of the prompt | right-padded completion], and runs in
     three stages, each on the KV cache of the one before: the prefix every prompt shares (the chat template's
     header, an instruction) once per m for the whole sweep; the rest of each prompt but its last token once per
-    (pair, m); the prompt's last token and one completion once per (pair, m, side). ``caches``: the prefix's
+    (pair, m); the prompt's last token and one completion once per (pair, m, side). ``prefix``: how many leading
+    tokens the prompts share (:func:`logodds_sweep` decides; 0 runs no prefix stage). ``caches``: the prefix's
     (below, above) caches when the caller made them (:func:`_shared_prefix_caches`).
 
     The pairs go in batches of similar lengths (:func:`_batches`); under a process group (``group``) the ranks take
@@ -263,9 +264,7 @@ def _sweep_nll(model, steering, enc, ms, *, pad, length_norm, batch_size, progre
     M = len(ms)
     device = next(model.parameters()).device
     per = batch_size or max(1, (512 if device.type == "cuda" else 48) // M)
-    longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)  # a padded row
-    c = prefix if prefix is not None else (0 if hf.window_shorter_than(model, longest) else
-                                           _shared_prefix([p for p, _, _ in enc]))
+    c = prefix
     # Single pairs at the end on the CPU only, where a pair alone runs as fast per pair as two together; a GPU's batch
     # of one pair would leave it mostly idle (its ranks end within one full batch of each other instead).
     batches = _batches(enc, per, c, split_last=dist.world_size(group) if group is not None and device.type == "cpu"
