@@ -8,10 +8,11 @@ Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
              writes), wall time: 64 pairs x 21 m [<= 0.58x] and 16 pairs x 9 m [<= 0.75x]
   resume     one process: the command killed (SIGKILL) when half of its pairs are in blocks, then `--resume`, in all,
              against an uninterrupted command [<= 1.1x]
-  floor      what 2 ranks can reach on this machine: a fixed piece of work (the sweep's GEMMs; the fits' refits) timed
-             in one process alone and in each of two processes at once; two processes slowing each other by a factor
-             c (shared caches, memory bandwidth, or two vCPUs on one physical core) bound a perfectly divided phase at
-             c/2 of one rank, not 0.5
+  floor      what 2 ranks can reach on this machine: a fixed piece of work (the sweep's GEMMs; the sweep itself on 6
+             pairs, whose copies of keys and values and fresh allocations may contend where GEMMs do not; the fits'
+             refits) timed in one process alone and in each of two processes at once; two processes slowing each
+             other by a factor c (shared caches, memory bandwidth, or two vCPUs on one physical core) bound a
+             perfectly divided phase at c/2 of one rank, not 0.5
 
 Floors: with one thread per process, 2 ranks have twice the cores of 1, so the ideal ratio is 0.5x for the parallel
 part if the two processes do not slow each other (the floor row measures how much they do); what stays above it is
@@ -107,12 +108,22 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def floor_worker(kind: str) -> None:
+def floor_worker(kind: str, steering: str | None = None) -> None:
     """A fixed piece of work on one thread; prints its seconds. gemm: the model's MLP shapes, as the sweep runs them;
+    sweep: the log-odds sweep of 6 pairs x 21 m in one process (timed after the model loads and one warm-up pair);
     fits: held-out refits of a preference curve, as the analysis runs them (scipy, mostly interpreter time)."""
     torch.set_num_threads(1)
+    if kind == "sweep":
+        from bench_workflows import sweep_pairs
+
+        model, tok = fastsplit.load_default_model()
+        s = fastsplit.load_steering(model, steering)
+        pairs = sweep_pairs("mc", 6)
+        fastsplit.logodds_sweep(model, tok, s, pairs[:1], MS21, progress=False)
     t0 = time.perf_counter()
-    if kind == "gemm":
+    if kind == "sweep":
+        fastsplit.logodds_sweep(model, tok, s, pairs, MS21, progress=False)
+    elif kind == "gemm":
         x, w = torch.randn(512, 576), torch.randn(576, 1536)
         for _ in range(150):
             x = torch.tanh(x @ w) @ w.T * 0.01
@@ -129,16 +140,17 @@ def floor_worker(kind: str) -> None:
     print(time.perf_counter() - t0)
 
 
-def floor(runs: int) -> dict:
+def floor(runs: int, steering: str) -> dict:
     """c = (seconds of the work in each of two processes at once) / (seconds alone), median over interleaved runs."""
     out = {}
-    for kind in ("gemm", "fits"):
-        cmd = [sys.executable, __file__, "--floor-worker", kind]
+    for kind in ("gemm", "sweep", "fits"):
+        cmd = [sys.executable, __file__, "--floor-worker", kind, "--steering", steering]
         alone, pair = [], []
         for _ in range(runs):
-            alone.append(float(subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=True).stdout))
+            done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=True)
+            alone.append(float(done.stdout.split()[-1]))  # the last line: the seconds
             procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, text=True) for _ in range(2)]
-            pair.append(float(np.mean([float(p.communicate()[0]) for p in procs])))
+            pair.append(float(np.mean([float(p.communicate()[0].split()[-1]) for p in procs])))
         c = float(np.median(pair) / np.median(alone))
         out[kind] = {"alone_s": alone, "pair_s": pair, "slowdown": c, "floor_ratio": c / 2}
     return out
@@ -224,7 +236,7 @@ def main() -> None:
     if args.worker_out and "RANK" in os.environ:
         return worker(args)
     if args.floor_worker:
-        return floor_worker(args.floor_worker)
+        return floor_worker(args.floor_worker, args.steering)
     if args.quick:
         args.pairs, args.train_pairs, args.runs = 8, 16, 1
     from bench_workflows import sweep_pairs
@@ -247,7 +259,7 @@ def main() -> None:
         which = set(args.which.split(","))
         med = lambda v: float(np.median(v))
         if "floor" in which:
-            res["floor"] = floor(1 if args.quick else 3)
+            res["floor"] = floor(1 if args.quick else 3, args.steering)
             for kind, f in res["floor"].items():
                 print(f"floor, {kind}: alone {med(f['alone_s']):.2f} s, each of two at once {med(f['pair_s']):.2f} s "
                       f"-> two processes slow each other {f['slowdown']:.2f}x; a perfectly divided phase on 2 ranks "
