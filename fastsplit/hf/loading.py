@@ -122,9 +122,14 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
                                 "(models cannot be downloaded from a hub here)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     tok = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-    return model, tok
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except SafetensorError as exc:  # a truncated or corrupt weights file: one line naming the folder, not a traceback
+        raise ValueError(f"model {name_or_path!r}: its weights cannot be read ({exc})") from exc
+    return model.to(device).eval(), tok
 
 
 # What the default model's config says (checked by tests/test_real_model.py against the loaded model), so the
