@@ -120,9 +120,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"model {name_or_path!r} is neither 'default' nor a local model folder "
                                 "(models cannot be downloaded from a hub here)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path)
     try:
