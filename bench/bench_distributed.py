@@ -113,23 +113,34 @@ def floor_worker(kind: str, steering: str | None = None) -> None:
     sweep: the log-odds sweep of 6 pairs x 21 m in one process (timed after the model loads and one warm-up pair);
     fits: held-out refits of a preference curve, as the analysis runs them (scipy, mostly interpreter time)."""
     torch.set_num_threads(1)
-    if kind == "sweep":
-        from bench_workflows import sweep_pairs
-
-        model, tok = fastsplit.load_default_model()
-        s = fastsplit.load_steering(model, steering)
-        pairs = sweep_pairs("mc", 6)
-        fastsplit.logodds_sweep(model, tok, s, pairs[:1], MS21, progress=False)
+    work = {"gemm": _gemm_work, "sweep": lambda: _sweep_work(steering), "fits": _fits_work}[kind]()  # untimed set-up
     t0 = time.perf_counter()
-    if kind == "sweep":
-        fastsplit.logodds_sweep(model, tok, s, pairs, MS21, progress=False)
-    elif kind == "gemm":
+    work()
+    print(time.perf_counter() - t0)
+
+
+def _gemm_work():
+    def run():
         x, w = torch.randn(512, 576), torch.randn(576, 1536)
         for _ in range(150):
             x = torch.tanh(x @ w) @ w.T * 0.01
-    else:
-        from fastsplit.analysis import fit_curves
+    return run
 
+
+def _sweep_work(steering: str):
+    from bench_workflows import sweep_pairs
+
+    model, tok = fastsplit.load_default_model()
+    s = fastsplit.load_steering(model, steering)
+    pairs = sweep_pairs("mc", 6)
+    fastsplit.logodds_sweep(model, tok, s, pairs[:1], MS21, progress=False)  # warm-up
+    return lambda: fastsplit.logodds_sweep(model, tok, s, pairs, MS21, progress=False)
+
+
+def _fits_work():
+    from fastsplit.analysis import fit_curves
+
+    def run():
         rng = np.random.default_rng(0)
         ms = np.linspace(-10, 10, 21)
         y = 0.4 * ms * np.exp(-(ms / 6) ** 2) + rng.normal(0, 0.05, (16, 21))
@@ -137,7 +148,7 @@ def floor_worker(kind: str, steering: str | None = None) -> None:
         for j in list(range(21)) * 2:
             keep = np.arange(21) != j
             fit_curves(ms[keep], y[:, keep], "preference", starts=1, init=fit, tol=1e-6)
-    print(time.perf_counter() - t0)
+    return run
 
 
 def floor(runs: int, steering: str) -> dict:
