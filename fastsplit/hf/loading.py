@@ -5,10 +5,13 @@ dequantised once by transformers and cached as safetensors under the user's cach
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -48,14 +51,28 @@ def load_default_model(*, dtype: torch.dtype = torch.float32, device: str | torc
         >>> model.config.num_hidden_layers
         30
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = default_model_folder()
     tok = AutoTokenizer.from_pretrained(cached)
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    except SafetensorError as exc:  # a cache damaged after it was written (a full disk, a copy cut short)
+        raise ValueError(f"the default model's cache {cached!r} cannot be read ({exc}); delete that folder and the "
+                         "next load rebuilds it from the GGUF file") from exc
+    model = model.to(device)
     model.config.name_or_path = DEFAULT_MODEL_NAME
     model.eval()
     return model, tok
+
+
+def _gguf_source() -> str:
+    """The GGUF file, checked to be there and readable by transformers (which needs the gguf package)."""
+    gguf = _gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError(f"loading the default model's GGUF file needs the gguf package: {_INSTALL_HINT}")
+    return gguf
 
 
 def default_gguf() -> str:
@@ -67,33 +84,64 @@ def default_model_folder() -> str:
     """The default model as a Hugging Face folder (config, safetensors, tokenizer), dequantised from its GGUF file
     on first use (about 30 s) and cached under :func:`cache_dir`: what ``vllm serve``, peft or
     ``from_pretrained`` load."""
+    cached = cache_dir()
+    if os.path.exists(os.path.join(cached, "fastsplit.json")):
+        return cached
+    # Every rank of a torchrun job on a fresh machine gets here at once: one builds the cache while the others wait
+    # on the lock, then find it built. Each builder writes its own temporary folder, so a killed build leaves no
+    # half-written folder behind under the name the others read.
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with _locked(cached + ".lock"):
+        if not os.path.exists(os.path.join(cached, "fastsplit.json")):
+            gguf = _gguf_source()
+            log.warning("fastsplit: dequantising %s once (about 30 s); cached in %s", _GGUF, cached)
+            parent, name = os.path.split(cached)
+            for stale in os.listdir(parent):  # a build killed before its clean-up (none other runs: we hold the lock)
+                if stale.startswith(name + ".tmp-"):
+                    shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+            tmp = tempfile.mkdtemp(dir=parent, prefix=name + ".tmp-")
+            try:
+                _dequantise(gguf, tmp)
+                with open(os.path.join(tmp, "fastsplit.json"), "w") as f:
+                    json.dump({"source": _GGUF}, f)
+                if os.path.exists(cached):  # an unfinished folder without the marker (older fastsplit)
+                    shutil.rmtree(cached)
+                os.replace(tmp, cached)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return cached
+
+
+def _dequantise(gguf: str, out: str) -> None:
+    """The GGUF file as a float32 Hugging Face folder (config, safetensors, tokenizer) in ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_dir()
-    marker = os.path.join(cached, "fastsplit.json")
-    if not os.path.exists(marker):
-        gguf = _gguf_path()
-        if importlib.util.find_spec("gguf") is None:
-            raise RuntimeError(f"loading the default model's GGUF file needs the gguf package: {_INSTALL_HINT}")
-        log.warning("fastsplit: dequantising %s once (about 30 s); cached in %s", _GGUF, cached)
-        folder, name = os.path.split(gguf)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        model.hf_quantizer = None  # save_pretrained refuses GGUF-quantised models as they are
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.name_or_path = DEFAULT_MODEL_NAME
-        tmp = cached + ".tmp"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "fastsplit.json"), "w") as f:
-            json.dump({"source": _GGUF}, f)
-        if os.path.exists(cached):
-            import shutil
+    folder, name = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer = None  # save_pretrained refuses GGUF-quantised models as they are
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_MODEL_NAME
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
-            shutil.rmtree(cached)
-        os.replace(tmp, cached)
-    return cached
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock on the file ``path`` (created if absent) while the block runs; other processes wait. Where
+    there is no ``fcntl`` (Windows) there is no lock: concurrent first loads then each build, and the last wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def model_folder(name_or_path: str) -> str:
