@@ -3,7 +3,9 @@
 Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
   phase      the log-odds sweep alone, 64 held-out pairs x 21 m, timed between barriers inside the ranks, and each
              rank's busy time (the batches it took and its block of the shared prefix's m rows: the balance)
-             [2 ranks <= 0.52x one]; one training epoch on 128 pairs [<= 0.6x]
+             [2 ranks <= 0.52x one]; one training epoch on 128 pairs [<= 0.6x]. ``--runs`` rounds, each a launch of
+             1 rank then one of 2 (this host's speed drifts by 10% between minutes; the ratio is the median of the
+             rounds'), and where each rank's sweep time went: on a core, waiting for one, the machine's steal
   command    the whole `fastsplit sweep` command (launch, model load, sweep, fits with a 100-resample bootstrap, plot,
              writes), wall time: 64 pairs x 21 m [<= 0.58x] and 16 pairs x 9 m [<= 0.75x]
   resume     one process: the command killed (SIGKILL) when half of its pairs are in blocks, then `--resume`, in all,
@@ -55,7 +57,8 @@ def _env(threads=1):
 
 
 def worker(args) -> None:
-    """One rank: time the sweep phase and one training epoch between barriers; every rank's busy time."""
+    """One rank: time the sweep phase and one training epoch between barriers; every rank's busy time and where its
+    sweep's time went (:func:`_sched`). One of each per launch: main interleaves the launches of 1 and 2 ranks."""
     import torch.distributed as dist
 
     from bench_workflows import sweep_pairs
@@ -87,18 +90,17 @@ def worker(args) -> None:
         dist.barrier()
         return time.perf_counter() - t0
 
-    out = {"sweep": [], "busy": [], "train": []}
+    out = {"sweep": [], "busy": [], "train": [], "sched": []}
     fastsplit.logodds_sweep(model, tok, steering, pairs[:4], MS21, progress=False)  # warm-up
-    for _ in range(args.runs):
-        busy["t"] = 0.0
-        out["sweep"].append(timed(lambda: fastsplit.logodds_sweep(model, tok, steering, pairs, MS21, progress=False)))
-        out["busy"].append(busy["t"])
+    busy["t"], before = 0.0, _sched()
+    out["sweep"].append(timed(lambda: fastsplit.logodds_sweep(model, tok, steering, pairs, MS21, progress=False)))
+    out["busy"].append(busy["t"])
+    out["sched"].append({k: v - before[k] for k, v in _sched().items()})
     train_pairs = sweep_pairs("mc", args.pairs + args.train_pairs)[args.pairs:]
-    for _ in range(args.runs):
-        s2 = fastsplit.attach(model, 10, "vector")
-        out["train"].append(timed(lambda: fastsplit.train(model, tok, s2, train_pairs, epochs=1, batch_size=8,
-                                                          progress=False)))
-        s2.detach()
+    s2 = fastsplit.attach(model, 10, "vector")
+    out["train"].append(timed(lambda: fastsplit.train(model, tok, s2, train_pairs, epochs=1, batch_size=8,
+                                                      progress=False)))
+    s2.detach()
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, out)
     if dist.get_rank() == 0:
@@ -106,6 +108,21 @@ def worker(args) -> None:
             json.dump(every, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _sched() -> dict:
+    """Where this rank's time went, in seconds so far: on a core (``run``), ready but waiting for one (``wait``: another
+    process held it), and the whole machine's steal (``steal``: the hypervisor ran something else on a vCPU; the guest
+    cannot tell which of its vCPUs lost it). From Linux's schedstat of the main thread, which runs all the math here
+    (one thread per process); empty where there is no /proc."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:
+            run, wait = (int(x) / 1e9 for x in f.read().split()[:2])
+        with open("/proc/stat") as f:
+            steal = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"run": run, "wait": wait, "steal": steal}
 
 
 def floor_worker(kind: str, steering: str | None = None) -> None:
@@ -174,7 +191,7 @@ def _torchrun(world: int, *args) -> list:
 def phase(world, args, tmp) -> list:
     out = os.path.join(tmp, f"phase{world}.json")
     cmd = _torchrun(world, __file__, "--worker-out", out, "--steering", args.steering, "--pairs", str(args.pairs),
-                    "--train-pairs", str(args.train_pairs), "--runs", str(args.runs))
+                    "--train-pairs", str(args.train_pairs))
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{world} rank(s) failed:\n{r.stderr[-3000:]}")
@@ -275,19 +292,31 @@ def main() -> None:
                 print(f"floor, {kind}: alone {med(f['alone_s']):.2f} s, each of two at once {med(f['pair_s']):.2f} s "
                       f"-> two processes slow each other {f['slowdown']:.2f}x; a perfectly divided phase on 2 ranks "
                       f">= {f['floor_ratio']:.3f}x", flush=True)
-        if "phases" in which:
-            ph = {w: phase(w, args, tmp) for w in (1, 2)}
-            res["sweep_phase_s"] = {w: med(ph[w][0]["sweep"]) for w in (1, 2)}
-            res["sweep_phase_ratio"] = res["sweep_phase_s"][2] / res["sweep_phase_s"][1]
-            res["busy_s_per_rank"] = {w: [med(r["busy"]) for r in ph[w]] for w in (1, 2)}
-            res["train_epoch_s"] = {w: med(ph[w][0]["train"]) for w in (1, 2)}
-            res["train_ratio"] = res["train_epoch_s"][2] / res["train_epoch_s"][1]
-            print(f"sweep phase {args.pairs} pairs x 21 m: 1 rank {res['sweep_phase_s'][1]:.1f} s, 2 ranks "
-                  f"{res['sweep_phase_s'][2]:.1f} s -> {res['sweep_phase_ratio']:.3f}x (busy per rank "
-                  f"{[round(b, 1) for b in res['busy_s_per_rank'][2]]} s)", flush=True)
-            print(f"training {args.train_pairs} pairs, 1 epoch: 1 rank {res['train_epoch_s'][1]:.1f} s, 2 ranks "
-                  f"{res['train_epoch_s'][2]:.1f} s -> {res['train_ratio']:.3f}x", flush=True)
         runs = 1 if args.quick else args.runs
+        if "phases" in which:
+            rounds = []  # one launch of 1 rank, then one of 2, per round: a drift of the machine's speed hits both
+            for _ in range(runs):
+                rounds.append({w: phase(w, args, tmp) for w in (1, 2)})
+                print(f"  round {len(rounds)}: sweep phase " + ", ".join(
+                    f"{w} rank(s) {rounds[-1][w][0]['sweep'][0]:.1f} s" for w in (1, 2)) + "; each rank's sweep: "
+                    + " | ".join(", ".join(f"{k} {v:.1f} s" for k, v in r["sched"][0].items()) for w in (1, 2)
+                                 for r in rounds[-1][w]) + " (on a core, waiting for one, the machine's steal)",
+                    flush=True)
+            rank0 = lambda key: {w: [rd[w][0][key][0] for rd in rounds] for w in (1, 2)}
+            for row, key in (("sweep_phase", "sweep"), ("train", "train")):
+                t = rank0(key)
+                res[f"{row}_runs_s"], res[f"{row}_s"] = t, {w: med(v) for w, v in t.items()}
+                res[f"{row}_round_ratios"] = [b / a for a, b in zip(t[1], t[2])]
+                res[f"{row}_ratio"] = med(res[f"{row}_round_ratios"])
+            res["busy_s_per_rank"] = {w: [med([rd[w][r]["busy"][0] for rd in rounds]) for r in range(w)] for w in (1, 2)}
+            res["sched_s_per_rank"] = {w: [[r["sched"][0] for r in rd[w]] for rd in rounds] for w in (1, 2)}
+            print(f"sweep phase {args.pairs} pairs x 21 m: 1 rank {res['sweep_phase_s'][1]:.1f} s, 2 ranks "
+                  f"{res['sweep_phase_s'][2]:.1f} s -> {res['sweep_phase_ratio']:.3f}x, the median of the rounds' "
+                  f"{[round(x, 3) for x in res['sweep_phase_round_ratios']]} (busy per rank "
+                  f"{[round(b, 1) for b in res['busy_s_per_rank'][2]]} s)", flush=True)
+            print(f"training {args.train_pairs} pairs, 1 epoch: 1 rank {res['train_s'][1]:.1f} s, 2 ranks "
+                  f"{res['train_s'][2]:.1f} s -> {res['train_ratio']:.3f}x "
+                  f"{[round(x, 3) for x in res['train_round_ratios']]}", flush=True)
         for label, data, ms in (("64x21", data64, MS21), ("16x9", data16, MS9)) if "commands" in which else ():
             every = {1: [], 2: []}
             for _ in range(runs):  # interleaved, so a drift of the machine's speed hits both alike
