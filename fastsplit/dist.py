@@ -16,16 +16,17 @@ Example (``torchrun --nproc-per-node 2 sweep.py``)::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["active_group", "rank", "world_size", "is_main", "shard_range", "shard_by_work", "check_world",
            "all_gather_list", "gather_indexed", "gather_tensors", "run_tasks", "split_work", "agree", "atomic_write",
-           "broadcast_object", "first_published", "timeout", "Blocks"]
+           "file_lock", "broadcast_object", "first_published", "timeout", "Blocks"]
 
 
 def active_group(group=None):
@@ -290,6 +291,24 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created if absent) while the block runs: another process (another
+    rank, another job on the machine) waits at its ``with`` until this block ends. Where there is no ``fcntl``
+    (Windows) there is no lock, and callers rely on :func:`atomic_write`'s renames alone."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def broadcast_object(obj, group=None):

@@ -5,7 +5,6 @@ dequantised once by transformers and cached as safetensors under the user's cach
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -14,6 +13,8 @@ import shutil
 import tempfile
 
 import torch
+
+from .. import dist
 
 log = logging.getLogger("fastsplit")
 
@@ -91,7 +92,7 @@ def default_model_folder() -> str:
     # on the lock, then find it built. Each builder writes its own temporary folder, so a killed build leaves no
     # half-written folder behind under the name the others read.
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with _locked(cached + ".lock"):
+    with dist.file_lock(cached + ".lock"):
         if not os.path.exists(os.path.join(cached, "fastsplit.json")):
             gguf = _gguf_source()
             log.warning("fastsplit: dequantising %s once (about 30 s); cached in %s", _GGUF, cached)
@@ -125,23 +126,6 @@ def _dequantise(gguf: str, out: str) -> None:
     model.config.name_or_path = DEFAULT_MODEL_NAME
     model.save_pretrained(out)
     tok.save_pretrained(out)
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive lock on the file ``path`` (created if absent) while the block runs; other processes wait. Where
-    there is no ``fcntl`` (Windows) there is no lock: concurrent first loads then each build, and the last wins."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def model_folder(name_or_path: str) -> str:

@@ -25,7 +25,6 @@ How a call is routed (the ops ask :data:`TUNER` with a key and the candidates th
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -405,7 +404,7 @@ class Tuner:
         """Merge ``entry`` into the file under a lock (other processes may write the same file), atomically."""
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with _locked(path + ".lock"):
+            with dist.file_lock(path + ".lock"):
                 entries = {}
                 if os.path.exists(path):
                     try:
@@ -429,21 +428,6 @@ class Tuner:
 def _dump(doc: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: the atomic rename still leaves a valid file
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _now() -> str:
