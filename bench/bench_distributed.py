@@ -4,7 +4,7 @@ Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
   phase      the log-odds sweep alone, 64 held-out pairs x 21 m, timed between barriers inside the ranks, and each
              rank's busy time (the batches it took and its block of the shared prefix's m rows: the balance)
              [2 ranks <= 0.52x one]; one training epoch on 128 pairs [<= 0.6x]. ``--runs`` rounds, each a launch of
-             1 rank then one of 2 (this host's speed drifts by 10% between minutes; the ratio is the median of the
+             1 rank then one of 2 (this host's speed drifts by up to 40% between minutes; the ratio is the median of the
              rounds'), and where each rank's sweep time went: on a core, waiting for one, the machine's steal
   command    the whole `fastsplit sweep` command (launch, model load, sweep, fits with a 100-resample bootstrap, plot,
              writes), wall time: 64 pairs x 21 m [<= 0.58x] and 16 pairs x 9 m [<= 0.75x]
@@ -90,16 +90,13 @@ def worker(args) -> None:
         dist.barrier()
         return time.perf_counter() - t0
 
-    out = {"sweep": [], "busy": [], "train": [], "sched": []}
     fastsplit.logodds_sweep(model, tok, steering, pairs[:4], MS21, progress=False)  # warm-up
     busy["t"], before = 0.0, _sched()
-    out["sweep"].append(timed(lambda: fastsplit.logodds_sweep(model, tok, steering, pairs, MS21, progress=False)))
-    out["busy"].append(busy["t"])
-    out["sched"].append({k: v - before[k] for k, v in _sched().items()})
+    out = {"sweep": timed(lambda: fastsplit.logodds_sweep(model, tok, steering, pairs, MS21, progress=False))}
+    out["busy"], out["sched"] = busy["t"], {k: v - before[k] for k, v in _sched().items()}
     train_pairs = sweep_pairs("mc", args.pairs + args.train_pairs)[args.pairs:]
     s2 = fastsplit.attach(model, 10, "vector")
-    out["train"].append(timed(lambda: fastsplit.train(model, tok, s2, train_pairs, epochs=1, batch_size=8,
-                                                      progress=False)))
+    out["train"] = timed(lambda: fastsplit.train(model, tok, s2, train_pairs, epochs=1, batch_size=8, progress=False))
     s2.detach()
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, out)
@@ -298,18 +295,18 @@ def main() -> None:
             for _ in range(runs):
                 rounds.append({w: phase(w, args, tmp) for w in (1, 2)})
                 print(f"  round {len(rounds)}: sweep phase " + ", ".join(
-                    f"{w} rank(s) {rounds[-1][w][0]['sweep'][0]:.1f} s" for w in (1, 2)) + "; each rank's sweep: "
-                    + " | ".join(", ".join(f"{k} {v:.1f} s" for k, v in r["sched"][0].items()) for w in (1, 2)
+                    f"{w} rank(s) {rounds[-1][w][0]['sweep']:.1f} s" for w in (1, 2)) + "; each rank's sweep: "
+                    + " | ".join(", ".join(f"{k} {v:.1f} s" for k, v in r["sched"].items()) for w in (1, 2)
                                  for r in rounds[-1][w]) + " (on a core, waiting for one, the machine's steal)",
                     flush=True)
-            rank0 = lambda key: {w: [rd[w][0][key][0] for rd in rounds] for w in (1, 2)}
+            rank0 = lambda key: {w: [rd[w][0][key] for rd in rounds] for w in (1, 2)}
             for row, key in (("sweep_phase", "sweep"), ("train", "train")):
                 t = rank0(key)
                 res[f"{row}_runs_s"], res[f"{row}_s"] = t, {w: med(v) for w, v in t.items()}
                 res[f"{row}_round_ratios"] = [b / a for a, b in zip(t[1], t[2])]
                 res[f"{row}_ratio"] = med(res[f"{row}_round_ratios"])
-            res["busy_s_per_rank"] = {w: [med([rd[w][r]["busy"][0] for rd in rounds]) for r in range(w)] for w in (1, 2)}
-            res["sched_s_per_rank"] = {w: [[r["sched"][0] for r in rd[w]] for rd in rounds] for w in (1, 2)}
+            res["busy_s_per_rank"] = {w: [med([rd[w][r]["busy"] for rd in rounds]) for r in range(w)] for w in (1, 2)}
+            res["sched_s_per_rank"] = {w: [[r["sched"] for r in rd[w]] for rd in rounds] for w in (1, 2)}
             print(f"sweep phase {args.pairs} pairs x 21 m: 1 rank {res['sweep_phase_s'][1]:.1f} s, 2 ranks "
                   f"{res['sweep_phase_s'][2]:.1f} s -> {res['sweep_phase_ratio']:.3f}x, the median of the rounds' "
                   f"{[round(x, 3) for x in res['sweep_phase_round_ratios']]} (busy per rank "
