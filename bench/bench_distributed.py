@@ -14,7 +14,9 @@ Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
              pairs, whose copies of keys and values and fresh allocations may contend where GEMMs do not; the fits'
              refits) timed in one process alone and in each of two processes at once; two processes slowing each
              other by a factor c (shared caches, memory bandwidth, or two vCPUs on one physical core) bound a
-             perfectly divided phase at c/2 of one rank, not 0.5
+             perfectly divided phase at c/2 of one rank, not 0.5; and the compute floor of one process: the 6-pair
+             sweep's GEMM FLOPs (counted) over its time alone, against the GEMM work's rate alone (this core's
+             ceiling at the MLP's shape): how much a faster sweep could still gain on one core
 
 Floors: with one thread per process, 2 ranks have twice the cores of 1, so the ideal ratio is 0.5x for the parallel
 part if the two processes do not slow each other (the floor row measures how much they do); what stays above it is
@@ -125,18 +127,40 @@ def _sched() -> dict:
 def floor_worker(kind: str, steering: str | None = None) -> None:
     """A fixed piece of work on one thread; prints its seconds. gemm: the model's MLP shapes, as the sweep runs them;
     sweep: the log-odds sweep of 6 pairs x 21 m in one process (timed after the model loads and one warm-up pair);
-    fits: held-out refits of a preference curve, as the analysis runs them (scipy, mostly interpreter time)."""
+    fits: held-out refits of a preference curve, as the analysis runs them (scipy, mostly interpreter time);
+    sweep-flops: prints the GEMM FLOPs of that sweep (counted by torch's FlopCounterMode, not timed), then this core's
+    rate of bare GEMMs at the MLP's shape, in FLOP/s."""
     torch.set_num_threads(1)
+    if kind == "sweep-flops":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        work = _sweep_work(steering)
+        with FlopCounterMode(display=False) as counter:
+            work()
+        rows, hidden, inner = GEMM_SHAPE
+        x, w = torch.randn(rows, hidden), torch.randn(hidden, inner)
+        for _ in range(5):  # warm-up
+            x @ w
+        t0 = time.perf_counter()
+        for _ in range(GEMM_STEPS):
+            x @ w
+        print(counter.get_total_flops(), GEMM_STEPS * 2 * rows * hidden * inner / (time.perf_counter() - t0))
+        return
     work = {"gemm": _gemm_work, "sweep": lambda: _sweep_work(steering), "fits": _fits_work}[kind]()  # untimed set-up
     t0 = time.perf_counter()
     work()
     print(time.perf_counter() - t0)
 
 
+GEMM_STEPS, GEMM_SHAPE = 150, (512, 576, 1536)
+
+
 def _gemm_work():
+    rows, hidden, inner = GEMM_SHAPE
+
     def run():
-        x, w = torch.randn(512, 576), torch.randn(576, 1536)
-        for _ in range(150):
+        x, w = torch.randn(rows, hidden), torch.randn(hidden, inner)
+        for _ in range(GEMM_STEPS):
             x = torch.tanh(x @ w) @ w.T * 0.01
     return run
 
@@ -178,6 +202,14 @@ def floor(runs: int, steering: str) -> dict:
             pair.append(float(np.mean([float(p.communicate()[0].split()[-1]) for p in procs])))
         c = float(np.median(pair) / np.median(alone))
         out[kind] = {"alone_s": alone, "pair_s": pair, "slowdown": c, "floor_ratio": c / 2}
+    # The compute floor of one process: the sweep's GEMM FLOPs at this core's rate of bare GEMMs. The sweep's rate
+    # against it says how much a faster sweep could still gain on one core (attention, copies, the interpreter).
+    cmd = [sys.executable, __file__, "--floor-worker", "sweep-flops", "--steering", steering]
+    last = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    flops, gemm_rate = (float(v) for v in last.split())
+    sweep_rate = flops / float(np.median(out["sweep"]["alone_s"]))
+    out["compute"] = {"sweep_gemm_flops": flops, "gemm_flops_per_s": gemm_rate, "sweep_flops_per_s": sweep_rate,
+                      "sweep_share_of_gemm_rate": sweep_rate / gemm_rate}
     return out
 
 
@@ -285,10 +317,16 @@ def main() -> None:
         med = lambda v: float(np.median(v))
         if "floor" in which:
             res["floor"] = floor(1 if args.quick else 3, args.steering)
+            compute = res["floor"].pop("compute")
             for kind, f in res["floor"].items():
                 print(f"floor, {kind}: alone {med(f['alone_s']):.2f} s, each of two at once {med(f['pair_s']):.2f} s "
                       f"-> two processes slow each other {f['slowdown']:.2f}x; a perfectly divided phase on 2 ranks "
                       f">= {f['floor_ratio']:.3f}x", flush=True)
+            res["compute"] = compute
+            print(f"compute, one process: the sweep's GEMMs {compute['sweep_gemm_flops'] / 1e9:.0f} GFLOP at "
+                  f"{compute['sweep_flops_per_s'] / 1e9:.1f} GFLOP/s, {compute['sweep_share_of_gemm_rate']:.0%} of "
+                  f"this core's rate of bare GEMMs ({compute['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s at "
+                  f"{'x'.join(map(str, GEMM_SHAPE))})", flush=True)
         runs = 1 if args.quick else args.runs
         if "phases" in which:
             rounds = []  # one launch of 1 rank, then one of 2, per round: a drift of the machine's speed hits both
