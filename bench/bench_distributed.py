@@ -15,8 +15,8 @@ Rows (issue: "torchrun makes sweeps and training faster"; goals in brackets):
              refits) timed in one process alone and in each of two processes at once; two processes slowing each
              other by a factor c (shared caches, memory bandwidth, or two vCPUs on one physical core) bound a
              perfectly divided phase at c/2 of one rank, not 0.5; and the compute floor of one process: the 6-pair
-             sweep's GEMM FLOPs (counted) over its time alone, against the GEMM work's rate alone (this core's
-             ceiling at the MLP's shape): how much a faster sweep could still gain on one core
+             sweep's GEMM FLOPs (counted) over its time alone, against bare GEMMs at the MLP's shape on one
+             core (this core's ceiling): how much a faster sweep could still gain on one core
 
 Floors: with one thread per process, 2 ranks have twice the cores of 1, so the ideal ratio is 0.5x for the parallel
 part if the two processes do not slow each other (the floor row measures how much they do); what stays above it is
