@@ -189,8 +189,9 @@ def _fits_work():
     return run
 
 
-def floor(runs: int, steering: str) -> dict:
-    """c = (seconds of the work in each of two processes at once) / (seconds alone), median over interleaved runs."""
+def floor(runs: int, steering: str) -> tuple[dict, dict]:
+    """Per kind of work, c = (seconds of the work in each of two processes at once) / (seconds alone), median over
+    interleaved runs; and the compute floor of one process (:func:`floor_worker`'s sweep-flops)."""
     out = {}
     for kind in ("gemm", "sweep", "fits"):
         cmd = [sys.executable, __file__, "--floor-worker", kind, "--steering", steering]
@@ -208,9 +209,9 @@ def floor(runs: int, steering: str) -> dict:
     last = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     flops, gemm_rate = (float(v) for v in last.split())
     sweep_rate = flops / float(np.median(out["sweep"]["alone_s"]))
-    out["compute"] = {"sweep_gemm_flops": flops, "gemm_flops_per_s": gemm_rate, "sweep_flops_per_s": sweep_rate,
-                      "sweep_share_of_gemm_rate": sweep_rate / gemm_rate}
-    return out
+    compute = {"sweep_gemm_flops": flops, "gemm_flops_per_s": gemm_rate, "sweep_flops_per_s": sweep_rate,
+               "sweep_share_of_gemm_rate": sweep_rate / gemm_rate}
+    return out, compute
 
 
 def _torchrun(world: int, *args) -> list:
@@ -316,13 +317,12 @@ def main() -> None:
         which = set(args.which.split(","))
         med = lambda v: float(np.median(v))
         if "floor" in which:
-            res["floor"] = floor(1 if args.quick else 3, args.steering)
-            compute = res["floor"].pop("compute")
+            res["floor"], res["compute"] = floor(1 if args.quick else 3, args.steering)
             for kind, f in res["floor"].items():
                 print(f"floor, {kind}: alone {med(f['alone_s']):.2f} s, each of two at once {med(f['pair_s']):.2f} s "
                       f"-> two processes slow each other {f['slowdown']:.2f}x; a perfectly divided phase on 2 ranks "
                       f">= {f['floor_ratio']:.3f}x", flush=True)
-            res["compute"] = compute
+            compute = res["compute"]
             print(f"compute, one process: the sweep's GEMMs {compute['sweep_gemm_flops'] / 1e9:.0f} GFLOP at "
                   f"{compute['sweep_flops_per_s'] / 1e9:.1f} GFLOP/s, {compute['sweep_share_of_gemm_rate']:.0%} of "
                   f"this core's rate of bare GEMMs ({compute['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s at "
