@@ -12,7 +12,7 @@ from dataclasses import dataclass
 # newest release and the hf-dependent tests on the oldest; a release that moves an internal listed below makes
 # fastsplit fall back to the full layer (correct, slower) with one warning, never a crash (hf/compat.py).
 OLDEST_TRANSFORMERS = "5.0.0"
-TESTED_TRANSFORMERS = ("5.0.0", "5.17.0", "5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.17.0", "5.23.0", "5.24.0", "5.25.0")
 ARCHITECTURES = ("llama", "qwen2", "gemma2", "mistral", "phi3")
 
 
