@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastsplit.cli import main
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -342,7 +343,9 @@ def test_tune_writes_the_table_and_the_cache(model_dir, tmp_path, capsys, monkey
     assert folded["eager_ms"] > 0 and folded["linear_ms"] > 0
     assert res[-1]["op"] == "split_loss" and res[-1]["choice"].startswith(("torch:", "native:"))
     info = subprocess.run([sys.executable, "-m", "fastsplit", "info"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "FASTSPLIT_CACHE": str(tmp_path / "cache")})
+                          env={**os.environ, "FASTSPLIT_CACHE": str(tmp_path / "cache"),
+                               # the CPU's cache is per thread count (an xdist worker runs on its share of cores)
+                               "OMP_NUM_THREADS": str(torch.get_num_threads())})
     cache = json.loads(info.stdout)["tuning_cache"]
     assert cache["exists"] and any(k.startswith("steered_linear|local_weight|scalar") for k in cache["entries"])
     monkeypatch.setenv("FASTSPLIT_TUNE", "0")
