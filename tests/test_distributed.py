@@ -4,6 +4,7 @@ A sharded sweep and a sharded generation equal the one-process results; 2-rank d
 equals 1-rank training with the same global batch after 3 steps; resume works with 2 ranks; a failing rank
 stops every rank and nothing is left half-written; a world larger than the work is refused.
 """
+import faulthandler
 import os
 import time
 import traceback
@@ -158,6 +159,7 @@ TASKS = {"sweep": _task_sweep, "generate": _task_generate, "train": _task_train,
 
 
 def _worker(rank, world, store, out, task, kw):
+    faulthandler.enable()  # a rank that aborts in C++ (gloo) prints where each of its threads was
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:

@@ -218,21 +218,24 @@ def logodds_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair]
     todo = [i for i in range(len(pairs)) if i not in done]
     longest = max(len(p) for p, _, _ in enc) + max(max(len(a), len(b)) for _, a, b in enc)
     c = 0 if hf.window_shorter_than(model, longest) else _shared_prefix([p for p, _, _ in enc])
-    # The shared prefix's m rows are shared out too (every rank needs its whole cache): with 2 ranks it was about
-    # 3 pairs' work of 32 on each (bench_distributed's 110-token instruction, 21 m).
-    caches = (_shared_prefix_caches(model, steering, enc[0][0][:c], ms, group) if todo and c and group is not None
-              else None)
 
     def write(positions, nll):  # a finished batch: positions in todo
         if blocks is not None:
             blocks.write({todo[k]: row.tolist() for k, row in zip(positions, nll)})
 
     new = {}
-    if todo:  # every rank takes batches until none is left, and gets every batch's NLLs back
-        swept = _sweep_nll(model, steering, [enc[i] for i in todo], ms, pad=hf.pad_id_of(tokenizer),
-                           length_norm=length_norm, batch_size=batch_size, progress=progress and dist.is_main(group),
-                           prefix=c, caches=caches, on_batch=write, group=group)
-        new = dict(zip(todo, swept.tolist()))
+    # Every pass below has a padding mask; on the CPU, grouped-query heads are read in place, not copied per head
+    with hf.gqa_attention(model):
+        # The shared prefix's m rows are shared out too (every rank needs its whole cache): with 2 ranks it was about
+        # 3 pairs' work of 32 on each (bench_distributed's 110-token instruction, 21 m).
+        caches = (_shared_prefix_caches(model, steering, enc[0][0][:c], ms, group) if todo and c and group is not None
+                  else None)
+        if todo:  # every rank takes batches until none is left, and gets every batch's NLLs back
+            swept = _sweep_nll(model, steering, [enc[i] for i in todo], ms, pad=hf.pad_id_of(tokenizer),
+                               length_norm=length_norm, batch_size=batch_size,
+                               progress=progress and dist.is_main(group), prefix=c, caches=caches, on_batch=write,
+                               group=group)
+            new = dict(zip(todo, swept.tolist()))
     rows = [done[i] if i in done else new[i] for i in range(len(pairs))]
     nll = np.asarray(rows, np.float64)
     return Sweep.from_nll(ms, nll[..., 0], nll[..., 1], length_norm, groups)

@@ -6,6 +6,7 @@ model), ``steer/model.py`` (attach, the ``Steering`` handle, save/load). Every i
 in ``internals.py`` with the transformers versions it was tested on.
 """
 from . import compat
+from .attention import gqa_attention
 from .export import export_steering
 from .kv import (affine_in_m, alias_skipped, cache_of, keys_values_only, layer_states, new_cache, repeat_rows,
                  window_shorter_than)
@@ -18,7 +19,7 @@ from .steer.layer import ResidualSteer
 from .steer.model import (SITES, Steering, attach, check_steering_metadata, load_steering, read_steering_metadata,
                           resolve_layer)
 
-__all__ = ["compat", "export_steering", "attach", "Steering", "load_steering", "read_steering_metadata", "check_steering_metadata", "resolve_layer", "ResidualSteer", "SITES",
+__all__ = ["compat", "gqa_attention", "export_steering", "attach", "Steering", "load_steering", "read_steering_metadata", "check_steering_metadata", "resolve_layer", "ResidualSteer", "SITES",
            "load_default_model", "load_model", "load_config", "cache_dir", "DEFAULT_MODEL_NAME", "default_gguf",
            "default_model_folder", "model_folder", "load_tokenizer",
            "decoder", "decoder_layers", "lm_head", "logit_softcap", "model_name", "capture_layer_input",

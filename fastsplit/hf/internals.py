@@ -48,6 +48,12 @@ INTERNALS = (
              "cache for every pair, its m rows run by the ranks in blocks and gathered"),
     Internal("config._attn_implementation in ('sdpa', 'eager') accepts a 4-D additive mask; config.sliding_window "
              "and config.layer_types", "packing.packable", "one packed row per pair with a mask of our own"),
+    Internal("AttentionInterface.register and masking_utils.AttentionMaskInterface.register (with sdpa_mask), "
+             "model.set_attn_implementation(name), integrations.sdpa_attention.sdpa_attention_forward(module, query, "
+             "key, value, attention_mask, dropout=, scaling=, is_causal=, **kwargs) returning ([B, Tq, H, D], None), "
+             "and self_attn.num_key_value_groups", "attention.gqa_attention",
+             "a sweep's masked grouped-query attention on the CPU without repeat_kv's copies (falls back to sdpa "
+             "as transformers runs it)"),
     Internal("config.final_logit_softcapping (Gemma-2)", "runner.logit_softcap", "the SPLIT loss caps logits as the model does"),
     Internal("state-dict names model.layers.<L>.mlp.down_proj.{weight,bias}, peft's base_model.model.<name>.lora_A/"
              "lora_B keys with lora_bias, and config.mlp_bias (Llama-style MLP biases)", "export",
