@@ -66,7 +66,8 @@ def gqa_attention(model: nn.Module) -> Iterator[bool]:
     attention where transformers would copy keys and values per query head; after it, the model's attention is
     ``sdpa`` again (also after an error). Yields whether it switched: False, and nothing changed, for any other
     model, or (with one warning) a transformers without the attention interface. The numbers are the same either
-    way (fp32: equal bit for bit on the tested versions, ``tests/test_hf_attention.py``).
+    way (fp32: within 1e-6 on every tested architecture, ``tests/test_hf_attention.py``; a SmolLM2 sweep's NLLs
+    bit for bit).
 
     The switch is the model's own (``set_attn_implementation``): another thread running the same model meanwhile
     runs this attention too, with the same results.
