@@ -10,6 +10,7 @@ kernels do not all take ``enable_gqa`` with a mask.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch.nn.functional as F
@@ -18,14 +19,13 @@ from torch import nn
 from . import compat
 
 NAME = "fastsplit_sdpa_gqa"  # the attention (and mask) interface entry; the model's own is restored after
-_registered: list[bool] = []
 
 
-def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention-function signature: query [B, H, Tq, D], key/value [B, H_kv, Tk, D], a 4-D mask;
-    returns ([B, Tq, H, D], None). Anything but a masked grouped-query call goes to transformers' ``sdpa``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+def _forward(sdpa_attention_forward, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+             is_causal=None, **kwargs):
+    """transformers' attention-function signature after the first argument (bound at registration: transformers'
+    ``sdpa`` function): query [B, H, Tq, D], key/value [B, H_kv, Tk, D], a 4-D mask; returns ([B, Tq, H, D], None).
+    Anything but a masked grouped-query call goes to transformers' ``sdpa``."""
     plain = (attention_mask is None or getattr(module, "num_key_value_groups", 1) <= 1 or query.device.type != "cpu"
              or key.shape[-1] != value.shape[-1] or any(kwargs.get(k) is not None for k in ("softcap", "position_bias",
                                                                                               "s_aux", "sinks")))
@@ -37,14 +37,15 @@ def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
+@functools.cache  # once per process (a call that raises is not cached: the next one tries again)
 def _register() -> None:
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register(NAME, _forward)
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks sdpa gets
-        _registered.append(True)
+    # the fallback bound here, not imported in each call: _forward runs once per layer per pass
+    AttentionInterface.register(NAME, functools.partial(_forward, sdpa_attention_forward))
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks sdpa gets
 
 
 def applies(model: nn.Module) -> bool:
