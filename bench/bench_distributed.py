@@ -105,8 +105,7 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         with open(args.worker_out, "w") as f:
             json.dump(every, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    fastsplit.dist.shutdown()
 
 
 def _sched() -> dict:

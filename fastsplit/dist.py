@@ -24,9 +24,20 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+# Why this import, here: torch.distributed.nn.functional's ten collectives take ``group=group.WORLD`` as a default
+# argument, evaluated when the module is first imported. Imported after ``init_process_group`` (torch._dynamo
+# imports it: the first meta-tensor ``torch.cat`` does, so does ``torch.compile``), those defaults hold the default
+# group past ``destroy_process_group``: its gloo threads then live on into interpreter finalization, where a thread
+# that needs the GIL to drop a tensor is ended by Python and aborts the rank ("terminate called without an active
+# exception"; the class of pytorch/pytorch#190489 and of the abandoned atexit fix in pytorch/pytorch#179291).
+# Imported with fastsplit, before any group exists, the defaults are None. :func:`shutdown` releases a group that
+# was captured all the same (a module that was imported earlier than fastsplit, a user's own default argument).
+if dist.is_available():
+    import torch.distributed.nn.functional  # noqa: E402,F401
+
 __all__ = ["active_group", "rank", "world_size", "is_main", "shard_range", "shard_by_work", "check_world",
            "all_gather_list", "gather_indexed", "gather_tensors", "run_tasks", "split_work", "agree", "atomic_write",
-           "file_lock", "broadcast_object", "first_published", "timeout", "Blocks"]
+           "file_lock", "broadcast_object", "first_published", "timeout", "shutdown", "Blocks"]
 
 
 def active_group(group=None):
@@ -266,6 +277,51 @@ def agree(fn: Callable[[], Any], group=None, *, what: str = "work"):
         r, e = failed[0]
         raise RuntimeError(f"rank {r} failed during the {what}, so every rank stops: {e}")
     return out
+
+
+def shutdown(*, barrier: bool = True) -> int:
+    """The end of a distributed run on this rank: a barrier (so no rank tears its connections down while a peer still
+    reads from them; pass ``barrier=False`` on an error path, where a peer may be gone), ``destroy_process_group``,
+    and the release of every function default that still holds the destroyed default group, so that its gloo
+    threads end here, on the main thread, while the interpreter is whole (see the import of
+    ``torch.distributed.nn.functional`` above for why they would otherwise outlive it). Returns how many such
+    references it released (0 when nothing held the group). Nothing to do without an initialised group.
+
+    Example::
+
+        >>> dist.init_process_group("gloo")
+        >>> ...                                  # the work
+        >>> fastsplit.dist.shutdown()            # in place of dist.barrier(); dist.destroy_process_group()
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    world = dist.group.WORLD
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        released = _release_defaults(world)
+    return released
+
+
+def _release_defaults(group) -> int:
+    """Replace ``group`` by None wherever a loaded module's function holds it as a default argument; how many."""
+    import sys
+    import types
+
+    released = 0
+    for module in list(sys.modules.values()):
+        for fn in list(getattr(module, "__dict__", {}).values()):
+            if type(fn) is not types.FunctionType:  # type(), not isinstance: no proxy's __class__ (a warning)
+                continue
+            if fn.__defaults__ and any(d is group for d in fn.__defaults__):
+                released += sum(d is group for d in fn.__defaults__)
+                fn.__defaults__ = tuple(None if d is group else d for d in fn.__defaults__)
+            if fn.__kwdefaults__ and any(d is group for d in fn.__kwdefaults__.values()):
+                released += sum(d is group for d in fn.__kwdefaults__.values())
+                fn.__kwdefaults__ = {k: None if d is group else d for k, d in fn.__kwdefaults__.items()}
+    return released
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:

@@ -5,7 +5,10 @@ equals 1-rank training with the same global batch after 3 steps; resume works wi
 stops every rank and nothing is left half-written; a world larger than the work is refused.
 """
 import faulthandler
+import json
 import os
+import subprocess
+import sys
 import time
 import traceback
 
@@ -154,24 +157,47 @@ def _task_analyze(out, rank, slow_rank0=False, fail_rank0=False):
             "drew": drew}
 
 
+def _task_captured(out, rank):
+    """A function whose default argument took the live default group (as torch.distributed.nn.functional's
+    collectives do when first imported after init_process_group), and the first meta-tensor ``torch.cat`` of the
+    process, which imports torch._dynamo and with it that module."""
+    def reduce(t, group=dist.group.WORLD):
+        dist.all_reduce(t, group=group)
+        return t
+    globals()["_captured_reduce"] = reduce  # module-level, as an imported module's function is
+    torch.cat([torch.zeros(2, device="meta"), torch.zeros(3, device="meta")])
+    import torch.distributed.nn.functional as fn
+    return {"sum": float(reduce(torch.ones(1))), "nn_default_is_none": fn.all_reduce.__defaults__[-1] is None}
+
+
 TASKS = {"sweep": _task_sweep, "generate": _task_generate, "train": _task_train, "bad_shard": _task_bad_shard,
-         "bad_pair": _task_bad_pair, "too_few": _task_too_few, "analyze": _task_analyze, "gather": _task_gather}
+         "bad_pair": _task_bad_pair, "too_few": _task_too_few, "analyze": _task_analyze, "gather": _task_gather,
+         "captured": _task_captured}
+
+
+def _threads() -> set:
+    """This process's thread ids (Linux: /proc); empty elsewhere."""
+    root = f"/proc/{os.getpid()}/task"
+    return set(os.listdir(root)) if os.path.isdir(root) else set()
 
 
 def _worker(rank, world, store, out, task, kw):
     faulthandler.enable()  # a rank that aborts in C++ (gloo) prints where each of its threads was
     torch.set_num_threads(1)
+    before = _threads()
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    group_threads = _threads() - before  # gloo's: its transport loop and the group's work threads
     try:
-        result = TASKS[task](out, rank, **kw)
-        torch.save({"ok": result}, os.path.join(out, f"rank{rank}.pt"))
+        record = {"ok": TASKS[task](out, rank, **kw)}
     except Exception as e:  # recorded for the test to read; the error itself is the subject of some tests
-        torch.save({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()},
-                   os.path.join(out, f"rank{rank}.pt"))
-    # Every task ends in a collective (a gather, or the agreement on a failure), so every rank gets here; the
-    # barrier keeps a rank from tearing its connections down while a peer still reads from them.
-    dist.barrier()
-    dist.destroy_process_group()
+        record = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    # Every task ends in a collective (a gather, or the agreement on a failure), so every rank gets here.
+    # shutdown: the barrier, destroy_process_group, and no reference to the group left behind, so gloo's threads
+    # end here rather than in interpreter finalization (where they aborted ranks: fastsplit.dist's import notes).
+    released = fastsplit.dist.shutdown()
+    record["teardown"] = {"released": released, "group_threads": len(group_threads),
+                          "gloo_threads": len(group_threads & _threads())}
+    torch.save(record, os.path.join(out, f"rank{rank}.pt"))
 
 
 def _launch(tmp_path, task, world=2, **kw) -> list[dict]:
@@ -188,7 +214,15 @@ def _launch(tmp_path, task, world=2, **kw) -> list[dict]:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{world} ranks of {task!r} did not finish in {TIMEOUT_S} s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    # Every launch checks the teardown: the threads that init_process_group started (gloo's) had ended on each rank
+    # before it exited (none counted off Linux).
+    teardown = [res.pop("teardown") for res in results]
+    assert all(t["gloo_threads"] == 0 for t in teardown), f"{task}: gloo's threads outlived the group: {teardown}"
+    assert all(t["group_threads"] > 0 for t in teardown) or not _threads(), teardown  # the check saw them
+    want = 1 if task == "captured" else 0  # only the task that captures the group leaves a reference to release
+    assert [t["released"] for t in teardown] == [want] * world, f"{task}: {teardown}"
+    return results
 
 
 def _ok(results):
@@ -299,3 +333,45 @@ def test_tensors_and_tasks_are_shared_between_ranks(tmp_path):
     fins = [r["finished"] for r in res]
     assert all(f == sorted(f) for f in fins) and len(fins[0]) + len(fins[1]) == 9
     assert max(fins[0] + fins[1]) == 45  # the last task done anywhere saw all of the work (1 + ... + 9)
+
+
+def test_no_gloo_thread_outlives_the_teardown(tmp_path):
+    """The cause of ranks aborting at exit: a reference to the default group that outlived destroy_process_group
+    kept gloo's threads alive into interpreter finalization. fastsplit imports torch.distributed.nn.functional
+    before any group exists (its defaults stay None), and shutdown() releases a default argument that captured the
+    group all the same; _launch checks every launch for that (gloo_threads 0, one reference released here)."""
+    for res in _ok(_launch(tmp_path, "captured")):
+        assert res["sum"] == 2.0 and res["nn_default_is_none"]
+
+
+def test_shutdown_releases_a_captured_group_in_process(tmp_path):
+    """One rank, in this process: a default argument holding the group is released, gloo's threads end at
+    shutdown, and a second shutdown (no group) does nothing."""
+    before = _threads()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    group_threads = _threads() - before
+
+    def held(group=dist.group.WORLD, *, also=dist.group.WORLD):
+        return group, also
+    globals()["_held"] = held
+    try:
+        assert fastsplit.dist.shutdown() == 2
+        assert held() == (None, None)
+        assert group_threads and not group_threads & _threads()
+        assert fastsplit.dist.shutdown() == 0
+    finally:
+        globals().pop("_held")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fifty_launches_tear_down_cleanly(tmp_path):
+    """CI's short run of bench/stress_teardown.py: 50 two-rank launches, two at once, both ranks of a launch on one
+    core, random sleeps around each teardown; every rank leaves through interpreter finalization with exit 0."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "stress_teardown.py")
+    out = tmp_path / "teardown.json"
+    r = subprocess.run([sys.executable, script, "--launches", "50", "--parallel", "2", "--pin", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["fork"]["launches"] == 50 and res["fork"]["failed"] == 0, res["fork"]["failures"][:2]

@@ -177,19 +177,20 @@ def process_group(device: str = "auto"):
     if resolve_device(device).startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
-    from fastsplit.dist import timeout
+    from fastsplit.dist import shutdown, timeout
 
     kw = {"timeout": timeout()} if timeout() is not None else {}
     dist.init_process_group(backend, **kw)  # FASTSPLIT_DIST_TIMEOUT: how long ranks wait on a lost peer
     quiet = None if dist.get_rank() == 0 else open(os.devnull, "w")
+    ok = False
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             yield
-        dist.barrier()  # no rank tears its connections down while a peer still reads from them
+        ok = True
     finally:
         if quiet:
             quiet.close()
-        dist.destroy_process_group()
+        shutdown(barrier=ok)  # the barrier only after success: on an error a peer may be gone
 
 
 def is_main() -> bool:
