@@ -306,15 +306,24 @@ def shutdown(*, barrier: bool = True) -> int:
 
 
 def _release_defaults(group) -> int:
-    """Replace ``group`` by None wherever a loaded module's function holds it as a default argument; how many."""
+    """Replace ``group`` by None wherever a loaded module's function, or a method of a module's class, holds it as a
+    default argument (``def f(group=dist.group.WORLD)`` evaluated while the group existed); how many."""
     import sys
     import types
 
+    def functions(module):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            if type(value) is types.FunctionType:  # type(), not isinstance: no proxy's __class__ (a warning)
+                yield value
+            elif type(value) is type and value.__module__ == module.__name__:
+                for attr in list(vars(value).values()):
+                    fn = getattr(attr, "__func__", attr)  # staticmethod, classmethod
+                    if type(fn) is types.FunctionType:
+                        yield fn
+
     released = 0
     for module in list(sys.modules.values()):
-        for fn in list(getattr(module, "__dict__", {}).values()):
-            if type(fn) is not types.FunctionType:  # type(), not isinstance: no proxy's __class__ (a warning)
-                continue
+        for fn in functions(module):
             if fn.__defaults__ and any(d is group for d in fn.__defaults__):
                 released += sum(d is group for d in fn.__defaults__)
                 fn.__defaults__ = tuple(None if d is group else d for d in fn.__defaults__)

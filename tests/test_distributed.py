@@ -353,14 +353,20 @@ def test_shutdown_releases_a_captured_group_in_process(tmp_path):
 
     def held(group=dist.group.WORLD, *, also=dist.group.WORLD):
         return group, also
-    globals()["_held"] = held
+
+    class Holder:
+        def method(self, group=dist.group.WORLD):
+            return group
+    Holder.__module__ = __name__  # a class of this module, as one defined at its top level
+    globals().update(_held=held, _Holder=Holder)
     try:
-        assert fastsplit.dist.shutdown() == 2
-        assert held() == (None, None)
+        assert fastsplit.dist.shutdown() == 3
+        assert held() == (None, None) and Holder().method() is None
         assert group_threads and not group_threads & _threads()
         assert fastsplit.dist.shutdown() == 0
     finally:
         globals().pop("_held")
+        globals().pop("_Holder")
         if dist.is_initialized():
             dist.destroy_process_group()
 
