@@ -2,7 +2,7 @@
 
 * The C++ sources (the CPU build of the kernels and the pybind11 bindings) always build.
 * With nvcc found (PATH or $CUDA_HOME/bin), the .cu kernels are compiled for the architectures in
-  $FASTSPLIT_CUDA_ARCHS (default "80;90a", plus PTX for the newest non-"a" one) and linked against the
+  $FASTSPLIT_CUDA_ARCHS (default "80;90a;100", 100 where nvcc has it, plus PTX for the newest non-"a" one) and linked against the
   static CUDA runtime: no torch C++ ABI, so one build serves every torch version.
 * FASTSPLIT_NO_CUDA=1 skips nvcc. A failed nvcc step falls back to the CPU build, and a failed C++ build
   leaves the package installable without the extension (torch and Triton paths still work).
@@ -29,6 +29,15 @@ def _nvcc():
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
     cand = os.path.join(home, "bin", "nvcc")
     return cand if os.path.exists(cand) else None
+
+
+def _default_archs(nvcc):
+    """A100, H100/H200 (sm_90a) and, where this nvcc has it (CUDA 12.8+), B200 (sm_100)."""
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    return "80;90a;100" if "compute_100" in listed else "80;90a"
 
 
 def _gencode(archs):
@@ -63,7 +72,8 @@ class BuildExt(build_ext):
         if not nvcc:
             print("fastsplit: nvcc not found (or FASTSPLIT_NO_CUDA=1); building the CPU kernels only", file=sys.stderr)
             return super().build_extension(ext)
-        archs = [a for a in os.environ.get("FASTSPLIT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a]
+        archs = [a for a in os.environ.get("FASTSPLIT_CUDA_ARCHS", _default_archs(nvcc)).replace(",", ";").split(";")
+                 if a]
         plain = (list(ext.extra_objects), list(ext.define_macros), list(ext.include_dirs), list(ext.library_dirs),
                  list(ext.libraries))
         try:

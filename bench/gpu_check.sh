@@ -5,14 +5,17 @@
 #
 # Steps, each bounded by `timeout -s INT` (pytest then still prints its summary and writes its JUnit XML) and each
 # printing its own time. The limits (full / --quick) add up to 5 and 3 minutes:
-#   build      FASTSPLIT_CUDA_ARCHS=<this device> pip install -e .        70 / 60 s  (about 50 s on an H200)
+#   build      FASTSPLIT_CUDA_ARCHS=<this device> pip install -e .        60 / 60 s  (about 50 s on an H200)
 #   info       fastsplit.build_info() -> build_info.json                   10 /  5 s
-#   tests      the GPU selection (tests/gpu, -m "gpu or gpu_selection")    90 / 70 s  (-rfE, a per-test timeout)
-#   memcheck   compute-sanitizer over bench/sanitize_cases.py              60 / 40 s
+#   tests      the GPU selection (tests/gpu, -m "gpu or gpu_selection")    70 / 70 s  (-rfE, a per-test timeout)
+#   memcheck   compute-sanitizer over bench/sanitize_cases.py              50 / 40 s
 #   bench      steered_linear (prefill; decode as CUDA-graph device time), split_loss against Liger and CCE,
 #              host overhead, CUDA-graph capture and syncs: a JSON each     60 s      (not with --quick)
 #   tune       fastsplit tune at the default model's shapes: every candidate's time and the tuned routes
 #              (tune.json; the cache format of fastsplit.ops._tune)         25 s      (not with --quick)
+#   targets    python -m fastsplit.kernels.check_targets for this device's target: every kernel and default
+#              config compiled, shared memory against the limit and the hand estimate, registers and spills
+#              (targets.json)                                               20 s      (not with --quick or --dry-run)
 #   summary    LOG_DIR/summary.json: every figure, the failing test ids (also after a time-out), the memcheck
 #              verdict, each goal checked, the routes the figures support    5 s
 # --dry-run: every step on the CPU (no build, the selection under Triton's interpreter in fp32, the sanitize cases
@@ -34,11 +37,11 @@ done
 if [ "$QUICK" -eq 1 ]; then
     L_BUILD=60 L_INFO=5 L_TESTS=70 L_MEMCHECK=40 L_SUMMARY=5
 else
-    L_BUILD=70 L_INFO=10 L_TESTS=80 L_MEMCHECK=50 L_SUMMARY=5 L_LINEAR=30 L_SPLIT=20 L_HOST=10 L_TUNE=25
+    L_BUILD=60 L_INFO=10 L_TESTS=70 L_MEMCHECK=50 L_SUMMARY=5 L_LINEAR=30 L_SPLIT=20 L_HOST=10 L_TUNE=25 L_TARGETS=20
 fi
 if [ "$LIMITS" -eq 1 ]; then
     echo "build $L_BUILD info $L_INFO tests $L_TESTS memcheck $L_MEMCHECK summary $L_SUMMARY" \
-        "${L_LINEAR:+bench_linear $L_LINEAR bench_split $L_SPLIT bench_host $L_HOST tune $L_TUNE}"
+        "${L_LINEAR:+bench_linear $L_LINEAR bench_split $L_SPLIT bench_host $L_HOST tune $L_TUNE targets $L_TARGETS}"
     exit 0
 fi
 mkdir -p "$LOG"
@@ -95,6 +98,9 @@ if [ "$QUICK" -eq 0 ]; then
     # rows 1 and 16 share the decode kernel's compiles; a fresh cache folder, so every key is measured here
     step tune "$L_TUNE" tune.log env FASTSPLIT_CACHE="$LOG/cache" python -m fastsplit tune --device "$DEV" --quiet \
         --rows 1,16,4096 --json "$LOG/tune.json" $([ "$DRY" -eq 1 ] && echo --rows 1,16 --loss-rows 64)
+    # this device's target only (the CI runs every target): ~70 compiles spread over the machine's cores
+    [ "$DRY" -eq 0 ] && step targets "$L_TARGETS" targets.log env -u TRITON_INTERPRET python -m fastsplit.kernels.check_targets \
+        --targets "${ARCH%a}" --json "$LOG/targets.json"
 fi
 step summary "$L_SUMMARY" summary.log python bench/gpu_summary.py "$LOG"
 cat "$LOG/summary.log"

@@ -139,6 +139,17 @@ def routes(fig, green: set) -> dict:
     return {k: v[0] for k, v in out.items()}
 
 
+def targets(doc) -> dict | None:
+    """fastsplit.kernels.check_targets' table, summed up: compiles, failures and what each failure is."""
+    if doc is None:
+        return None
+    bad = [f"{r['kernel'].split(':')[1]} {r['target']} {r['config']}: {'; '.join(r['problems'])}"
+           for r in doc["rows"] if r["problems"]]
+    bad += [f"{r['kernel']} {r['target']}: {'; '.join(r['problems'])}" for r in doc.get("cuda", {}).get("rows", [])
+            if r["problems"]]
+    return {"entries": doc["entries"], "targets": doc["targets"], "seconds": doc["seconds"], "failing": bad}
+
+
 def main(folder: str) -> int:
     t = tests(folder)
     mc = memcheck(folder)
@@ -149,7 +160,7 @@ def main(folder: str) -> int:
     summary = {"steps": steps(folder), "build_info": _load(folder, "build_info.json"), "tests": t, "memcheck": mc,
                "steered_linear": steered(lin), "split_loss": split(_load(folder, "split_loss.json")),
                "overhead": _load(folder, "overhead.json"), "routes_supported": routes(lin, green),
-               "tuned": _load(folder, "tune.json"),
+               "tuned": _load(folder, "tune.json"), "targets": targets(_load(folder, "targets.json")),
                "green_backends": sorted(green)}
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -22,7 +22,7 @@ def _limits(*flags):
 def test_the_step_limits_fit_five_minutes_and_quick_three():
     full, quick = _limits(), _limits("--quick")
     assert set(full) == {"build", "info", "tests", "memcheck", "summary", "bench_linear", "bench_split", "bench_host",
-                         "tune"}
+                         "tune", "targets"}
     assert set(quick) == {"build", "info", "tests", "memcheck", "summary"}
     assert sum(full.values()) <= 300, full
     assert sum(quick.values()) <= 180, quick

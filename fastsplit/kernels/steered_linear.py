@@ -67,14 +67,21 @@ FIXED = triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=2)
 INTERPRET_CONFIG = triton.Config({"BLOCK_K": 64})
 
 
+# Shared memory Triton allocates beside the tiles: the pipeline's barriers. Compiled for sm_100 (Triton 3.9,
+# python -m fastsplit.kernels.check_targets), a block whose tiles take 131072 B asked 131088 and one of 196608 asked
+# 196640; 256 B covers that with room.
+PIPELINE_BYTES = 256
+
+
 def footprint(es: int, *, block_m: int, block_n: int, has_dw: bool, has_lora: bool, block_r: int):
     """Shared memory of the decode kernel as Triton's pipeliner allocates it: ``stages`` copies of the x tile and
-    the W (and ΔW) tiles, plus the LoRA epilogue operands."""
+    the W (and ΔW) tiles, plus the LoRA epilogue operands and the pipeline's barriers (``PIPELINE_BYTES``). Never
+    below what Triton allocates on sm_80/90/100/120 (checked by ``check_targets``)."""
     n_w = 2 if has_dw else 1
 
     def need(c):
         main = c["num_stages"] * (block_m * c["BLOCK_K"] + n_w * block_n * c["BLOCK_K"]) * es
-        return main + ((block_m * block_r + block_r * block_n) * 4 if has_lora else 0)
+        return main + ((block_m * block_r + block_r * block_n) * 4 if has_lora else 0) + PIPELINE_BYTES
 
     return need
 
