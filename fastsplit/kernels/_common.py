@@ -11,6 +11,8 @@ Triton's software pipeliner allocates. :func:`tuned` builds each autotuner from 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -55,14 +57,54 @@ def fits(configs: Sequence[triton.Config], footprint: Callable[[dict], int], bud
 _TUNERS: dict = {}
 
 
+# Configs that spill registers, per target, kernel and launch variant, as python -m fastsplit.kernels.check_targets
+# --write-spills measured them (ptxas's "bytes spill stores"): a launch on a device of that target skips them.
+SPILLS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spills.json")
+SPILLS_FORMAT = "fastsplit.spills/1"
+
+
+@functools.lru_cache(maxsize=1)
+def spill_table() -> dict:
+    """{(target, kernel, variant key): {config index: spilled bytes}} from SPILLS_FILE; empty without one. A file
+    of another format is an error naming it (the table is generated, never hand-edited)."""
+    try:
+        with open(SPILLS_FILE) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != SPILLS_FORMAT:
+        raise ValueError(f"{SPILLS_FILE} is not a {SPILLS_FORMAT} table: regenerate it with "
+                         f"python -m fastsplit.kernels.check_targets --write-spills")
+    table = {}
+    for target, kernels in doc["spills"].items():
+        for kernel, variants in kernels.items():
+            for variant, configs in variants.items():
+                table[(target, kernel, variant)] = {int(i): int(b) for i, b in configs.items()}
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def device_target(device_index: int) -> str:
+    """``sm_<major><minor>`` of CUDA device ``device_index`` (the spill table's targets)."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=4096)
+def spilled(target: str, kernel: str, variant: str) -> dict:
+    """{config index: spilled bytes} of ``kernel``'s configs that spill on ``target`` at ``variant``."""
+    return spill_table().get((target, kernel, variant), {})
+
+
 def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int], device: torch.device, *,
-          key: list[str], fixed: triton.Config, interpret: triton.Config):
+          key: list[str], fixed: triton.Config, interpret: triton.Config, drop: Sequence[int] = ()):
     """What to launch for ``kernel`` (a ``triton.jit`` function) on ``device``: ``(launchable, meta)``.
 
     * Under the interpreter: the kernel itself and ``interpret``'s block sizes.
     * With ``FASTSPLIT_FIXED_CONFIGS=1`` (the test suite): the kernel and ``fixed`` (block sizes, warps, stages).
     * By default: the kernel and the first config of ``configs()`` (ordered by preference) whose ``footprint``
-      fits the device's budget.
+      fits the device's budget, skipping the indices in ``drop`` (configs that spill registers there) unless no
+      other config fits.
     * With ``FASTSPLIT_AUTOTUNE=1``: an autotuner over exactly the fitting configs, built once per (kernel,
       budget, footprints) and cached; ``meta`` is empty.
     A config over the budget never reaches a launch or the autotuner.
@@ -73,6 +115,10 @@ def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int],
         return kernel, config_launch_meta(fixed)
     budget = smem_budget(device.index if device.index is not None else torch.cuda.current_device())
     space = configs()
+    if drop:  # a config that spills is launched only where no other config fits
+        clean = [c for i, c in enumerate(space) if i not in drop]
+        if any(footprint(config_meta(c)) <= budget for c in clean):
+            space = clean
     if not autotune():  # the default: one compile per variant, the same config every run
         return kernel, config_launch_meta(fits(space, footprint, budget)[0])
     needs = tuple(footprint(config_meta(c)) for c in space)

@@ -20,8 +20,9 @@ estimate fits the target's per-block shared memory, and the fixed config):
 - the compile fails;
 - the compiled shared memory exceeds the target's per-block limit;
 - the hand estimate (``footprint``: what keeps configs off a device) is below what Triton allocated.
-Register spills (ptxas's "bytes spill stores") are recorded and listed, not failed: the launch does not yet drop a
-config that spills on the device's target. Configs whose estimate exceeds a target's limit are compiled and
+Register spills (ptxas's "bytes spill stores") are recorded and listed, not failed: ``--write-spills`` merges them
+into ``fastsplit/kernels/spills.json``, which the launches read to skip a config that spills on the device's target
+(and the ``ci`` matrix's default config skips it too, as the launch does). Configs whose estimate exceeds a target's limit are compiled and
 recorded too (the table shows how far the estimate is from the truth), but never fail: no route launches them there.
 Triton's compile cache is bypassed (``always_compile``), so every row carries ptxas's figures.
 
@@ -29,6 +30,7 @@ Usage::
 
     python -m fastsplit.kernels.check_targets --json targets.json            # the CI matrix
     python -m fastsplit.kernels.check_targets --matrix full --json t.json    # every dtype, row tile and shape
+    python -m fastsplit.kernels.check_targets --write-spills                 # update the spill table launches read
 
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels the check compiles). Each entry of the
 JSON table holds what ``triton.compile`` was given (signature, constexprs, attributes, options) so that one entry
@@ -179,9 +181,13 @@ def launches(matrix: str, target: int) -> list[Launch]:
                 continue
             flags = {k: v for k, v in meta.items() if k not in ("BLOCK_K", "num_warps", "num_stages")}
             configs = [(f"gpu_configs[{i}]", c) for i, c in enumerate(sl.gpu_configs())]
-            if matrix != "full":  # the config the default launch takes on this target: the first that fits
-                fit = [(label, c) for label, c in configs if footprint(_common.config_meta(c)) <= budget]
-                configs = (fit or configs)[:1]
+            if matrix != "full":  # the config the default launch takes on this target: the first that fits and
+                # does not spill there (the spill table), as launch_fwd picks it
+                spilled = _common.spilled(f"sm_{target}", sl.KERNEL, sl.spill_variant(flags, M, dt))
+                fit = [(i, label, c) for i, (label, c) in enumerate(configs)
+                       if footprint(_common.config_meta(c)) <= budget]
+                clean = [(label, c) for i, label, c in fit if i not in spilled]
+                configs = (clean or [(label, c) for _, label, c in fit] or configs)[:1]
             if matrix == "full" or target == FIXED_TARGET:
                 configs = configs + [("fixed", sl.FIXED)]
             for label, cfg in configs:
@@ -316,8 +322,8 @@ def problems(row: dict) -> list[str]:
 
 
 def spills(row: dict) -> Optional[str]:
-    """What a row spills, if anything: recorded, not yet a failure (fastsplit does not yet drop spilling configs
-    per target at launch; until it does, the table lists them)."""
+    """What a row spills, if anything: recorded, not a failure (``--write-spills`` puts it in the spill table, and
+    launches on that target then skip the config)."""
     if row.get("spill_stores"):
         return f"spills {row['spill_stores']} B of registers ({row['regs']} registers)"
     return None
@@ -431,6 +437,36 @@ def cuda_problems(row: dict) -> list[str]:
     return found
 
 
+def _row_variant(row: dict) -> str:
+    """The spill table's key of a decode-kernel row (what ``steered_linear.spill_variant`` makes at launch)."""
+    from . import steered_linear as sl
+
+    flags = {k: v for k, v in row["constexprs"].items() if k not in ("BLOCK_K", "M")}
+    return sl.spill_variant(flags, row["case"]["rows"], _dtype(row["case"]["dtype"]))
+
+
+def spill_doc(rows: list, existing: Optional[dict] = None) -> dict:
+    """The spill table with this run's findings merged into ``existing`` (a ``ci`` run keeps what a ``full`` run
+    found): every decode-kernel config of ``gpu_configs()`` that ptxas made spill, per target and variant."""
+    from . import _common
+    from . import steered_linear as sl
+
+    doc = existing if existing and existing.get("format") == _common.SPILLS_FORMAT else \
+        {"format": _common.SPILLS_FORMAT, "spills": {}}
+    import triton
+
+    doc["triton"] = triton.__version__
+    for row in rows:
+        label = row["config"]
+        if not row.get("spill_stores") or not label.startswith("gpu_configs[") or \
+                not row["kernel"].endswith(":" + sl.KERNEL):
+            continue
+        index = label[len("gpu_configs["):-1]
+        variants = doc["spills"].setdefault(row["target"], {}).setdefault(sl.KERNEL, {})
+        variants.setdefault(_row_variant(row), {})[index] = row["spill_stores"]
+    return doc
+
+
 def summary(result: dict) -> str:
     lines = [f"{result['entries']} compiles ({result['launched']} launchable) for {', '.join(result['targets'])} "
              f"in {result['seconds']} s, Triton {result['triton']}: {result['failures']} failing, "
@@ -459,6 +495,9 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)),
                     help="compute capabilities, comma-separated (default: %(default)s)")
     ap.add_argument("--workers", type=int, help="compile processes (default: one per core)")
+    ap.add_argument("--write-spills", nargs="?", const="", metavar="PATH",
+                    help="merge the configs that spill into the spill table the launches read (default: the "
+                         "package's kernels/spills.json)")
     args = ap.parse_args(argv)
     try:
         targets = [int(t) for t in args.targets.split(",") if t]
@@ -472,10 +511,18 @@ def main(argv=None) -> int:
     result = run(args.matrix, targets, args.workers)
     result["cuda"] = cuda_rows()
     failed = result["failures"] + sum(bool(r["problems"]) for r in result["cuda"]["rows"])
-    if args.json:
-        from ..dist import atomic_write
+    from ..dist import atomic_write
 
+    if args.json:
         atomic_write(args.json, lambda p: open(p, "w").write(json.dumps(result, indent=1, default=str)))
+    if args.write_spills is not None:
+        from . import _common
+
+        path = args.write_spills or _common.SPILLS_FILE
+        existing = json.load(open(path)) if os.path.exists(path) else None
+        doc = spill_doc(result["rows"], existing)
+        atomic_write(path, lambda p: open(p, "w").write(json.dumps(doc, indent=1, sort_keys=True) + "\n"))
+        print(f"spill table: {path}")
     print(summary(result))
     return 1 if failed else 0
 

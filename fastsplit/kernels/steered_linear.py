@@ -30,6 +30,8 @@ Backward runs on the torch backend's GEMMs (cuBLAS), for every backend.
 """
 from __future__ import annotations
 
+import functools
+import json
 from typing import Optional
 
 import torch
@@ -237,6 +239,31 @@ def variant(M: int, N: int, K: int, dtype: torch.dtype, *, has_dw: bool, m1_rows
                 IEEE=dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_rank_block(rank)), split, per
 
 
+KERNEL = "_steered_linear_fwd_kernel"
+
+
+def spill_variant(flags: dict, M: int, dtype: torch.dtype) -> str:
+    """The spill table's key of one launch variant: the launch's constexprs, whether M is 1 (Triton compiles that
+    row count apart) and the dtype. ``check_targets`` writes the table with the same key."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    return json.dumps({**flags, "M_IS_1": M == 1, "dtype": name}, sort_keys=True)
+
+
+def spilling_configs(flags: dict, M: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """{index into gpu_configs(): spilled bytes} of the configs that spill registers on ``device``'s target at this
+    variant (``spills.json``); empty off CUDA."""
+    if device.type != "cuda" or _INTERPRET:
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _spilling(_common.device_target(index), tuple(sorted(flags.items())), M == 1, dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spilling(target: str, flags: tuple, m_is_1: bool, dtype: torch.dtype) -> dict:
+    # cached per variant: a launch pays one dictionary probe, not the key's JSON
+    return _common.spilled(target, KERNEL, spill_variant(dict(flags), 1 if m_is_1 else 2, dtype))
+
+
 def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: Optional[Tensor],
                lora_a: Optional[Tensor], lora_b: Optional[Tensor], delta_bias: Optional[Tensor],
                m1_rows: Optional[Tensor], m2_rows: Optional[Tensor], m1: float, m2: float, *,
@@ -278,7 +305,8 @@ def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: 
         kernel, fixed = _steered_linear_fwd_kernel, _common.config_launch_meta(gpu_configs()[config])
     else:
         kernel, fixed = _common.tuned(_steered_linear_fwd_kernel, gpu_configs, need, x.device,
-                                      key=["M", "N", "K", "K_PER_SPLIT"], fixed=FIXED, interpret=INTERPRET_CONFIG)
+                                      key=["M", "N", "K", "K_PER_SPLIT"], fixed=FIXED, interpret=INTERPRET_CONFIG,
+                                      drop=spilling_configs(flags, M, x.dtype, x.device) if x.is_cuda else ())
     _launch(kernel, (triton.cdiv(N, bn), split, triton.cdiv(M, bm)), args, {**flags, **fixed}, traced=traced)
     if split > 1:
         rbm, rbn = min(bm, 16), 128
@@ -295,8 +323,8 @@ def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: 
 def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, *, has_dw: bool,
                     m1_rows: bool, rank: int, limit: int = 4) -> list[Optional[int]]:
     """The launch configs the tuner tries for one call: indices into :func:`gpu_configs` of the first ``limit``
-    that fit the device's shared memory, in preference order; ``[None]`` (the launcher's own choice) under the
-    interpreter, with fixed configs, or off CUDA."""
+    that fit the device's shared memory and do not spill registers there (:func:`spilling_configs`), in preference
+    order; ``[None]`` (the launcher's own choice) under the interpreter, with fixed configs, or off CUDA."""
     if device.type != "cuda" or _INTERPRET or _common.fixed_configs():
         return [None]
     flags, _, _ = variant(M, N, K, dtype, has_dw=has_dw, m1_rows=m1_rows, has_lora=rank > 0, rank=rank,
@@ -305,8 +333,10 @@ def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype, device: torch.de
                      has_dw=has_dw, has_lora=rank > 0, block_r=flags["BLOCK_R"])
     budget = _common.smem_budget(device.index if device.index is not None else torch.cuda.current_device())
     space = gpu_configs()
+    spills = spilling_configs(flags, M, dtype, device)
     fit = [i for i, c in enumerate(space) if need(_common.config_meta(c)) <= budget]
-    return fit[:limit] or [None]
+    clean = [i for i in fit if i not in spills]  # one that spills only where nothing else fits
+    return (clean or fit)[:limit] or [None]
 
 
 @triton_op("fastsplit::steered_linear_fwd", mutates_args={})

@@ -422,6 +422,24 @@ def tune_key_text(key: tuple) -> str:
                      "grad" if grad else "no-grad", "cpu" if device < 0 else f"cuda:{device}"])
 
 
+def _spilling_refusals(M, N, K, x, has_dw, m1_rows, rank) -> dict:
+    """{candidate name: why it is refused} for the decode kernel's configs that spill registers on this device's
+    target (the spill table of ``check_targets``): recorded with the tuner's refusals, never run."""
+    from ..kernels import steered_linear as k
+
+    flags, _, _ = k.variant(M, N, K, x.dtype, has_dw=has_dw, m1_rows=m1_rows, has_lora=rank > 0, rank=rank,
+                            has_bias=True, has_dbias=True, m2_rows=m1_rows, sm_count=k._sm_count(x.device))
+    target = k._common.device_target(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return {f"triton:cfg{i}": f"spills {n} B of registers on {target} (python -m fastsplit.kernels.check_targets)"
+            for i, n in sorted(k.spilling_configs(flags, M, x.dtype, x.device).items())}
+
+
+def _refuse(reason: str):
+    def run():
+        raise RuntimeError(reason)
+    return run
+
+
 def _candidates(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m2, grad):
     """Every way this call can run (the torch compositions and their real alternatives; the decode kernel at each
     fitting config, at decode row counts on CUDA) and the float64 check on sampled rows and columns."""
@@ -442,6 +460,7 @@ def _candidates(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m
         configs = fitting_configs(M, N, K, x.dtype, x.device, has_dw=delta_weight is not None,
                                   m1_rows=isinstance(m1, Tensor), rank=r)
         names += ["triton" if c is None else f"triton:cfg{c}" for c in configs]
+        spilling = _spilling_refusals(M, N, K, x, delta_weight is not None, isinstance(m1, Tensor), r)
     tensors = {"x": x, "weight": weight, "bias": bias, "delta_weight": delta_weight, "lora_a": lora_a,
                "lora_b": lora_b, "delta_bias": delta_bias}
     needs = [k for k, t in tensors.items() if grad and t is not None and t.requires_grad]
@@ -489,4 +508,6 @@ def _candidates(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m
         if needs:
             reference += torch.autograd.grad(y, [ref_in[k] for k in needs], upstream[Ri][:, Ci].double())
     candidates = [_tune.Candidate(n, runner(n), torch_path=n.startswith("torch")) for n in names]
+    if x.is_cuda and M <= DECODE_ROWS and _backend._triton_refusal(x.device) is None:
+        candidates += [_tune.Candidate(n, _refuse(reason)) for n, reason in spilling.items()]
     return candidates, _tune.Check(sample, reference)

@@ -4,6 +4,7 @@ The footprints are what Triton's pipeliner allocates; they reproduce the figures
 (245,760 and 393,216 / 327,680 bytes), so a config that would fail to compile never reaches the autotuner.
 """
 import itertools
+import json
 
 import pytest
 import torch
@@ -148,3 +149,81 @@ def test_every_fitting_config_compiles_and_runs_on_this_device(form, monkeypatch
         monkeypatch.setattr(kst, "FIXED", cfg)
         got = steered_linear(x, w, **kw, m1=m, backend="triton")
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2, msg=lambda s: f"{cfg}: {s}")
+
+
+# --- configs that spill registers (the spill table of python -m fastsplit.kernels.check_targets) -------------------
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _on_cuda(monkeypatch, budget=232_448):
+    monkeypatch.setattr(_common, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(_common, "fixed_configs", lambda: False)
+    monkeypatch.setattr(_common, "autotune", lambda: False)
+    monkeypatch.setattr(_common, "smem_budget", lambda index: budget)
+    return torch.device("cuda", 0)
+
+
+def test_a_config_that_spills_is_skipped_by_the_default_launch(monkeypatch):
+    device = _on_cuda(monkeypatch)
+    fp = kst.footprint(2, block_m=16, block_n=64, has_dw=False, has_lora=False, block_r=16)
+    launch = lambda drop: _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fp, device, key=["M"],
+                                        fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG, drop=drop)[1]
+    configs = kst.gpu_configs()
+    assert launch(()) == _common.config_launch_meta(configs[0])
+    assert launch({0: 16}) == _common.config_launch_meta(configs[1])  # the first that fits and does not spill
+    assert launch({0: 16, 1: 8}) == _common.config_launch_meta(configs[2])
+    # where every config that fits spills, the first of them still launches (spilling beats not running)
+    fits_one = lambda c: 1 if c["BLOCK_K"] == 64 and c["num_stages"] == 2 else 10 ** 9
+    only = _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fits_one, device, key=["M"],
+                         fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG, drop={len(configs) - 1: 8})[1]
+    assert only == _common.config_launch_meta(configs[-1])
+
+
+def test_the_shipped_spill_table_is_keyed_as_the_launch_looks_it_up(monkeypatch):
+    table = _common.spill_table()
+    assert table, "fastsplit/kernels/spills.json is missing or empty"
+    n = len(kst.gpu_configs())
+    for (target, kernel, variant), configs in table.items():
+        d = json.loads(variant)
+        flags = {k: v for k, v in d.items() if k not in ("M_IS_1", "dtype")}
+        rows = 1 if d["M_IS_1"] else flags["BLOCK_M"]
+        assert kst.spill_variant(flags, rows, _DTYPES[d["dtype"]]) == variant
+        assert kernel == kst.KERNEL and target.startswith("sm_") and configs
+        assert all(0 <= i < n and spilled > 0 for i, spilled in configs.items())
+    # a device of that target finds the entry at launch (one cached probe per variant)
+    monkeypatch.setattr(kst, "_INTERPRET", False)
+    monkeypatch.setattr(_common, "device_target", lambda index: target)
+    kst._spilling.cache_clear()
+    try:
+        assert kst.spilling_configs(flags, rows, _DTYPES[d["dtype"]], torch.device("cuda", 0)) == configs
+        assert kst.spilling_configs(flags, rows, _DTYPES[d["dtype"]], torch.device("cpu")) == {}
+    finally:
+        kst._spilling.cache_clear()
+
+
+def test_the_tuner_records_a_spilling_config_as_refused(monkeypatch):
+    import types
+
+    from fastsplit.ops import steered_linear as ops_sl
+
+    monkeypatch.setattr(kst, "spilling_configs", lambda flags, M, dtype, device: {3: 44})
+    monkeypatch.setattr(kst, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(_common, "device_target", lambda index: "sm_90")
+    x = types.SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    refused = ops_sl._spilling_refusals(4, 3584, 18944, x, True, True, 0)
+    assert refused == {"triton:cfg3": "spills 44 B of registers on sm_90 (python -m fastsplit.kernels.check_targets)"}
+    with pytest.raises(RuntimeError, match="spills 44 B"):  # the tuner runs it, records the error, never routes there
+        ops_sl._refuse(refused["triton:cfg3"])()
+
+
+def test_a_spill_table_of_another_format_is_refused_in_one_line(monkeypatch, tmp_path):
+    bad = tmp_path / "spills.json"
+    bad.write_text('{"format": "something/else"}')
+    monkeypatch.setattr(_common, "SPILLS_FILE", str(bad))
+    _common.spill_table.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="is not a fastsplit.spills/1 table: regenerate it"):
+            _common.spill_table()
+    finally:
+        monkeypatch.undo()
+        _common.spill_table.cache_clear()
