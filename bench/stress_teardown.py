@@ -178,7 +178,8 @@ def cli_runs(n: int, root: str, progress: bool = True) -> dict:
                             "--device", "cpu", "--quiet", "--out", os.path.join(root, f"sweep-{i}")],
                            capture_output=True, text=True, env=env, timeout=600)
         if r.returncode != 0 or ABORT_TEXT in r.stderr:
-            failures.append({"run": i, "returncode": r.returncode, "stderr_tail": r.stderr[-1500:]})
+            failures.append({"run": i, "returncode": r.returncode, "stderr_tail": r.stderr[-1500:],
+                             "errors": [line for line in r.stderr.splitlines() if "Error" in line][-6:]})
         shutil.rmtree(os.path.join(root, f"sweep-{i}"), ignore_errors=True)
         if progress:
             print(f"\r{i + 1}/{n} torchrun sweeps, {len(failures)} failed, {time.perf_counter() - t0:.0f} s", end="",

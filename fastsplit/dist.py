@@ -312,24 +312,35 @@ def _release_defaults(group) -> int:
     import types
 
     def functions(module):
-        for value in list(getattr(module, "__dict__", {}).values()):
+        # Only real modules, read through their __dict__: sys.modules also holds lazy stand-ins (six's moved
+        # modules) that import something when an attribute is asked of them, and that import may fail.
+        if not issubclass(type(module), types.ModuleType):
+            return
+        try:
+            values = list(object.__getattribute__(module, "__dict__").values())
+        except Exception:  # noqa: BLE001 - a module without a readable namespace holds nothing to release
+            return
+        for value in values:
             if type(value) is types.FunctionType:  # type(), not isinstance: no proxy's __class__ (a warning)
                 yield value
-            elif type(value) is type and value.__module__ == module.__name__:
-                for attr in list(vars(value).values()):
-                    fn = getattr(attr, "__func__", attr)  # staticmethod, classmethod
+            elif type(value) is type and value.__dict__.get("__module__") == module.__dict__.get("__name__"):
+                for attr in list(value.__dict__.values()):
+                    fn = attr.__func__ if type(attr) in (staticmethod, classmethod) else attr
                     if type(fn) is types.FunctionType:
                         yield fn
 
     released = 0
     for module in list(sys.modules.values()):
-        for fn in functions(module):
-            if fn.__defaults__ and any(d is group for d in fn.__defaults__):
-                released += sum(d is group for d in fn.__defaults__)
-                fn.__defaults__ = tuple(None if d is group else d for d in fn.__defaults__)
-            if fn.__kwdefaults__ and any(d is group for d in fn.__kwdefaults__.values()):
-                released += sum(d is group for d in fn.__kwdefaults__.values())
-                fn.__kwdefaults__ = {k: None if d is group else d for k, d in fn.__kwdefaults__.items()}
+        try:
+            for fn in functions(module):
+                if fn.__defaults__ and any(d is group for d in fn.__defaults__):
+                    released += sum(d is group for d in fn.__defaults__)
+                    fn.__defaults__ = tuple(None if d is group else d for d in fn.__defaults__)
+                if fn.__kwdefaults__ and any(d is group for d in fn.__kwdefaults__.values()):
+                    released += sum(d is group for d in fn.__kwdefaults__.values())
+                    fn.__kwdefaults__ = {k: None if d is group else d for k, d in fn.__kwdefaults__.items()}
+        except Exception:  # noqa: BLE001 - the teardown of a finished run never fails on a module's oddity
+            continue
     return released
 
 
