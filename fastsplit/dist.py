@@ -13,6 +13,7 @@ Example (``torchrun --nproc-per-node 2 sweep.py``)::
     sweep = fastsplit.logodds_sweep(model, tok, steering, pairs, ms)   # every rank gets the whole sweep
     if dist.get_rank() == 0:
         sweep.to_csv("sweep.csv")
+    fastsplit.dist.shutdown()                       # not destroy_process_group() alone: see shutdown()
 """
 from __future__ import annotations
 

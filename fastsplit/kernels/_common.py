@@ -96,15 +96,25 @@ def spilled(target: str, kernel: str, variant: str) -> dict:
     return spill_table().get((target, kernel, variant), {})
 
 
+def without_spills(configs: Sequence[triton.Config], footprint: Callable[[dict], int], budget: int,
+                   spills: dict) -> list[int]:
+    """Indices of the configs that fit ``budget`` and are not known to spill (``spills``: {index: bytes}), in
+    preference order; where every config that fits spills, the one that spills least (a config that spills still
+    beats one that does not fit)."""
+    fit = [i for i, c in enumerate(configs) if footprint(config_meta(c)) <= budget]
+    clean = [i for i in fit if i not in spills]
+    return clean or sorted(fit, key=lambda i: spills[i])[:1]
+
+
 def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int], device: torch.device, *,
-          key: list[str], fixed: triton.Config, interpret: triton.Config, drop: Sequence[int] = ()):
+          key: list[str], fixed: triton.Config, interpret: triton.Config, drop: dict | None = None):
     """What to launch for ``kernel`` (a ``triton.jit`` function) on ``device``: ``(launchable, meta)``.
 
     * Under the interpreter: the kernel itself and ``interpret``'s block sizes.
     * With ``FASTSPLIT_FIXED_CONFIGS=1`` (the test suite): the kernel and ``fixed`` (block sizes, warps, stages).
     * By default: the kernel and the first config of ``configs()`` (ordered by preference) whose ``footprint``
-      fits the device's budget, skipping the indices in ``drop`` (configs that spill registers there) unless no
-      other config fits.
+      fits the device's budget, skipping the configs of ``drop`` ({index: bytes}: they spill registers there;
+      :func:`without_spills`).
     * With ``FASTSPLIT_AUTOTUNE=1``: an autotuner over exactly the fitting configs, built once per (kernel,
       budget, footprints) and cached; ``meta`` is empty.
     A config over the budget never reaches a launch or the autotuner.
@@ -115,10 +125,8 @@ def tuned(kernel, configs: Callable[[], list], footprint: Callable[[dict], int],
         return kernel, config_launch_meta(fixed)
     budget = smem_budget(device.index if device.index is not None else torch.cuda.current_device())
     space = configs()
-    if drop:  # a config that spills is launched only where no other config fits
-        clean = [c for i, c in enumerate(space) if i not in drop]
-        if any(footprint(config_meta(c)) <= budget for c in clean):
-            space = clean
+    if drop:
+        space = [space[i] for i in without_spills(space, footprint, budget, drop)] or space
     if not autotune():  # the default: one compile per variant, the same config every run
         return kernel, config_launch_meta(fits(space, footprint, budget)[0])
     needs = tuple(footprint(config_meta(c)) for c in space)

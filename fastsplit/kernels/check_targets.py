@@ -184,10 +184,8 @@ def launches(matrix: str, target: int) -> list[Launch]:
             if matrix != "full":  # the config the default launch takes on this target: the first that fits and
                 # does not spill there (the spill table), as launch_fwd picks it
                 spilled = _common.spilled(f"sm_{target}", sl.KERNEL, sl.spill_variant(flags, M, dt))
-                fit = [(i, label, c) for i, (label, c) in enumerate(configs)
-                       if footprint(_common.config_meta(c)) <= budget]
-                clean = [(label, c) for i, label, c in fit if i not in spilled]
-                configs = (clean or [(label, c) for _, label, c in fit] or configs)[:1]
+                fit = _common.without_spills([c for _, c in configs], footprint, budget, spilled)
+                configs = [configs[i] for i in fit[:1]] or configs[:1]
             if matrix == "full" or target == FIXED_TARGET:
                 configs = configs + [("fixed", sl.FIXED)]
             for label, cfg in configs:

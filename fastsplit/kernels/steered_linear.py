@@ -306,7 +306,7 @@ def launch_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta_weight: 
     else:
         kernel, fixed = _common.tuned(_steered_linear_fwd_kernel, gpu_configs, need, x.device,
                                       key=["M", "N", "K", "K_PER_SPLIT"], fixed=FIXED, interpret=INTERPRET_CONFIG,
-                                      drop=spilling_configs(flags, M, x.dtype, x.device) if x.is_cuda else ())
+                                      drop=spilling_configs(flags, M, x.dtype, x.device) if x.is_cuda else None)
     _launch(kernel, (triton.cdiv(N, bn), split, triton.cdiv(M, bm)), args, {**flags, **fixed}, traced=traced)
     if split > 1:
         rbm, rbn = min(bm, 16), 128
@@ -333,10 +333,8 @@ def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype, device: torch.de
                      has_dw=has_dw, has_lora=rank > 0, block_r=flags["BLOCK_R"])
     budget = _common.smem_budget(device.index if device.index is not None else torch.cuda.current_device())
     space = gpu_configs()
-    spills = spilling_configs(flags, M, dtype, device)
-    fit = [i for i, c in enumerate(space) if need(_common.config_meta(c)) <= budget]
-    clean = [i for i in fit if i not in spills]  # one that spills only where nothing else fits
-    return (clean or fit)[:limit] or [None]
+    fit = _common.without_spills(space, need, budget, spilling_configs(flags, M, dtype, device))
+    return fit[:limit] or [None]
 
 
 @triton_op("fastsplit::steered_linear_fwd", mutates_args={})

@@ -172,11 +172,14 @@ def test_a_config_that_spills_is_skipped_by_the_default_launch(monkeypatch):
     assert launch(()) == _common.config_launch_meta(configs[0])
     assert launch({0: 16}) == _common.config_launch_meta(configs[1])  # the first that fits and does not spill
     assert launch({0: 16, 1: 8}) == _common.config_launch_meta(configs[2])
-    # where every config that fits spills, the first of them still launches (spilling beats not running)
-    fits_one = lambda c: 1 if c["BLOCK_K"] == 64 and c["num_stages"] == 2 else 10 ** 9
-    only = _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fits_one, device, key=["M"],
-                         fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG, drop={len(configs) - 1: 8})[1]
-    assert only == _common.config_launch_meta(configs[-1])
+    # where every config that fits spills, the one that spills least still launches (spilling beats not running)
+    fits_two = lambda c: 1 if c["BLOCK_K"] == 64 and c["num_stages"] in (2, 3) else 10 ** 9
+    a, b = [i for i, c in enumerate(configs) if fits_two(_common.config_meta(c)) == 1]  # (64, 4, 3), (64, 4, 2)
+    least = _common.tuned(kst._steered_linear_fwd_kernel, kst.gpu_configs, fits_two, device, key=["M"],
+                          fixed=kst.FIXED, interpret=kst.INTERPRET_CONFIG, drop={a: 900, b: 8})[1]
+    assert least == _common.config_launch_meta(configs[b])
+    assert _common.without_spills(configs, fits_two, 100, {a: 900, b: 8}) == [b]
+    assert _common.without_spills(configs, fits_two, 100, {b: 8}) == [a]
 
 
 def test_the_shipped_spill_table_is_keyed_as_the_launch_looks_it_up(monkeypatch):
