@@ -283,7 +283,7 @@ def agree(fn: Callable[[], Any], group=None, *, what: str = "work"):
 def shutdown(*, barrier: bool = True) -> int:
     """The end of a distributed run on this rank: a barrier (so no rank tears its connections down while a peer still
     reads from them; pass ``barrier=False`` on an error path, where a peer may be gone), ``destroy_process_group``,
-    and the release of every function default that still holds the destroyed default group, so that its gloo
+    and the release of every function or method default that still holds the destroyed default group, so that its gloo
     threads end here, on the main thread, while the interpreter is whole (see the import of
     ``torch.distributed.nn.functional`` above for why they would otherwise outlive it). Returns how many such
     references it released (0 when nothing held the group). Nothing to do without an initialised group.

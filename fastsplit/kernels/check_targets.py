@@ -11,9 +11,10 @@ through the real launcher on ``meta`` tensors with the launch recorded instead o
 constexprs and the grid are the launcher's own; Triton's own argument specialisation (divisibility by 16, ints
 equal to 1) turns them into the signature and attributes a launch on the target would compile with. The decode
 kernel then compiles at the test suite's fixed config and, in the ``ci`` matrix, at the config its default launch
-takes on that target (the first of ``gpu_configs()`` whose estimate fits); the ``full`` matrix compiles every
-config of the list (what the tuner and ``FASTSPLIT_AUTOTUNE=1`` draw on) at more cases, for a machine with cores
-to spare (``bench/gpu_check.sh`` runs it). On these two cores a compile takes 1–50 s, so CI runs ``ci``.
+takes on that target (the first of ``gpu_configs()`` whose estimate fits and that does not spill there); the
+``full`` matrix compiles every config of the list (what the tuner and ``FASTSPLIT_AUTOTUNE=1`` draw on) at more
+cases, about 2,600 compiles: for a machine with cores to spare, by hand. On two cores a compile takes 0.6–50 s, so
+CI runs ``ci`` (and ``bench/gpu_check.sh`` runs ``ci`` for the device's own target).
 
 What fails the check, per (kernel, case, config, target) that the code would launch there (every config whose hand
 estimate fits the target's per-block shared memory, and the fixed config):
@@ -22,8 +23,9 @@ estimate fits the target's per-block shared memory, and the fixed config):
 - the hand estimate (``footprint``: what keeps configs off a device) is below what Triton allocated.
 Register spills (ptxas's "bytes spill stores") are recorded and listed, not failed: ``--write-spills`` merges them
 into ``fastsplit/kernels/spills.json``, which the launches read to skip a config that spills on the device's target
-(and the ``ci`` matrix's default config skips it too, as the launch does). Configs whose estimate exceeds a target's limit are compiled and
-recorded too (the table shows how far the estimate is from the truth), but never fail: no route launches them there.
+(and the ``ci`` matrix's default config skips it too, as the launch does). Configs whose estimate exceeds a
+target's limit are compiled and recorded too in the ``full`` matrix (the table shows how far the estimate is from
+the truth), but never fail: no route launches them there.
 Triton's compile cache is bypassed (``always_compile``), so every row carries ptxas's figures.
 
 Usage::
@@ -50,7 +52,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Optional
+from typing import Optional
 
 # Per-block shared memory a kernel may opt into (bytes), and the SM count the decode kernel's split plan sees, of
 # the device each target stands for: A100, H100/H200, B200, RTX 5090.
