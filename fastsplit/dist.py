@@ -283,8 +283,9 @@ def agree(fn: Callable[[], Any], group=None, *, what: str = "work"):
 def shutdown(*, barrier: bool = True) -> int:
     """The end of a distributed run on this rank: a barrier (so no rank tears its connections down while a peer still
     reads from them; pass ``barrier=False`` on an error path, where a peer may be gone), ``destroy_process_group``,
-    and the release of every function or method default that still holds the destroyed default group, so that its gloo
-    threads end here, on the main thread, while the interpreter is whole (see the import of
+    the release of every function or method default that still holds the destroyed default group, and a garbage
+    collection (for reference cycles that hold it: an error's traceback), so that its gloo threads end here, on the
+    main thread, while the interpreter is whole (see the import of
     ``torch.distributed.nn.functional`` above for why they would otherwise outlive it). Returns how many such
     references it released (0 when nothing held the group). Nothing to do without an initialised group.
 
@@ -296,6 +297,8 @@ def shutdown(*, barrier: bool = True) -> int:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return 0
+    import gc
+
     world = dist.group.WORLD
     try:
         if barrier:
@@ -303,6 +306,10 @@ def shutdown(*, barrier: bool = True) -> int:
     finally:
         dist.destroy_process_group()
         released = _release_defaults(world)
+        del world
+        # A reference cycle can hold the group too: a caught error's traceback keeps the frames that had the group
+        # in a local (agree() keeps the error it re-raises). The collector would free it only in finalization.
+        gc.collect()
     return released
 
 
