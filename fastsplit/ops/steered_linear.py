@@ -448,7 +448,7 @@ def _candidates(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m
     lead, K, N = tuple(x.shape[:-1]), x.shape[-1], weight.shape[0]
     M = x.numel() // K
     m2v = m1 if m2 is None else m2
-    names = ["torch"]
+    names, spilling = ["torch"], {}
     if delta_weight is not None and not isinstance(m1, Tensor):
         names = ["torch:fold", "torch:two_gemm"]
     elif lora_a is not None and delta_bias is not None and isinstance(m2v, Tensor):
@@ -508,6 +508,5 @@ def _candidates(x, weight, bias, delta_weight, lora_a, lora_b, delta_bias, m1, m
         if needs:
             reference += torch.autograd.grad(y, [ref_in[k] for k in needs], upstream[Ri][:, Ci].double())
     candidates = [_tune.Candidate(n, runner(n), torch_path=n.startswith("torch")) for n in names]
-    if x.is_cuda and M <= DECODE_ROWS and _backend._triton_refusal(x.device) is None:
-        candidates += [_tune.Candidate(n, _refuse(reason)) for n, reason in spilling.items()]
+    candidates += [_tune.Candidate(n, _refuse(reason)) for n, reason in spilling.items()]
     return candidates, _tune.Check(sample, reference)
