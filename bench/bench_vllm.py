@@ -2,9 +2,9 @@
 
 Rows:
   logodds   a log-odds sweep, 40 pairs x 21 m (fastsplit.logodds_sweep on transformers against
-            fastsplit.analysis.logodds_sweep_vllm: every (pair, completion, m) one request), and the largest
+            fastsplit.analysis.logodds_sweep on a VLLMEngine: every (pair, completion, m) one request), and the largest
             difference of their completion NLLs
-  generate  a generation sweep, 8 prompts x 11 m, 32 new tokens, greedy (generate_sweep against generate_sweep_vllm)
+  generate  a generation sweep, 8 prompts x 11 m, 32 new tokens, greedy (generate_sweep on both engines)
   tokens/s  vLLM steered generation at mixed strengths against an engine with no steering registered, the same
             requests (goal on a GPU: >= 0.9x); the engines' start times are reported, not counted
 
@@ -36,8 +36,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from fastsplit.analysis.logodds import logodds_sweep_vllm
-    from fastsplit.generate import generate_sweep_vllm
+    from fastsplit.engines import VLLMEngine
     from fastsplit.vllm import Engine
 
     cuda = torch.cuda.is_available()
@@ -69,25 +68,25 @@ def main() -> None:
         eng = Engine(fastsplit.hf.default_model_folder(), {"s": path}, max_model_len=1024, **kw)
         res["vllm_start_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        got = logodds_sweep_vllm(eng, tok, pairs, ms, steering="s", progress=False)
+        got = fastsplit.logodds_sweep(VLLMEngine(eng, tok, "s"), pairs, ms, progress=False)
         res["vllm_logodds_s"] = time.perf_counter() - t0
         res["max_abs_nll_diff"] = float(max(np.abs(got.nll_pos - ref.nll_pos).max(),
                                             np.abs(got.nll_neg - ref.nll_neg).max()))
         t0 = time.perf_counter()
-        texts = generate_sweep_vllm(eng, tok, prompts, gms, steering="s", max_new_tokens=32, progress=False)
+        texts = fastsplit.generate_sweep(VLLMEngine(eng, tok, "s"), prompts, gms, max_new_tokens=32, progress=False)
         res["vllm_generate_s"] = time.perf_counter() - t0
         new_tokens = sum(len(tok(t)["input_ids"]) for row in texts for t in row)
         res["vllm_steered_tokens_per_s"] = new_tokens / res["vllm_generate_s"]
-        del eng
+        eng.close()
         gc.collect()
         plain = Engine(fastsplit.hf.default_model_folder(), None, max_model_len=1024, **kw)
         t0 = time.perf_counter()
-        base = generate_sweep_vllm(plain, tok, prompts, gms, steering=None, max_new_tokens=32, progress=False)
+        base = fastsplit.generate_sweep(VLLMEngine(plain, tok, None), prompts, gms, max_new_tokens=32, progress=False)
         res["vllm_unsteered_generate_s"] = time.perf_counter() - t0
         res["vllm_unsteered_tokens_per_s"] = sum(len(tok(t)["input_ids"]) for row in base for t in row) / \
             res["vllm_unsteered_generate_s"]
         res["steered_over_unsteered_tokens_per_s"] = res["vllm_steered_tokens_per_s"] / res["vllm_unsteered_tokens_per_s"]
-        del plain
+        plain.close()
         gc.collect()
     res["logodds_vllm_over_torch"] = res["vllm_logodds_s"] / res["torch_logodds_s"]
     res["generate_vllm_over_torch"] = res["vllm_generate_s"] / res["torch_generate_s"]

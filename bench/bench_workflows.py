@@ -26,7 +26,7 @@ import harness  # noqa: E402
 import fastsplit  # noqa: E402
 from fastsplit import hf  # noqa: E402
 from fastsplit.analysis import logodds_naive, logodds_sweep  # noqa: E402
-from fastsplit.analysis.logodds import _shared_prefix  # noqa: E402
+from fastsplit.engines.transformers import _shared_prefix  # noqa: E402
 from fastsplit.data import encode_pair  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-evals", "psychopathy.jsonl")

@@ -15,7 +15,7 @@ FORMAT = "fastsplit.steering/1"
 FORMS = ("vector", "lora", "local_weight")
 _REQUIRED = ("form", "layer", "site", "rank", "model", "hidden_size", "num_hidden_layers")
 
-__all__ = ["FORMAT", "read_metadata", "read_tensors", "expected_tensors", "has_delta_bias"]
+__all__ = ["FORMAT", "read_metadata", "read_tensors", "expected_tensors", "has_delta_bias", "check_model"]
 
 
 def has_delta_bias(meta: dict) -> bool:
@@ -69,3 +69,18 @@ def read_tensors(path: str) -> tuple[dict, dict]:
     if bad:
         raise ValueError(f"{path}: steering tensors {bad} hold NaN or inf values")
     return meta, tensors
+
+
+def check_model(meta: dict, config, path: str, *, model_name: str | None = None) -> None:
+    """A steering file's metadata against a model's config (any object with ``hidden_size``,
+    ``num_hidden_layers`` and, for an MLP site, ``intermediate_size``; no weights needed): sizes and layer count,
+    and the model's name when ``model_name`` is given. A mismatch is one ValueError naming the field."""
+    here = {"hidden_size": str(config.hidden_size), "num_hidden_layers": str(config.num_hidden_layers),
+            "intermediate_size": str(getattr(config, "intermediate_size", 0))}
+    if model_name is not None:
+        here["model"] = model_name
+    for key, value in here.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"{path} was saved for a model with {key}={meta[key]!r}, but this model has "
+                             f"{key}={value!r}" + (" (pass check_model_name=False to skip the name check)"
+                                                   if key == "model" else ""))

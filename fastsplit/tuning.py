@@ -26,7 +26,13 @@ from .ops.steered_linear import steered_linear
 from .ops.steered_linear import tune_key_text as sl_text
 from .ops.steered_linear import tune_key as sl_key
 
-__all__ = ["eager_steering", "tune_shapes", "format_table", "FORMS", "MKINDS"]
+__all__ = ["eager_steering", "tune_shapes", "format_table", "FORMS", "MKINDS", "cache_info", "cache_path",
+           "device_identity", "software"]
+
+# The tuner's cache and the identities its entries are keyed by, public here (the CLI reads them through this
+# module, never ops' internals).
+cache_info, cache_path, device_identity, software = _tune.cache_info, _tune.cache_path, _tune.device_identity, \
+    _tune.software
 
 FORMS = ("vector", "lora", "local_weight")
 MKINDS = ("scalar", "per_row")

@@ -64,6 +64,26 @@ def test_steered_linear_compiles_without_graph_breaks(form, mkind):
     torch.testing.assert_close(y, steered_linear(x, w, b, **kw, m1=m, backend="torch"), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_checks_never_read_the_finite_cache(monkeypatch):
+    """Under torch.compile the multiplier's finite-check cache (a weakref to the last tensor checked) is not read:
+    dynamo guarded on its referent, which could die before the guard was built (a flaky InternalTorchDynamoError in
+    CI). A cache that raises when read must not matter to a compiled call."""
+    from fastsplit.ops import _checks
+
+    class Unreadable(tuple):
+        def __iter__(self):
+            raise AssertionError("the finite-check cache was read while compiling")
+
+    torch._dynamo.reset()
+    x, kw, m = _steered("vector", "per_row", "torch")
+    w, b = kw.pop("weight"), kw.pop("bias")
+    monkeypatch.setattr(_checks, "_last_finite", Unreadable((None, -1)))
+    fn = torch.compile(lambda x, m: steered_linear(x, w, b, **kw, m1=m, backend="torch"), fullgraph=True)
+    y = fn(x, m)
+    monkeypatch.undo()
+    torch.testing.assert_close(y, steered_linear(x, w, b, **kw, m1=m, backend="torch"), atol=1e-5, rtol=1e-5)
+
+
 SPLIT_BACKENDS = ["torch", "triton"]  # steered_linear has no native kernel
 
 

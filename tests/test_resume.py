@@ -21,7 +21,7 @@ import torch
 import fastsplit
 from fastsplit import dist as fdist
 from fastsplit.analysis import Sweep, analyze
-from fastsplit.analysis import logodds as lo
+from fastsplit.engines import transformers as lo
 from fastsplit.cli import main
 from tests.test_cli import model_dir  # noqa: F401 - the tiny saved model, a fixture
 from tests.tiny import randomize, tiny_model, tiny_tokenizer

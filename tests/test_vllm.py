@@ -70,7 +70,7 @@ def _reference(hf, path, pairs, ms):
 
 
 def _free(engine):
-    del engine
+    engine.close()
     gc.collect()
 
 
@@ -114,15 +114,27 @@ def test_mixed_batch_of_forms_and_strengths_equals_transformers(engine, hf_defau
         assert abs(pos[:, 1] - pos[:, 0]).max() > 0.05  # the steering really moves the NLLs
 
 
-def test_sweep_on_vllm_equals_the_torch_engine(engine, hf_default, steering_files):
+def test_deprecated_vllm_sweeps_forward_to_the_engines(engine, hf_default, steering_files):
+    """``logodds_sweep_vllm`` / ``generate_sweep_vllm`` still work for one release, with one DeprecationWarning, and
+    give what the engine API gives (tests/test_engines.py holds the shared suite)."""
     from fastsplit.analysis.logodds import logodds_sweep_vllm
+    from fastsplit.engines import VLLMEngine
+    from fastsplit.generate import generate_sweep_vllm
 
     model, tok = hf_default
     pairs = fastsplit.demo_pairs()[5:9]
-    ms = [-4.0, -2.0, 0.0, 2.0, 4.0]
-    sv = logodds_sweep_vllm(engine, tok, pairs, ms, steering="lora", progress=False)
+    ms = [-4.0, 0.0, 4.0]
+    with pytest.warns(DeprecationWarning, match="logodds_sweep_vllm is deprecated"):
+        sv = logodds_sweep_vllm(engine, tok, pairs, ms, steering="lora", progress=False)
+    new = fastsplit.logodds_sweep(VLLMEngine(engine, tok, "lora"), pairs, ms, progress=False)
+    assert np.array_equal(sv.nll_pos, new.nll_pos) and np.array_equal(sv.nll_neg, new.nll_neg)
     pos, neg = _reference(hf_default, steering_files["lora"], pairs, ms)
     assert np.abs(sv.nll_pos - pos).max() < TOL and np.abs(sv.nll_neg - neg).max() < TOL
+    with pytest.warns(DeprecationWarning, match="generate_sweep_vllm is deprecated"):
+        texts = generate_sweep_vllm(engine, tok, ["Describe your week."], ms, steering="lora", max_new_tokens=4,
+                                    progress=False)
+    assert texts == fastsplit.generate_sweep(VLLMEngine(engine, tok, "lora"), ["Describe your week."], ms,
+                                             max_new_tokens=4, progress=False)
 
 
 def _next_token_logprobs(engine, ids, steering, m):
@@ -166,6 +178,10 @@ def test_requests_naming_unknown_steerings_are_refused(engine):
         SamplingParams(max_tokens=1, extra_args={"fastsplit_steering": "nope", "fastsplit_m": 1.0})
     with pytest.raises(VLLMValidationError, match="finite number"):
         SamplingParams(max_tokens=1, extra_args={"fastsplit_steering": "vector", "fastsplit_m": float("nan")})
+    with pytest.raises(VLLMValidationError, match="finite number"):
+        SamplingParams(max_tokens=1, extra_args={"fastsplit_steering": "vector", "fastsplit_m": True})
+    with pytest.raises(VLLMValidationError, match="past the server's bound"):
+        SamplingParams(max_tokens=1, extra_args={"fastsplit_steering": "vector", "fastsplit_m": 1e30})
     SamplingParams(max_tokens=1, extra_args={"other_plugin_key": 1})  # no fastsplit keys: untouched
 
 
@@ -257,14 +273,22 @@ def test_openai_server_serves_steered_requests(hf_default, steering_files, tmp_p
         code, res = _post(url, {"model": "m", "prompt": p, "max_tokens": 1,
                                 "vllm_xargs": {"fastsplit_steering": "nope", "fastsplit_m": 1.0}})
         assert code == 400 and "is not registered" in json.dumps(res)
+        for bad, says in ((True, "finite number"), (1e30, "past the server's bound")):  # JSON true is no strength
+            code, res = _post(url, {"model": "m", "prompt": p, "max_tokens": 1,
+                                    "vllm_xargs": {"fastsplit_steering": "vec", "fastsplit_m": bad}})
+            assert code == 400 and says in json.dumps(res), (bad, code, res)
+        code, _ = _post(url, {"model": "m", "prompt": p, "max_tokens": 1, "vllm_xargs": {"other": True}})
+        assert code == 200  # other plugins' boolean xargs still pass
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+    served = [line for line in open(tmp_path / "server.log") if "fastsplit: serving steering" in line]
+    assert served and f"vec={steering_files['vector']} at layer {LAYER}" in served[0], served
 
 
 def test_merged_full_model_serves_exactly(hf_default, steering_files, tmp_path):
-    from fastsplit.analysis.logodds import logodds_sweep_vllm
+    from fastsplit.engines import VLLMEngine
     from fastsplit.vllm import Engine
 
     model, tok = hf_default
@@ -277,7 +301,7 @@ def test_merged_full_model_serves_exactly(hf_default, steering_files, tmp_path):
     pos, neg = _reference(hf_default, steering_files["vector"], pairs, [3.0])
     eng = Engine(str(tmp_path / "merged"), None, dtype="float32", enforce_eager=True, max_model_len=512)
     try:
-        sw = logodds_sweep_vllm(eng, tok, pairs, [0.0], progress=False)
+        sw = fastsplit.logodds_sweep(VLLMEngine(eng, tok, None), pairs, [0.0], progress=False)
     finally:
         _free(eng)
     assert np.isfinite(sw.nll_pos).all()  # every bias the config declares is in the checkpoint (no NaN)
@@ -344,11 +368,26 @@ def test_cli_sweep_and_generate_on_vllm(steering_files, tmp_path, capsys):
 
     from fastsplit.cli import main
 
+    from fastsplit import dist as fdist
+
     common = ["sweep", "--steering", steering_files["lora"], "--data", "demo", "--max-pairs", "4",
               "--multipliers=-4,-3,-2,-1,0,1,2,3,4", "--bootstrap", "0", "--quiet"]
     assert main(common + ["--out", str(tmp_path / "torch")]) == 0
-    assert main(common + ["--out", str(tmp_path / "vllm"), "--engine", "vllm",
-                          "--vllm-args", '{"max_model_len": 512}']) == 0
+    # a vLLM sweep killed after its first block of pairs, then resumed (--resume), ends as the torch engine's
+    real = fdist.Blocks.write
+
+    def killed(self, items):
+        real(self, items)
+        raise KeyboardInterrupt
+    vllm_sweep = common + ["--out", str(tmp_path / "vllm"), "--engine", "vllm", "--vllm-args", '{"max_model_len": 512}']
+    fdist.Blocks.write = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(vllm_sweep)
+    finally:
+        fdist.Blocks.write = real
+    assert not os.path.exists(tmp_path / "vllm" / "sweep.csv") and os.listdir(tmp_path / "vllm" / "blocks")
+    assert main(vllm_sweep + ["--resume"]) == 0
     rows = [list(csv.DictReader(open(tmp_path / d / "sweep.csv"))) for d in ("torch", "vllm")]
     assert len(rows[0]) == len(rows[1]) == 4 * 9
     for a, b in zip(*rows):
@@ -362,4 +401,130 @@ def test_cli_sweep_and_generate_on_vllm(steering_files, tmp_path, capsys):
     assert [g["multiplier"] for g in gen] == [-4.0, 0.0, 4.0] and all(g["text"] for g in gen)
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "x"), "--engine", "vllm", "--manifold"]) == 1
-    assert "--manifold runs on the torch engine only" in capsys.readouterr().err
+    assert "--manifold needs the model's hidden states, which the vllm engine does not provide" in \
+        capsys.readouterr().err
+
+
+_UNKNOWN_RUNNER = """
+import os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core and its worker in this process
+import vllm.v1.worker.cpu_worker as cpu_worker
+import fastsplit.vllm.plugin  # noqa: F401  (vLLM loads it by its entry point)
+
+orig = cpu_worker.CPUModelRunner.load_model  # as vLLM has it, before the plugin wraps it
+
+
+class Unlisted(cpu_worker.CPUModelRunner):  # stands in for a runner the plugin does not list (V2 on a GPU)
+    load_model = orig
+
+
+cpu_worker.CPUModelRunner = Unlisted
+from fastsplit.vllm import Engine
+
+if __name__ == "__main__":
+    try:
+        Engine(sys.argv[1], {"v": sys.argv[2]}, dtype="float32", enforce_eager=True, max_model_len=256,
+               distributed_executor_backend="uni")
+    except Exception as exc:
+        print("REFUSED:", exc)
+        sys.exit(3)
+    print("SERVED")
+"""
+
+
+def _tiny_folder(tmp_path, scale):
+    """A tiny Llama vLLM's CPU build runs (head_dim 64), saved with its tokenizer, and a vector steering file of
+    ``scale`` (0: a zero vector)."""
+    folder = tmp_path / "tiny"
+    model = tiny_model("llama", layers=2, init_std=0.1, config={
+        "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64})
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    s = fastsplit.attach(model, 1, "vector")
+    if scale:
+        randomize(s, scale=scale)
+    s.save(str(tmp_path / "v.safetensors"))
+    return str(folder), str(tmp_path / "v.safetensors")
+
+
+def test_a_model_runner_the_plugin_does_not_steer_refuses_to_start(tmp_path):
+    """The fail-open case of vLLM's Model Runner V2 on a GPU, simulated: the worker's runner class is one whose
+    load_model the plugin never wrapped. The engine core asks every worker what it installed and refuses to start,
+    in one line naming the vLLM version and the runner class."""
+    folder, path = _tiny_folder(tmp_path, 0.5)
+    script = tmp_path / "unknown_runner.py"
+    script.write_text(_UNKNOWN_RUNNER)
+    out = subprocess.run([sys.executable, str(script), folder, path], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    refused = [line for line in out.stdout.splitlines() if line.startswith("REFUSED:")]
+    assert out.returncode == 3 and refused, out.stdout[-2000:] + out.stderr[-3000:]
+    import vllm
+
+    assert "installed in no worker" in refused[0] and f"vLLM {vllm.__version__}" in refused[0]
+    assert "Unlisted" in refused[0]
+
+
+def test_an_engine_that_does_not_steer_fails_its_self_test(tmp_path):
+    """A zero steering file scores at m = 1 exactly as at m = 0: the engine's self-test refuses to serve."""
+    from fastsplit.vllm import Engine
+
+    folder, path = _tiny_folder(tmp_path, 0.0)
+    with pytest.raises(RuntimeError, match="scores exactly as m = 0.*refusing to serve"):
+        Engine(folder, {"v": path}, dtype="float32", enforce_eager=True, max_model_len=256)
+
+
+def test_model_runner_v2_layout_reader(monkeypatch):
+    """No GPU runs vLLM's Model Runner V2 here (and its CPU runner needs Triton's CPU backend), so its layout reader
+    is checked against V2's own types from vLLM 0.32: a recorded mixed step (a prefill, a decode, a chunk of a
+    prefill, padding) as V2's ``prepare_inputs`` returns it, and the new requests as its ``add_requests`` gets them.
+    Each token gets its request's strength in its steering's buffer, padding and unsteered requests 0, and a removed
+    request's strength is forgotten."""
+    import dataclasses
+    import inspect
+    import types
+
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
+
+    from fastsplit.vllm import internals, worker
+
+    assert ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "v2") in internals.RUNNERS
+    for name in ("load_model", "prepare_inputs", "add_requests", "_remove_request"):  # what the V2 hook wraps
+        assert callable(getattr(V2, name, None)), name
+    assert list(inspect.signature(V2.add_requests).parameters)[1] == "scheduler_output"
+    assert list(inspect.signature(V2._remove_request).parameters)[1] == "req_id"
+    monkeypatch.setenv("FASTSPLIT_VLLM_STEERING", "a=/a.safetensors,b=/b.safetensors")
+
+    def new(rid, extra):
+        return NewRequestData(req_id=rid, prompt_token_ids=[1, 2, 3], mm_features=[],
+                              sampling_params=SamplingParams(max_tokens=4, extra_args=extra), pooling_params=None,
+                              block_ids=([0],), num_computed_tokens=0, lora_request=None)
+
+    def batch(req_ids, qsl, padded_reqs, padded_tokens):  # the fields V2's reader uses, the rest as V2 leaves them
+        fields = {f.name: None for f in dataclasses.fields(InputBatch)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        return InputBatch(**fields | {"req_ids": req_ids, "num_reqs": len(req_ids),
+                                      "num_reqs_after_padding": padded_reqs, "num_tokens": int(qsl[len(req_ids)]),
+                                      "num_tokens_after_padding": padded_tokens,
+                                      "query_start_loc_np": np.asarray(qsl, np.int32)})
+    steps = iter([batch(["r0", "r1", "r2"], [0, 5, 6, 9, 9], 4, 16), batch(["r1", "r2"], [0, 1, 2, 2], 3, 8)])
+    removed = []
+    runner = types.SimpleNamespace(prepare_inputs=lambda *a, **k: next(steps), add_requests=lambda so: None,
+                                   _remove_request=lambda rid: removed.append(rid) or True)
+    buffers = [torch.zeros(32), torch.zeros(32)]  # as install() makes them
+    state = worker._State(["a", "b"], buffers, {"a": 1, "b": 1})
+    worker._hook(runner, state, "v2")
+    runner.add_requests(types.SimpleNamespace(scheduled_new_reqs=[
+        new("r0", {"fastsplit_steering": "a", "fastsplit_m": 2.0}), new("r1", None),
+        new("r2", {"fastsplit_steering": "b", "fastsplit_m": -3.0})]))
+    runner.prepare_inputs()
+    assert buffers[0][:16].tolist() == [2.0] * 5 + [0.0] * 11
+    assert buffers[1][:16].tolist() == [0.0] * 6 + [-3.0] * 3 + [0.0] * 7
+    runner._remove_request("r0")
+    assert removed == ["r0"] and "r0" not in state.choices
+    runner.prepare_inputs()  # r1 decodes, r2 decodes: tokens 0 and 1; r0's old tokens are cleared
+    assert buffers[0][:9].tolist() == [0.0] * 9
+    assert buffers[1][:9].tolist() == [0.0, -3.0] + [0.0] * 7

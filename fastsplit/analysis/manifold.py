@@ -20,13 +20,12 @@ utility drop (R² of a monotone fit, Spearman ρ, pair-bootstrap intervals) agai
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .. import dist, hf
-from ..data import Pair, encode_pair
+from .. import dist, engines, hf
+from ..data import encode_pair
 from ..ops._checks import check_strengths
 
 __all__ = ["manifold_sweep", "explain_utility", "isotonic_r2", "SITES", "COLUMNS"]
@@ -36,10 +35,13 @@ COLUMNS = tuple(f"{k}_{s}" for s in SITES for k in ("shift", "off"))  # sweep.cs
 
 
 @torch.no_grad()
-def manifold_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair], multipliers: Sequence[float], *,
-                   variance: float = 0.95, batch_size: int | None = None, chat: bool = True, progress: bool = True,
-                   group=None) -> dict:
+def manifold_sweep(engine, *args, variance: float = 0.95, batch_size: int | None = None, chat: bool = True,
+                   progress: bool = True, group=None) -> dict:
     """Shift along the concept direction and off-manifold distance of every pair at every m, at both sites.
+
+    Called as ``manifold_sweep(engine, pairs, multipliers)`` on an engine that provides hidden states (the
+    transformers engine; another is refused in one line naming it), or as ``manifold_sweep(model, tokenizer,
+    steering, pairs, multipliers)``.
 
     Returns {"shift_steered", "off_steered", "shift_last", "off_last": [N, M] arrays, "subspace": {site: {"dims",
     "hidden", "spread"}}, "variance"}. Inside a process group each rank runs its shard; the unsteered states are
@@ -52,12 +54,15 @@ def manifold_sweep(model, tokenizer, steering: hf.Steering, pairs: Sequence[Pair
     """
     from tqdm.auto import tqdm
 
+    engine, (pairs, multipliers) = engines.resolve(engine, args, 2, "manifold_sweep", group=group)
+    engines.refuse_hidden_states(engine, "manifold_sweep")
+    model, tokenizer, steering = engine.model, engine.tokenizer, engine.steering
     ms = check_strengths("multipliers", multipliers)
     if not pairs:
         raise ValueError("pairs is empty")
     if not 0 < variance < 1:
         raise ValueError(f"variance must be in (0, 1), got {variance}")
-    group = dist.active_group(group)
+    group = engine.group
     part = dist.shard_range(len(pairs), group)
     grid = ms + ([0.0] if 0.0 not in ms else [])  # h_0 is needed whatever the sweep's grid
     zero = grid.index(0.0)

@@ -23,7 +23,7 @@ from ._common import ArgumentParser, HelpFormatter, check_device, launched_world
 def _cmd_info(args) -> int:
     import fastsplit
 
-    from fastsplit.ops._tune import cache_info
+    from fastsplit.tuning import cache_info
 
     print(json.dumps({**fastsplit.build_info(), "tuning_cache": cache_info()}, indent=2))
     return 0

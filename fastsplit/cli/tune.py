@@ -34,7 +34,7 @@ def _forms(text: str) -> list[str]:
 def run(args) -> int:
     import torch
 
-    from fastsplit.ops import _tune
+    from fastsplit import tuning as _tune
     from fastsplit.tuning import format_table, tune_shapes
 
     if args.json:

@@ -32,7 +32,8 @@ import torch
 
 from .. import dist
 from .loading import load_config, load_model
-from .steer.model import check_steering_metadata, read_steering_metadata
+from .. import steerfile
+from . import runner
 
 __all__ = ["FORMATS", "export_steering", "export_tensors", "check_export", "read_steering_tensors",
            "operating_point_of", "apply_control_vector", "file_sha256"]
@@ -49,9 +50,7 @@ _LLAMA_CPP_ARCH = {"mistral": "llama"}
 
 def read_steering_tensors(path: str) -> tuple[dict, dict]:
     """(metadata, tensors) of a steering file, both checked: a missing or corrupt file is one clear error."""
-    from ..steerfile import read_tensors
-
-    return read_tensors(path)
+    return steerfile.read_tensors(path)
 
 
 def operating_point_of(fit_path: str, steering: str | None = None) -> tuple[float, list[str]]:
@@ -129,7 +128,7 @@ def export_steering(steering: str, out: str, *, m: float, format: str, model="de
     """
     meta, tensors = read_steering_tensors(steering)
     config = model.config if isinstance(model, torch.nn.Module) else load_config(model)
-    check_steering_metadata(meta, config, steering, check_model_name=check_model_name)
+    steerfile.check_model(meta, config, steering, model_name=runner.config_name(config) if check_model_name else None)
     return export_tensors(meta, tensors, out, m=m, format=format, model=model, config=config, full=full)
 
 

@@ -57,10 +57,10 @@ def check_finite(name: str, t: Tensor) -> None:
     """``t`` holds no NaN or inf (CPU tensors always; CUDA tensors in debug mode: see :func:`value_checks`).
     A multiplier tensor reused call after call (a module's per-row m) is read again only after it was written."""
     global _last_finite
+    if not value_checks(t):  # first: under torch.compile nothing below may run, not even the weakref's read (dynamo
+        return               # would guard on its referent, which can die before the guard is built: a flaky crash)
     ref, version = _last_finite
     if ref is not None and ref() is t and version == t._version:
-        return
-    if not value_checks(t):
         return
     if t.numel() <= _SMALL:  # tolist() of a 1-D tensor is flat; reshape(-1) alone would cost more than the check
         ok = all(map(math.isfinite, t.tolist() if t.dim() == 1 else t.flatten().tolist()))

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .plugin import ENV, KEY_M, KEY_STEERING
+from .protocol import ENV, KEY_M, KEY_STEERING
 
 __all__ = ["Engine"]
 
@@ -62,6 +62,31 @@ class Engine:
         patch_front_end()  # this process may have loaded vLLM's plugins before the steering was registered
         self.steerings = steerings
         self.llm = LLM(model=model, **llm_kwargs)
+        if steerings:
+            self.self_test()
+
+    def self_test(self) -> None:
+        """Score one short token prompt at m = 0 and at the first registered steering's m = 1; equal scores mean the
+        engine does not steer (a runner the plugin missed, a zero steering file), and the engine refuses to serve.
+        The engine core's start check (every registered steering installed in some worker) runs before this."""
+        from .internals import vllm_version
+
+        name = next(iter(self.steerings))
+        nll = self.score([([0, 1, 2, 3], [4, 5])], [0.0, 1.0], steering=name, progress=False)[0]
+        if nll[0] == nll[1]:
+            self.close()
+            raise RuntimeError(f"fastsplit's vLLM engine: steering {name!r} at m = 1 scores exactly as m = 0 (NLL "
+                               f"{nll[0]!r}): vLLM {vllm_version()} is not steered (or the steering file is zero); "
+                               "refusing to serve")
+
+    def close(self) -> None:
+        """Shut the engine down (its processes and memory); the object is unusable after."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if shutdown is not None and hasattr(shutdown, "shutdown"):
+                shutdown.shutdown()
+            del llm
 
     @staticmethod
     def extra_args(steering: str | None, m: float) -> dict:

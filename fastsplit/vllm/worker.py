@@ -12,7 +12,7 @@ from torch import nn
 
 from ..ops.steered_linear import steered_linear
 from .internals import moved
-from .plugin import ENV, request_steering
+from .protocol import ENV, request_steering
 
 log = logging.getLogger("fastsplit")
 
@@ -72,26 +72,27 @@ class SteeredDownProj(nn.Module):
 
 
 class _State:
-    """The strength buffers of one runner and what fills them."""
+    """The strength buffers of one runner and what fills them. ``layers``: {steering name: layer} installed."""
 
-    def __init__(self, names: list[str], buffers: list[torch.Tensor]):
+    def __init__(self, names: list[str], buffers: list[torch.Tensor], layers: dict[str, int]):
         self.index = {n: k for k, n in enumerate(names)}
-        self.names, self.buffers = names, buffers
+        self.names, self.buffers, self.layers = names, buffers, layers
         self.host = np.zeros((len(names), buffers[0].shape[0]), dtype=np.float32)
         self.filled = 0  # tokens written last step (zeroed before the next)
+        self.choices: dict[str, tuple[str | None, float]] = {}  # V2: each live request's (steering, m) by id
 
-    def fill(self, runner) -> None:
-        """Per-token m of every steering from the runner's batch: request i's tokens are
-        ``query_start_loc[i]:query_start_loc[i + 1]``, its choice in ``sampling_params.extra_args``."""
-        batch = runner.input_batch
-        n = batch.num_reqs
-        qsl = runner.query_start_loc.np
+    def choose(self, extra_args) -> tuple[str | None, float]:
+        return request_steering(extra_args, self.names)
+
+    def fill(self, req_ids, qsl, choice) -> None:
+        """Per-token m of every steering: request ``req_ids[i]``'s tokens are ``qsl[i]:qsl[i + 1]`` of the flattened
+        batch, and ``choice(req_id)`` is its (steering, m). Tokens past the last request (padding) get m = 0."""
+        n = len(req_ids)
         total = int(qsl[n]) if n else 0
         span = max(total, self.filled)
         self.host[:, :span] = 0.0
-        for i, rid in enumerate(batch.req_ids[:n]):
-            sp = runner.requests[rid].sampling_params
-            name, m = request_steering(getattr(sp, "extra_args", None), self.names)
+        for i, rid in enumerate(req_ids):
+            name, m = choice(rid)
             if name is not None and m != 0.0:
                 self.host[self.index[name], int(qsl[i]):int(qsl[i + 1])] = m
         if span:
@@ -99,16 +100,40 @@ class _State:
                 buf[:span].copy_(torch.from_numpy(self.host[k, :span]), non_blocking=True)
         self.filled = total
 
+    def fill_v1(self, runner) -> None:
+        """V1: the step's requests are ``runner.input_batch.req_ids[:num_reqs]``, their layout
+        ``runner.query_start_loc.np``, their choice in ``runner.requests[id].sampling_params.extra_args``."""
+        batch = runner.input_batch
+        n = batch.num_reqs
+        self.fill(batch.req_ids[:n], runner.query_start_loc.np,
+                  lambda rid: self.choose(getattr(runner.requests[rid].sampling_params, "extra_args", None)))
 
-def _check_runner(runner) -> None:
-    for path in ("model", "input_batch", "query_start_loc", "requests", "max_num_tokens", "_model_forward"):
+    def fill_v2(self, input_batch) -> None:
+        """V2: the step's ``InputBatch`` (``req_ids``, ``num_reqs``, ``query_start_loc_np``); choices recorded by
+        :meth:`add_v2`."""
+        n = input_batch.num_reqs
+        self.fill(input_batch.req_ids[:n], input_batch.query_start_loc_np,
+                  lambda rid: self.choices.get(rid, (None, 0.0)))
+
+    def add_v2(self, scheduler_output) -> None:
+        """V2: record the new requests' choices (``scheduled_new_reqs[*].req_id / .sampling_params``)."""
+        for new in scheduler_output.scheduled_new_reqs:
+            sp = getattr(new, "sampling_params", None)
+            self.choices[new.req_id] = self.choose(getattr(sp, "extra_args", None))
+
+
+def _check_runner(runner, kind: str) -> None:
+    need = {"v1": ("model", "input_batch", "query_start_loc", "requests", "max_num_tokens", "_model_forward"),
+            "v2": ("model", "max_num_tokens", "prepare_inputs", "add_requests", "_remove_request")}[kind]
+    for path in need:
         if not hasattr(runner, path):
-            raise moved(f"model runner attribute {path!r}")
-    batch = runner.input_batch
-    if not (hasattr(batch, "req_ids") and hasattr(batch, "num_reqs")):
-        raise moved("input_batch.req_ids / num_reqs")
-    if not hasattr(runner.query_start_loc, "np"):
-        raise moved("query_start_loc.np (a CpuGpuBuffer)")
+            raise moved(f"model runner ({kind}) attribute {path!r}")
+    if kind == "v1":
+        batch = runner.input_batch
+        if not (hasattr(batch, "req_ids") and hasattr(batch, "num_reqs")):
+            raise moved("input_batch.req_ids / num_reqs")
+        if not hasattr(runner.query_start_loc, "np"):
+            raise moved("query_start_loc.np (a CpuGpuBuffer)")
 
 
 def _layers(model):
@@ -119,14 +144,14 @@ def _layers(model):
     return layers
 
 
-def install(runner, reg: dict) -> None:
-    """Replace each steered layer's ``mlp.down_proj`` with a :class:`SteeredDownProj` and wrap the runner's
-    ``_model_forward`` so the strength buffers are filled before each step. Once per runner."""
+def install(runner, reg: dict, kind: str = "v1") -> None:
+    """Replace each steered layer's ``mlp.down_proj`` with a :class:`SteeredDownProj` and wrap the runner so the
+    strength buffers are filled before each step (``kind``: its batch layout, "v1" or "v2"). Once per runner."""
     if getattr(runner, "_fastsplit_state", None) is not None:
         return
     from .. import steerfile
 
-    _check_runner(runner)
+    _check_runner(runner, kind)
     device = next(runner.model.parameters()).device
     dtype = next(runner.model.parameters()).dtype
     layers = _layers(runner.model)
@@ -157,15 +182,38 @@ def install(runner, reg: dict) -> None:
         mlp = layers[L].mlp
         base = mlp.down_proj.base if isinstance(mlp.down_proj, SteeredDownProj) else mlp.down_proj
         mlp.down_proj = SteeredDownProj(base, entries)
-    state = _State(names, buffers)
+    state = _State(names, buffers, {e["name"]: L for L, entries in by_layer.items() for e in entries})
+    _hook(runner, state, kind)
     runner._fastsplit_state = state
-    orig = runner._model_forward
-
-    def _model_forward(*args, **kwargs):
-        state.fill(runner)
-        return orig(*args, **kwargs)
-    runner._model_forward = _model_forward
     log.info("fastsplit: steering %s installed at layers %s", ", ".join(names), sorted(by_layer))
+
+
+def _hook(runner, state: _State, kind: str) -> None:
+    """Wrap this runner instance's step so the buffers hold the step's per-token m before its forward."""
+    if kind == "v1":
+        orig = runner._model_forward
+
+        def _model_forward(*args, **kwargs):
+            state.fill_v1(runner)
+            return orig(*args, **kwargs)
+        runner._model_forward = _model_forward
+        return
+    prepare, add, remove = runner.prepare_inputs, runner.add_requests, runner._remove_request
+
+    def prepare_inputs(*args, **kwargs):
+        batch = prepare(*args, **kwargs)
+        state.fill_v2(batch)
+        return batch
+
+    def add_requests(scheduler_output, *args, **kwargs):
+        out = add(scheduler_output, *args, **kwargs)  # it removes a re-added request first: record after it
+        state.add_v2(scheduler_output)
+        return out
+
+    def _remove_request(req_id, *args, **kwargs):
+        state.choices.pop(req_id, None)
+        return remove(req_id, *args, **kwargs)
+    runner.prepare_inputs, runner.add_requests, runner._remove_request = prepare_inputs, add_requests, _remove_request
 
 
 def _shard(t: torch.Tensor, key: str, base) -> torch.Tensor:

@@ -46,7 +46,7 @@ MC_PAIRS = [fastsplit.Pair(PREAMBLE + q, pos, neg) for q, pos, neg in [
 def test_shared_prefix_equals_naive_loop(arch, layer):
     """Prompts sharing a long instruction: the prefix runs once per m for the whole sweep, then each chunk's
     rests (of different lengths, padded after the prefix) and completions (of 1 to 3 tokens)."""
-    from fastsplit.analysis.logodds import _shared_prefix
+    from fastsplit.engines.transformers import _shared_prefix
     from fastsplit.data import encode_pair
 
     # Gemma-2's sliding window must cover a row for the shared-prefix layout (else the sweep falls back).

@@ -262,13 +262,6 @@ def load_steering(model: nn.Module, path: str, *, backend: str = "auto", check_m
 
 
 def check_steering_metadata(meta: dict, config, path: str, *, check_model_name: bool = True) -> None:
-    """A steering file's metadata against a model's config (no weights needed): name, sizes, layer count."""
-    here = {"hidden_size": str(config.hidden_size), "num_hidden_layers": str(config.num_hidden_layers),
-            "intermediate_size": str(getattr(config, "intermediate_size", 0))}
-    if check_model_name:
-        here["model"] = runner.config_name(config)
-    for key, value in here.items():
-        if key in meta and meta[key] != value:
-            raise ValueError(f"{path} was saved for a model with {key}={meta[key]!r}, but this model has "
-                             f"{key}={value!r}" + (" (pass check_model_name=False to skip the name check)"
-                                                   if key == "model" else ""))
+    """A steering file's metadata against a model's config (no weights needed): name, sizes, layer count
+    (:func:`fastsplit.steerfile.check_model`)."""
+    steerfile.check_model(meta, config, path, model_name=runner.config_name(config) if check_model_name else None)
