@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from . import dist, native as _native
 from ._env import set_debug, set_tuning
 from .analysis import Fit, Sweep, analyze, compare, fit_curves, logodds_sweep, operating_point, plot_sweep
+from .diffmean import diffmean
 from .data import Pair, balance_answers, demo_pairs, encode_pair, load_pairs, split_pairs
 from .generate import generate_sweep
 from .hf import Steering, attach, export_steering, load_default_model, load_model, load_steering
@@ -42,5 +43,5 @@ def build_info() -> dict:
 __all__ = ["__version__", "build_info", "set_debug", "set_tuning", "steered_linear", "steered_linear_ref", "SteeredLinear",
            "split_loss", "split_loss_ref", "SplitLoss",
            "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs",
-           "train", "generate_sweep", "load_default_model", "load_model", "export_steering",
+           "train", "diffmean", "generate_sweep", "load_default_model", "load_model", "export_steering",
            "logodds_sweep", "Sweep", "fit_curves", "Fit", "operating_point", "analyze", "plot_sweep", "compare"]

@@ -9,7 +9,7 @@ def test_public_names():
         "__version__", "build_info", "set_debug", "set_tuning", "steered_linear", "steered_linear_ref", "SteeredLinear",
         "split_loss", "split_loss_ref", "SplitLoss",
         "attach", "Steering", "load_steering", "Pair", "load_pairs", "encode_pair", "split_pairs", "balance_answers", "demo_pairs",
-        "train", "generate_sweep", "load_default_model", "load_model", "export_steering",
+        "train", "diffmean", "generate_sweep", "load_default_model", "load_model", "export_steering",
         "logodds_sweep", "Sweep", "fit_curves", "Fit", "operating_point", "analyze", "plot_sweep", "compare",
     ])
     for name in fastsplit.__all__:

@@ -100,18 +100,58 @@ def pair_types_of(args) -> list[str]:
     return ["add"] if args.loss == "reps" else ["add", "sub"]
 
 
+def read_texts(path: str, flag: str) -> list[str]:
+    """A text file, one text a line (blank lines skipped): at least one text, or one line naming ``flag``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}: no file at {path}")
+    with open(path, encoding="utf-8") as f:
+        texts = [line.strip() for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"{flag}: {path} holds no text (one text a line)")
+    return texts
+
+
+def check_method(args) -> tuple[list[str] | None, list[str] | None]:
+    """--method diffmean's options, before anything loads: the vector form, both text files or neither."""
+    given = (args.positive_texts, args.negative_texts)
+    if args.method != "diffmean":
+        if any(given) or args.normalize:
+            raise ValueError("--positive-texts, --negative-texts and --normalize go with --method diffmean")
+        return None, None
+    if args.form != "vector":
+        raise ValueError(f"--method diffmean makes a vector (--form vector), not {args.form}")
+    if args.resume:
+        raise ValueError("--method diffmean has nothing to resume: it takes seconds")
+    if any(given) and not all(given):
+        raise ValueError("--positive-texts and --negative-texts go together (or neither: the pairs of --data)")
+    if not any(given):
+        return None, None
+    return read_texts(args.positive_texts, "--positive-texts"), read_texts(args.negative_texts, "--negative-texts")
+
+
 def run(args) -> int:
+    import time
+
     import fastsplit
     from fastsplit.dist import atomic_write
     from fastsplit.hf import load_model
 
+    positive, negative = check_method(args)
     _, layer, train_pairs, test_pairs = prepare(args)
     writable_dir(args.out)
     model, tok = load_model(args.model, device=device_of(args))
     os.makedirs(args.out, exist_ok=True)
-    steering = attach_steering(model, layer, args)
-    result = fastsplit.train(model, tok, steering, train_pairs, checkpoint_dir=os.path.join(args.out, "checkpoints"),
-                             resume=args.resume, **train_options(args))
+    if args.method == "diffmean":
+        t0 = time.perf_counter()
+        steering = fastsplit.diffmean(model, tok, None if positive else train_pairs, layer=layer, site=args.site,
+                                      positive_texts=positive, negative_texts=negative, normalize=args.normalize)
+        result = {"method": "diffmean", "norm": float(steering.notes["diffmean_norm"]),
+                  "source": steering.notes["diffmean_source"], "seconds": time.perf_counter() - t0}
+    else:
+        steering = attach_steering(model, layer, args)
+        result = fastsplit.train(model, tok, steering, train_pairs,
+                                 checkpoint_dir=os.path.join(args.out, "checkpoints"), resume=args.resume,
+                                 **train_options(args))
     if not is_main():  # rank 0 writes (under torchrun every rank holds the same parameters)
         return 0
     path = os.path.join(args.out, "steering.safetensors")
@@ -123,6 +163,11 @@ def run(args) -> int:
                "test_pairs": len(test_pairs), "test_pairs_file": test_path if test_pairs else None, **result,
                "options": {k: v for k, v in vars(args).items() if k != "func"}}
     save_json(os.path.join(args.out, "train.json"), summary)
+    if args.method == "diffmean":
+        print(f"difference of means at layer {steering.layer} ({args.site}, from {result['source']}): norm "
+              f"{result['norm']:.4g}{' (saved normalised)' if args.normalize else ''}, {result['seconds']:.1f} s; "
+              f"wrote {path}" + (f"; held-out pairs in {test_path}" if test_pairs else ""))
+        return 0
     last = result["history"][-1]
     held = f"; held-out pairs in {test_path}" if test_pairs else ""
     print(f"trained {args.form} at layer {steering.layer}: loss {last['loss']:.4f}, preference log-odds "
@@ -137,4 +182,13 @@ def add_command(sub, formatter) -> None:
     add_training_options(t, test_default=0.2)
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    t.add_argument("--method", choices=["gradient", "diffmean"], default="gradient",
+                   help="gradient: train with --loss; diffmean: the difference of means of the hidden states of the "
+                        "positive and negative texts at --layer/--site (a vector, no optimisation, seconds)")
+    t.add_argument("--positive-texts", help="diffmean: a text file of concept texts, one a line (with "
+                   "--negative-texts; default: the pairs of --data, prompt + completion)")
+    t.add_argument("--negative-texts", help="diffmean: a text file of contrast texts, one a line (the paper: the "
+                   "model's own unconditioned samples)")
+    t.add_argument("--normalize", action="store_true", help="diffmean: save a unit vector (its norm is in the "
+                   "metadata either way)")
     t.set_defaults(func=run)

@@ -88,6 +88,27 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attenti
     return captured["h"]
 
 
+def capture_site_output(model: nn.Module, layer: int, site: str, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The output of decoder layer ``layer`` (``site="residual"``: the residual stream after the block) or of its MLP's
+    ``down_proj`` (``site="down_proj"``) [B, T, H]; the layers above are not run."""
+    captured = {}
+
+    def hook(mod, args, out):
+        captured["h"] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        raise _StopForward
+
+    block = decoder_layers(model)[layer]
+    target = block if site == "residual" else block.mlp.down_proj
+    handle = target.register_forward_hook(hook)
+    try:
+        decoder(model)(input_ids=input_ids, attention_mask=attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
 class _PassThrough(nn.Module):
     """Stands in for a decoder layer below the cached point: returns its hidden states unchanged."""
 

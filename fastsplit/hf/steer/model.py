@@ -62,6 +62,7 @@ class Steering:
             self._handle = target.register_forward_hook(self._residual_hook)
         self.module.multiplier = 1.0
         self.objective: str | None = None  # what trained it ("split", "sft", "reps"): set by fastsplit.train, saved
+        self.notes: dict[str, str] = {}  # further metadata saved with it (e.g. a difference-of-means vector's norm)
         self._attached = True
 
     def _residual_hook(self, mod, args, output):
@@ -178,7 +179,7 @@ class Steering:
                 "model_type": cfg.model_type, "hidden_size": str(cfg.hidden_size),
                 "intermediate_size": str(getattr(cfg, "intermediate_size", 0)),
                 "num_hidden_layers": str(cfg.num_hidden_layers), "objective": self.objective or "untrained",
-                "delta_bias": "1" if self.delta_bias else "0"}
+                "delta_bias": "1" if self.delta_bias else "0", **self.notes}
 
     def save(self, path: str) -> None:
         """Write the intervention to ``path`` as safetensors, with metadata checked by :func:`load_steering`."""
