@@ -50,7 +50,7 @@ import harness  # noqa: E402
 import fastsplit  # noqa: E402
 
 MS21 = [float(m) for m in np.linspace(-10, 10, 21)]
-MS9 = [float(m) for m in np.linspace(-8, 8, 9)]
+MS11 = [float(m) for m in np.linspace(-8, 8, 11)]  # the CLI takes at least 10
 
 
 def _env(threads=1):
@@ -351,7 +351,7 @@ def main() -> None:
             print(f"training {args.train_pairs} pairs, 1 epoch: 1 rank {res['train_s'][1]:.1f} s, 2 ranks "
                   f"{res['train_s'][2]:.1f} s -> {res['train_ratio']:.3f}x "
                   f"{[round(x, 3) for x in res['train_round_ratios']]}", flush=True)
-        for label, data, ms in (("64x21", data64, MS21), ("16x9", data16, MS9)) if "commands" in which else ():
+        for label, data, ms in (("64x21", data64, MS21), ("16x11", data16, MS11)) if "commands" in which else ():
             every = {1: [], 2: []}
             for _ in range(runs):  # interleaved, so a drift of the machine's speed hits both alike
                 for w in (1, 2):

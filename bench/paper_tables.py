@@ -180,11 +180,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, balancing, initialisation and order")
     p.add_argument("--out", default="paper-tables", help="folder for the runs, sweeps, comparisons and tables")
     p.add_argument("--quick", action="store_true", help="a smoke run: 24 training and 8 held-out pairs, 1 epoch, "
-                   "9 multipliers, one concept")
+                   "11 multipliers, one concept")
     args = p.parse_args(argv)
     if args.quick:
         args.train, args.test, args.epochs, args.bootstrap, args.compare_bootstrap = 24, 8, 1, 10, 50
-        args.multipliers, args.concepts = [float(m) for m in range(-8, 9, 2)], args.concepts.split(",")[0]
+        args.multipliers, args.concepts = [float(m) for m in range(-10, 11, 2)], args.concepts.split(",")[0]
     names = args.concepts.split(",")
     missing = [n for n in names if not os.path.exists(os.path.join(DATA, f"{n}.jsonl"))]
     if missing:

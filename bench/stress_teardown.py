@@ -174,7 +174,7 @@ def cli_runs(n: int, root: str, progress: bool = True) -> dict:
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                             "-m", "fastsplit", "sweep", "--model", model, "--steering",
                             os.path.join(steer_dir, "steering.safetensors"), "--data", "demo", "--max-pairs", "4",
-                            "--multipliers=" + ",".join(str(v) for v in range(-4, 5)), "--bootstrap", "0",
+                            "--multipliers=" + ",".join(str(v) for v in range(-5, 6)), "--bootstrap", "0",
                             "--device", "cpu", "--quiet", "--out", os.path.join(root, f"sweep-{i}")],
                            capture_output=True, text=True, env=env, timeout=600)
         if r.returncode != 0 or ABORT_TEXT in r.stderr:

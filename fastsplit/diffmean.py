@@ -24,6 +24,8 @@ Example::
 """
 from __future__ import annotations
 
+import copy
+import os
 from typing import Sequence
 
 import torch
@@ -38,17 +40,35 @@ __all__ = ["diffmean", "site_means"]
 def site_means(model, layer: int, site: str, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], *,
                pad: int, batch_size: int = 16) -> torch.Tensor:
     """The hidden state at ``site`` of decoder layer ``layer``, averaged over ``rows[i][a:b]`` for ``spans[i] = (a,
-    b)``: [len(rows), H] in float32. Rows run in batches of similar lengths, right-padded, up to the layer only."""
+    b)``: [len(rows), H] in float32. Rows run in batches of similar lengths, right-padded, up to the layer only. The
+    tokens every row shares before every span (a chat template's header) run once, and their KV cache serves every
+    batch (not with a sliding window shorter than a row, which would count the cache differently)."""
     device = next(model.parameters()).device
+    c = min(len(os.path.commonprefix([list(r) for r in rows])), min(a for a, _ in spans))
+    if c and hf.window_shorter_than(model, max(len(r) for r in rows)):
+        c = 0
+    prefix = None
+    if c:
+        prefix = hf.new_cache(model)
+        ids = torch.tensor([list(rows[0][:c])], device=device)
+        hf.capture_site_output(model, layer, site, ids, torch.ones_like(ids), torch.arange(c, device=device)[None],
+                               prefix)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows), model.config.hidden_size, dtype=torch.float32)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        ids, mask = hf.pad_rows([list(rows[i]) for i in idx], pad)
-        h = hf.capture_site_output(model, layer, site, ids.to(device), mask.to(device)).float().cpu()
+        ids, mask = hf.pad_rows([list(rows[i][c:]) for i in idx], pad)
+        cache = None
+        if c:
+            cache = copy.deepcopy(prefix)
+            hf.repeat_rows(cache, len(idx))
+            mask = torch.cat([torch.ones(len(idx), c, dtype=mask.dtype), mask], dim=1)
+        pos = (c + torch.arange(ids.shape[1]))[None].expand(len(idx), -1)
+        h = hf.capture_site_output(model, layer, site, ids.to(device), mask.to(device), pos.to(device),
+                                   cache).float().cpu()
         for k, i in enumerate(idx):
             a, b = spans[i]
-            out[i] = h[k, a:b].mean(0)
+            out[i] = h[k, a - c:b - c].mean(0)
     return out
 
 

@@ -90,12 +90,12 @@ def test_demo_on_a_tiny_model(model_dir, tmp_path, capsys):
 def test_errors_exit_nonzero_with_one_line(model_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastsplit", "generate", "--model", model_dir, "--steering",
                         str(tmp_path / "missing.safetensors"), "--prompt", "x"], capture_output=True, text=True)
-    assert r.returncode == 1
+    assert r.returncode == 2  # a usage error: refused before any work
     err = [line for line in r.stderr.splitlines() if line.startswith("fastsplit generate")]
     assert err == [f"fastsplit generate: error: no steering file at {tmp_path / 'missing.safetensors'}"]
     r = subprocess.run([sys.executable, "-m", "fastsplit", "train", "--model", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode == 1 and "neither 'default' nor a local model folder" in r.stderr
+    assert r.returncode == 2 and "neither 'default' nor a local model folder" in r.stderr
     r = subprocess.run([sys.executable, "-m", "fastsplit", "generate", "--multipliers", "a,b"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "comma-separated numbers" in r.stderr
@@ -146,13 +146,13 @@ def _cli(*args):
     (["train", "--layer", "999"], "layer must be an int in [-4, 4)"),
     (["train", "--data", "nope.jsonl"], "no pairs file at nope.jsonl"),
     (["sweep", "--steering", "nope.safetensors"], "no steering file at nope.safetensors"),
-    (["sweep", "--steering", "S", "--multipliers=-4,0,4"], "--multipliers needs at least 9 distinct values"),
+    (["sweep", "--steering", "S", "--multipliers=-4,0,4"], "--multipliers needs at least 10 distinct values"),
 ], ids=["layer", "data", "steering", "few-multipliers"])
 def test_input_errors_come_before_the_model_loads(model_dir, tmp_path, args, message):
-    """One line, exit 1, and no 'Loading weights' bar: the model was never loaded."""
+    """One line, exit 2 (a usage error), and no 'Loading weights' bar: the model was never loaded."""
     args = [a if a != "S" else str(tmp_path / "x") for a in args]
     r = _cli(*args, "--model", model_dir, "--out", str(tmp_path / "o"))
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Loading weights" not in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("fastsplit ")]) == 1
 
@@ -223,11 +223,11 @@ def unloadable_steering_file(unloadable_model_dir, tmp_path_factory):
 def test_unreadable_weights_fail_in_one_line(unloadable_model_dir, tmp_path):
     """Loading the unloadable model fails, naming the folder (and so the tests that use it can fail too)."""
     r = _cli("train", "--model", unloadable_model_dir, "--layer", "1", "--out", str(tmp_path / "o"))
-    line = _one_line_failure(r)
+    line = _one_line_failure(r, code=1)  # a runtime failure: the work (loading) had begun
     assert line.startswith(f"fastsplit train: error: model {unloadable_model_dir!r}: its weights cannot be read ("), line
 
 
-def _one_line_failure(r, code=1):
+def _one_line_failure(r, code=2):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == code, r.stderr
     assert len(lines) == 1, r.stderr  # the one line, no usage text, no traceback
@@ -244,7 +244,7 @@ def test_unwritable_output_fails_first_in_one_line(command, unloadable_model_dir
     extra = {"train": ["--layer", "1"], "demo": ["--layer", "1"], "sweep": ["--steering", steering_file],
              "generate": ["--steering", steering_file, "--prompt", "hi"]}[command]
     r = _cli(command, "--model", unloadable_model_dir, *extra, "--out", bad)
-    line = _one_line_failure(r)
+    line = _one_line_failure(r)  # a usage error (exit 2): the output named cannot be written
     assert line.startswith(f"fastsplit {command}: error: --out {bad} cannot be written"), line
     assert not os.path.exists("/proc/fastsplit-test")
 
@@ -351,3 +351,45 @@ def test_tune_writes_the_table_and_the_cache(model_dir, tmp_path, capsys, monkey
     monkeypatch.setenv("FASTSPLIT_TUNE", "0")
     assert main(["tune", "--model", model_dir, "--rows", "2", "--no-loss", "--quiet"]) == 1
     assert "tuning is off (FASTSPLIT_TUNE=0)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,says", [
+    (["train", "--layer", "99", "--out", "O"], "layer must be an int"),
+    (["train", "--method", "diffmean", "--form", "lora", "--out", "O"], "--method diffmean makes a vector"),
+    (["sweep", "--steering", "S", "--multipliers=-2,-1,0,1,2", "--out", "O"], "at least 10 distinct values"),
+    (["sweep", "--steering", "MISSING", "--out", "O"], "no steering file"),
+    (["generate", "--steering", "S", "--prompts", "MISSING"], "no prompts file"),
+    (["compare", "MISSING", "MISSING", "--out", "O"], "is not a sweep folder"),
+    (["export", "--steering", "S", "--m", "2", "--format", "control-vector", "--full", "--out", "O"], "--full"),
+    (["export", "--steering", "S", "--m", "op", "--format", "peft", "--out", "O"], "--m op"),
+    (["tune", "--json", "/proc/fastsplit-test/t.json"], "cannot be written"),
+    (["demo", "--layer", "1", "--test-size", "0", "--out", "O"], "--test-size must be above 0"),
+    (["info", "--nope"], "unrecognized arguments"),
+], ids=["train-layer", "train-method", "sweep-multipliers", "sweep-steering", "generate-prompts", "compare-folders",
+        "export-full", "export-op", "tune-json", "demo-test-size", "info-argument"])
+def test_every_commands_usage_errors_exit_2(model_dir, steering_file, tmp_path, args, says):
+    """Every command's refusals of its inputs exit 2 with one line (0 ok, 1 a runtime failure, 2 a usage error)."""
+    subs = {"O": str(tmp_path / "o"), "S": steering_file, "MISSING": str(tmp_path / "missing")}
+    args = [subs.get(a, a) for a in args]
+    model = [] if args[0] in ("compare", "info") else ["--model", model_dir]
+    line = _one_line_failure(_cli(*args, *model))
+    assert line.startswith(f"fastsplit {args[0]}: error:") and says in line, line
+
+
+def test_export_reads_the_model_from_the_steering_file(model_dir, steering_file, tmp_path, capsys):
+    """Without --model, export uses the model the steering file records (here the tiny model's folder), not the
+    default model; a recorded model that is no folder here is refused in one line naming it."""
+    import fastsplit
+
+    out = str(tmp_path / "adapter")
+    assert main(["export", "--steering", steering_file, "--m", "2", "--format", "peft", "--out", out, "--quiet"]) == 0
+    assert os.path.exists(os.path.join(out, "adapter_config.json"))
+    model = tiny_model("llama")
+    model.config.name_or_path = str(tmp_path / "gone")
+    s = fastsplit.attach(model, 1, "vector")
+    s.save(str(tmp_path / "s.safetensors"))
+    capsys.readouterr()
+    assert main(["export", "--steering", str(tmp_path / "s.safetensors"), "--m", "2", "--format", "peft", "--out",
+                 str(tmp_path / "a2"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"was trained on the model {str(tmp_path / 'gone')!r}, which is not a folder here: give its folder" in err

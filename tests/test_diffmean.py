@@ -121,14 +121,14 @@ def test_cli_diffmean_then_sweep(model_dir, tmp_path, capsys):
     assert summary["train_pairs"] == 32 and summary["test_pairs"] == 8
     assert "difference of means at layer 1" in capsys.readouterr().out
     assert main(["sweep", "--model", model_dir, "--steering", os.path.join(out, "steering.safetensors"),
-                 "--multipliers=" + ",".join(str(v) for v in range(-4, 5)), "--bootstrap", "0", "--out",
+                 "--multipliers=" + ",".join(str(v) for v in range(-5, 6)), "--bootstrap", "0", "--out",
                  str(tmp_path / "sweep"), "--quiet"]) == 0  # its own held-out split, as for any trained file
     assert os.path.getsize(tmp_path / "sweep" / "sweep.csv") > 0
     # beside a SPLIT vector swept on the same held-out pairs, in `fastsplit compare`
     assert main(["train", "--model", model_dir, "--data", "demo", "--layer", "1", "--site", "residual",
                  "--max-pairs", "40", "--epochs", "1", "--out", str(tmp_path / "split"), "--quiet"]) == 0
     assert main(["sweep", "--model", model_dir, "--steering", str(tmp_path / "split" / "steering.safetensors"),
-                 "--multipliers=" + ",".join(str(v) for v in range(-4, 5)), "--bootstrap", "0", "--out",
+                 "--multipliers=" + ",".join(str(v) for v in range(-5, 6)), "--bootstrap", "0", "--out",
                  str(tmp_path / "sweep-split"), "--quiet"]) == 0
     assert main(["compare", str(tmp_path / "sweep"), str(tmp_path / "sweep-split"), "--out", str(tmp_path / "cmp"),
                  "--bootstrap", "20"]) == 0
@@ -153,11 +153,11 @@ def test_cli_bad_input_before_the_model_loads(model_dir, tmp_path, capsys, args,
     (tmp_path / "p.txt").write_text("a text\n")
     (tmp_path / "e.txt").write_text("\n\n")
     args = [{"P": str(tmp_path / "p.txt"), "E": str(tmp_path / "e.txt")}.get(a, a) for a in args]
-    assert main(["train", "--method", "diffmean", "--model", model_dir, "--out", str(tmp_path / "o"), *args]) == 1
+    assert main(["train", "--method", "diffmean", "--model", model_dir, "--out", str(tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Loading weights" not in err
 
 
 def test_cli_diffmean_options_need_the_method(model_dir, tmp_path, capsys):
-    assert main(["train", "--model", model_dir, "--normalize", "--out", str(tmp_path / "o")]) == 1
+    assert main(["train", "--model", model_dir, "--normalize", "--out", str(tmp_path / "o")]) == 2
     assert "go with --method diffmean" in capsys.readouterr().err

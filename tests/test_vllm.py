@@ -371,7 +371,7 @@ def test_cli_sweep_and_generate_on_vllm(steering_files, tmp_path, capsys):
     from fastsplit import dist as fdist
 
     common = ["sweep", "--steering", steering_files["lora"], "--data", "demo", "--max-pairs", "4",
-              "--multipliers=-4,-3,-2,-1,0,1,2,3,4", "--bootstrap", "0", "--quiet"]
+              "--multipliers=-5,-4,-3,-2,-1,0,1,2,3,4,5", "--bootstrap", "0", "--quiet"]
     assert main(common + ["--out", str(tmp_path / "torch")]) == 0
     # a vLLM sweep killed after its first block of pairs, then resumed (--resume), ends as the torch engine's
     real = fdist.Blocks.write
@@ -389,7 +389,7 @@ def test_cli_sweep_and_generate_on_vllm(steering_files, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "vllm" / "sweep.csv") and os.listdir(tmp_path / "vllm" / "blocks")
     assert main(vllm_sweep + ["--resume"]) == 0
     rows = [list(csv.DictReader(open(tmp_path / d / "sweep.csv"))) for d in ("torch", "vllm")]
-    assert len(rows[0]) == len(rows[1]) == 4 * 9
+    assert len(rows[0]) == len(rows[1]) == 4 * 11
     for a, b in zip(*rows):
         for k in ("nll_pos", "nll_neg"):
             assert abs(float(a[k]) - float(b[k])) < TOL
@@ -400,7 +400,7 @@ def test_cli_sweep_and_generate_on_vllm(steering_files, tmp_path, capsys):
     gen = [json.loads(line) for line in open(out)]
     assert [g["multiplier"] for g in gen] == [-4.0, 0.0, 4.0] and all(g["text"] for g in gen)
     capsys.readouterr()
-    assert main(common + ["--out", str(tmp_path / "x"), "--engine", "vllm", "--manifold"]) == 1
+    assert main(common + ["--out", str(tmp_path / "x"), "--engine", "vllm", "--manifold"]) == 2
     assert "--manifold needs the model's hidden states, which the vllm engine does not provide" in \
         capsys.readouterr().err
 
@@ -528,3 +528,26 @@ def test_model_runner_v2_layout_reader(monkeypatch):
     runner.prepare_inputs()  # r1 decodes, r2 decodes: tokens 0 and 1; r0's old tokens are cleared
     assert buffers[0][:9].tolist() == [0.0] * 9
     assert buffers[1][:9].tolist() == [0.0, -3.0] + [0.0] * 7
+
+
+def test_the_docs_python_example_runs_as_a_script(hf_default, tmp_path):
+    """docs/pages/vllm.md's example, as written (a script: vLLM spawns its engine, so it needs its __main__ guard;
+    greedy, so the strengths show), with its steering file made here."""
+    import re
+
+    model, _ = hf_default
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "pages",
+                             "vllm.md")).read()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    assert 'if __name__ == "__main__":' in code and "temperature=0.0" in code
+    s = fastsplit.attach(model, LAYER, "vector")
+    randomize(s, scale=0.5, seed=7)
+    os.makedirs(tmp_path / "run")
+    s.save(str(tmp_path / "run" / "steering.safetensors"))
+    s.detach()
+    (tmp_path / "example.py").write_text(code)
+    out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    texts = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0] in ("-4", "0", "4"))
+    assert set(texts) == {"-4", "0", "4"} and len({texts["-4"], texts["0"], texts["4"]}) > 1, out.stdout

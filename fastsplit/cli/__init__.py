@@ -17,7 +17,8 @@ import os
 import sys
 
 from . import analysis, export, generate, train, tune
-from ._common import ArgumentParser, HelpFormatter, check_device, launched_world, process_group
+from ._common import (ArgumentParser, HelpFormatter, check_device, launched_world, process_group, reset_work,
+                      work_started)
 
 
 def _cmd_info(args) -> int:
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
         sub.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "quiet", False):
         _quiet()
+    reset_work()
     try:
         check_device(getattr(args, "device", "auto"))  # before a process group or a model needs it
         with process_group(getattr(args, "device", "auto")):
@@ -68,7 +70,10 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, OSError) as exc:
         rank = f"[rank {os.environ.get('RANK', '?')}] " if launched_world() > 1 else ""
         print(f"{rank}fastsplit {args.command}: error: {exc}".splitlines()[0], file=sys.stderr)
-        return 1
+        # an input refused before any work began (bad options, files, data) is a usage error; a failure while
+        # working (a model that does not load, a write that fails, a rank that dies) a runtime one
+        usage = isinstance(exc, (ValueError, TypeError, FileNotFoundError)) and not work_started()
+        return 2 if usage else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,23 @@ import sys
 import tempfile
 
 
+_work = {"started": False}
+
+
+def begin_work() -> None:
+    """Mark that the command's inputs are checked and its work (loading a model, tuning, writing) begins: an error
+    from here on is a runtime failure (exit 1); one before it is a usage error (exit 2)."""
+    _work["started"] = True
+
+
+def work_started() -> bool:
+    return _work["started"]
+
+
+def reset_work() -> None:
+    _work["started"] = False
+
+
 def floats(text: str) -> list[float]:
     """``"-4,0,4"`` -> [-4.0, 0.0, 4.0]; finite numbers only."""
     try:

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from ._common import (add_device_option, checked_steering, device_of, floats, is_main, model_config, nonneg_float,
-                      nonneg_int, positive_int, read_pairs, save_json, writable_dir, write_pairs)
+from ._common import (add_device_option, begin_work, checked_steering, device_of, floats, is_main, model_config,
+                      nonneg_float, nonneg_int, positive_int, read_pairs, save_json, writable_dir, write_pairs)
 from .train import add_training_options, attach_steering, prepare, train_options
 
 DEMO_PROMPTS = ["How do you feel about the coming year?", "Describe your plans for the weekend.",
@@ -22,9 +22,9 @@ DEFAULT_MS = [float(v) for v in np.linspace(-10, 10, 21)]
 def _multipliers(values: list[float]) -> list[float]:
     from fastsplit.analysis.fit import MIN_POINTS
 
-    if len(set(values)) < MIN_POINTS:
-        raise ValueError(f"--multipliers needs at least {MIN_POINTS} distinct values for the curve fits, "
-                         f"got {len(set(values))}")
+    if len(set(values)) < MIN_POINTS + 1:  # so every figure of the report can be computed
+        raise ValueError(f"--multipliers needs at least {MIN_POINTS + 1} distinct values (the curve fits take "
+                         f"{MIN_POINTS}; the held-out-m test refits without each), got {len(set(values))}")
     if not min(values) <= 0 <= max(values):
         raise ValueError("--multipliers must span m = 0 (the operating point is judged against it)")
     return values
@@ -92,8 +92,10 @@ def write_sweep(sweep, out: str) -> None:
 
 
 def print_report(report: dict) -> None:
+    from fastsplit.analysis.fit import MIN_POINTS
+
     s, op, b = report["scores"], report["operating_point"], report["bootstrap"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    fmt = lambda v: f"n/a: needs {MIN_POINTS + 1} multipliers" if v is None else f"{v:.4f}"
     print(f"preference fit R² = {s['preference_r2_fit']:.4f} (held-out m: {fmt(s['preference_r2_heldout_m'])})   "
           f"utility fit R² = {s['utility_r2_fit']:.4f} (held-out m: {fmt(s['utility_r2_heldout_m'])})")
     if b and b["m_op"]:
@@ -212,6 +214,7 @@ class Engines:
         import fastsplit
 
         self.args, self.names = args, {p: f"s{i}" for i, p in enumerate(paths)}
+        begin_work()
         if args.engine == "vllm":
             self.llm, self.tokenizer = vllm_engine(args, {n: p for p, n in self.names.items()})
             self.label = fastsplit.hf.DEFAULT_MODEL_NAME if args.model == "default" else args.model
@@ -293,7 +296,7 @@ def run_sweep(args) -> int:
 
 # --quick: a smoke run of the whole demo (train, sweep, fits, plot, generation) in about a minute on 2 CPU cores
 # once the model is cached; CI runs it on a fresh install before any test extra is installed.
-QUICK = dict(train_pairs=32, test_pairs=8, epochs=1, multipliers=[float(v) for v in np.linspace(-8, 8, 9)],
+QUICK = dict(train_pairs=32, test_pairs=8, epochs=1, multipliers=[float(v) for v in range(-10, 11, 2)],
              bootstrap=10, max_new_tokens=8)
 
 
@@ -317,6 +320,7 @@ def run_demo(args) -> int:
         train_pairs, test_pairs = train_pairs[:QUICK["train_pairs"]], test_pairs[:QUICK["test_pairs"]]
     fastsplit.dist.check_world(min(len(test_pairs), len(DEMO_PROMPTS)), "held-out pairs or demo prompts")
     writable_dir(args.out)
+    begin_work()
     print("fastsplit demo: SPLIT-train a steering vector, sweep m on held-out pairs, fit, plot")
     model, tok = fastsplit.hf.load_model(args.model, device=device_of(args))
     os.makedirs(args.out, exist_ok=True)
@@ -380,7 +384,7 @@ def run_compare(args) -> int:
 
 def _analysis_options(p) -> None:
     p.add_argument("--multipliers", type=floats, default=DEFAULT_MS,
-                   help="comma-separated strengths (at least 9, spanning 0); write --multipliers=-4,... when the "
+                   help="comma-separated strengths (at least 10, spanning 0); write --multipliers=-4,... when the "
                         "list starts with '-'")
     p.add_argument("--max-util-drop", type=nonneg_float, default=1.0,
                    help="the operating point keeps measured utility within this many log-odds of m = 0")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from ._common import checked_steering, model_config, writable_dir, writable_file
+from ._common import begin_work, checked_steering, model_config, writable_dir, writable_file
 
 
 def strength(text: str):
@@ -25,9 +25,25 @@ def strength(text: str):
     return v
 
 
+def recorded_model(steering: str) -> str:
+    """The model a steering file was trained on, as ``--model`` takes it: "default" for the default model, else the
+    folder its metadata names, which must exist here (or one line says to give ``--model``)."""
+    from fastsplit.hf import DEFAULT_MODEL_NAME, read_steering_metadata
+
+    name = read_steering_metadata(steering)["model"]
+    if name == DEFAULT_MODEL_NAME:
+        return "default"
+    if os.path.isdir(name):
+        return name
+    raise ValueError(f"{steering} was trained on the model {name!r}, which is not a folder here: give its folder "
+                     "with --model")
+
+
 def run(args) -> int:
     from fastsplit.hf.export import check_export, export_steering, operating_point_of, read_steering_tensors
 
+    if args.model is None:
+        args.model = recorded_model(args.steering)
     config = model_config(args)
     meta = checked_steering(args.steering, config, args.any_model)
     read_steering_tensors(args.steering)  # a corrupt tensor section is found now, not after a model loads
@@ -46,6 +62,7 @@ def run(args) -> int:
         raise ValueError("--full is for --format merged")
     folder = args.format == "peft" or args.full
     (writable_dir if folder else writable_file)(args.out)
+    begin_work()
     paths = export_steering(args.steering, args.out, m=m, format=args.format, model=args.model, full=args.full,
                             check_model_name=not args.any_model)
     use = {"control-vector": f"llama.cpp's CLI: llama-cli -m MODEL.gguf --control-vector {args.out}; from Python: "
@@ -73,7 +90,9 @@ def add_command(sub, formatter) -> None:
     e.add_argument("--full", action="store_true", help="merged: a complete save_pretrained folder")
     e.add_argument("--out", required=True, help="output: a .gguf file, an adapter folder, a .safetensors file or "
                    "a model folder (with --full)")
-    e.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
+    e.add_argument("--model", default=None,
+                   help="'default' (SmolLM2-135M-Instruct) or a local HF model folder (default: the model the steering "
+                        "file was trained on, as its metadata records it)")
     e.add_argument("--any-model", action="store_true", help="skip the check that the steering was trained on this model")
     e.add_argument("--quiet", action="store_true", help="no loading messages")
     e.set_defaults(func=run)

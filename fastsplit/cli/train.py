@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._common import (add_device_option, checked_layer, device_of, floats, is_main, model_config, nonneg_float,
-                      nonneg_int, pair_types, positive_float, positive_int, read_pairs, save_json, test_size,
-                      writable_dir, write_pairs)
+from ._common import (add_device_option, begin_work, checked_layer, device_of, floats, is_main, model_config,
+                      nonneg_float, nonneg_int, pair_types, positive_float, positive_int, read_pairs, save_json,
+                      test_size, writable_dir, write_pairs)
 
 
 def add_training_options(p: argparse.ArgumentParser, *, test_default) -> None:
@@ -139,6 +139,7 @@ def run(args) -> int:
     positive, negative = check_method(args)
     _, layer, train_pairs, test_pairs = prepare(args)
     writable_dir(args.out)
+    begin_work()
     model, tok = load_model(args.model, device=device_of(args))
     os.makedirs(args.out, exist_ok=True)
     if args.method == "diffmean":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ._common import add_device_option, device_of, model_config, positive_int, save_json, writable_file
+from ._common import add_device_option, begin_work, device_of, model_config, positive_int, save_json, writable_file
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -52,6 +52,7 @@ def run(args) -> int:
         if args.json:
             save_json(args.json, {"device": _tune.device_identity(device), "software": _tune.software(),
                                   "dtype": str(dtype).replace("torch.", ""), "cache": path, "results": results})
+    begin_work()
     results = tune_shapes(k=k, n=n, vocab=None if args.no_loss else vocab, hidden=n, dtype=dtype, rows=args.rows,
                           forms=args.forms, loss_rows=args.loss_rows, rank=args.rank, device=device,
                           force=args.force, progress=not args.quiet, on_result=write)

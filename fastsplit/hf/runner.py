@@ -88,9 +88,11 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attenti
     return captured["h"]
 
 
-def capture_site_output(model: nn.Module, layer: int, site: str, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def capture_site_output(model: nn.Module, layer: int, site: str, input_ids: Tensor, attention_mask: Tensor,
+                        position_ids: Tensor | None = None, cache=None) -> Tensor:
     """The output of decoder layer ``layer`` (``site="residual"``: the residual stream after the block) or of its MLP's
-    ``down_proj`` (``site="down_proj"``) [B, T, H]; the layers above are not run."""
+    ``down_proj`` (``site="down_proj"``) [B, T, H]; the layers above are not run. With ``cache`` the layers up to
+    ``layer`` read and extend it (``attention_mask`` then spans cache + input), as in :func:`capture_layer_input`."""
     captured = {}
 
     def hook(mod, args, out):
@@ -101,7 +103,8 @@ def capture_site_output(model: nn.Module, layer: int, site: str, input_ids: Tens
     target = block if site == "residual" else block.mlp.down_proj
     handle = target.register_forward_hook(hook)
     try:
-        decoder(model)(input_ids=input_ids, attention_mask=attention_mask)
+        dec = decoder(model)
+        dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(dec, cache))
     except _StopForward:
         pass
     finally:

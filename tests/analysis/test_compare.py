@@ -119,7 +119,7 @@ def test_cli_compare(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vector L3 split" in out and "gain @ drop 1" in out
     c = _write(tmp_path / "c", **LIN_B, pairs_sha="other")
-    assert main(["compare", a, c, "--out", str(tmp_path / "o2"), "--quiet"]) == 1
+    assert main(["compare", a, c, "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other pairs" in err
     assert not os.path.exists(tmp_path / "o2" / "compare.json")

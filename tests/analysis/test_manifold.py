@@ -96,11 +96,11 @@ def test_cli_sweep_manifold(tmp_path, capsys):
                  "--quiet"]) == 0
     out = str(tmp_path / "sw")
     assert main(["sweep", "--model", str(d), "--steering", os.path.join(run, "steering.safetensors"), "--max-pairs",
-                 "6", "--multipliers=-4,-3,-2,-1,0,1,2,3,4", "--bootstrap", "5", "--manifold", "--out", out,
+                 "6", "--multipliers=-5,-4,-3,-2,-1,0,1,2,3,4,5", "--bootstrap", "5", "--manifold", "--out", out,
                  "--quiet"]) == 0
     assert "manifold (last layer)" in capsys.readouterr().out
     rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
-    assert set(COLUMNS) <= set(rows[0]) and len(rows) == 6 * 9
+    assert set(COLUMNS) <= set(rows[0]) and len(rows) == 6 * 11
     assert all(float(r["off_last"]) == 0 for r in rows if float(r["multiplier"]) == 0)
     fit = json.load(open(os.path.join(out, "fit.json")))
     for site in ("steered", "last"):
