@@ -65,7 +65,7 @@ def worker(args) -> None:
 
     from bench_workflows import sweep_pairs
 
-    import fastsplit.analysis.logodds as lo
+    import fastsplit.engines.transformers as lo
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

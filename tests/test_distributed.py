@@ -47,7 +47,7 @@ def _task_sweep(out, rank, ms=MS, slow_rank0=False):
     """The sweep in batches of one pair, how many m rows of the shared prefix this process ran itself, and the
     batches it took (each as its pairs' tokens). Each batch waits a while (longer on rank 0 with ``slow_rank0``), so
     that both ranks surely take some."""
-    import fastsplit.analysis.logodds as lo
+    import fastsplit.engines.transformers as lo
 
     model, s = _fresh()
     real_prefix, real_batch, prefix_rows, took = lo._prefix_caches, lo._batch_nll, [], []
@@ -89,7 +89,7 @@ def _task_train(out, rank, **kw):
 
 
 def _task_bad_shard(out, rank):
-    import fastsplit.analysis.logodds as lo
+    import fastsplit.engines.transformers as lo
 
     model, s = _fresh()
     real = lo._batch_nll

@@ -84,7 +84,7 @@ def test_failed_sweep_leaves_the_model_unpatched(monkeypatch):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     s = fastsplit.attach(model, 1, "vector")
     # Fails in the tail pass: after the stand-in layers went in and the prefix and body passes ran.
-    monkeypatch.setattr("fastsplit.analysis.logodds.split_loss_fwd_torch", _explode)
+    monkeypatch.setattr("fastsplit.engines.transformers.split_loss_fwd_torch", _explode)
     _fails_and_leaves_the_model_unpatched(model, s, lambda: logodds_sweep(model, tok, s, PAIRS, MS, progress=False))
 
 
