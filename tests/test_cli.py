@@ -8,15 +8,12 @@ import pytest
 import torch
 
 from fastsplit.cli import main
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return str(d)
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_train_generate_sweep(model_dir, tmp_path, capsys):

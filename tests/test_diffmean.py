@@ -10,7 +10,7 @@ import torch
 import fastsplit
 from fastsplit.cli import main
 from fastsplit.data import Pair, encode_pair
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 PAIRS = [Pair("How is the weather?", " Lovely and bright.", " Grim."), Pair("Your week?", " Great!", " Awful, sadly."),
          Pair("The future?", " It looks wonderful to me.", " Dark.")]
@@ -106,10 +106,7 @@ def test_a_zero_difference_cannot_be_normalised():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return str(d)
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_cli_diffmean_then_sweep(model_dir, tmp_path, capsys):

@@ -25,11 +25,16 @@ def test_import_layers_contract_is_kept():
     assert "2 kept, 0 broken" in out.stdout
 
 
-def test_a_planted_upward_import_breaks_the_contract(tmp_path):
-    """The contract can fail: a copy of the package whose kernels import a workflow is refused."""
+def _copy(tmp_path):
+    """A copy of the package and its pyproject.toml under ``tmp_path``, to plant an import in."""
     shutil.copytree(os.path.join(ROOT, "fastsplit"), tmp_path / "fastsplit",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path / "pyproject.toml")
+
+
+def test_a_planted_upward_import_breaks_the_contract(tmp_path):
+    """The contract can fail: a copy of the package whose kernels import a workflow is refused."""
+    _copy(tmp_path)
     with open(tmp_path / "fastsplit" / "kernels" / "_common.py", "a") as f:
         f.write("\nfrom ..train import train  # planted\n")
     out = _lint(str(tmp_path))
@@ -93,8 +98,7 @@ def test_no_import_circles():
 
 def test_a_planted_lazy_circle_is_found(tmp_path):
     """The circle check can fail: a lazy import back up, inside a function, makes one."""
-    shutil.copytree(os.path.join(ROOT, "fastsplit"), tmp_path / "fastsplit",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    _copy(tmp_path)
     with open(tmp_path / "fastsplit" / "steerfile.py", "a") as f:
         f.write("\n\ndef _planted():\n    from .hf import export  # planted\n")
     with open(tmp_path / "fastsplit" / "hf" / "export.py", "a") as f:
@@ -104,9 +108,7 @@ def test_a_planted_lazy_circle_is_found(tmp_path):
 
 
 def test_the_cli_reaching_into_ops_breaks_the_contract(tmp_path):
-    shutil.copytree(os.path.join(ROOT, "fastsplit"), tmp_path / "fastsplit",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path / "pyproject.toml")
+    _copy(tmp_path)
     with open(tmp_path / "fastsplit" / "cli" / "tune.py", "a") as f:
         f.write("\n\ndef _planted():\n    from fastsplit.ops import _tune  # planted\n")
     out = _lint(str(tmp_path))

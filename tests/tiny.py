@@ -123,3 +123,10 @@ def renamed_cache_model(arch: str = "llama", **kwargs):
         layer.__class__ = KvLayer
     dec.__class__ = KvDecoder
     return model
+
+
+def save_tiny(folder, arch: str = "llama") -> str:
+    """A tiny random model of ``arch`` and the tiny tokenizer saved in ``folder`` (a local model folder for the CLI)."""
+    tiny_model(arch).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)

@@ -77,7 +77,13 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attenti
         captured["h"] = _hidden_arg(args, kwargs).detach().clone()
         raise _StopForward
 
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    _run_until(model, decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True), input_ids,
+               attention_mask, position_ids, cache)
+    return captured["h"]
+
+
+def _run_until(model, handle, input_ids, attention_mask, position_ids, cache) -> None:
+    """Run the decoder until the hook behind ``handle`` stops it (:class:`_StopForward`); the hook is removed."""
     try:
         dec = decoder(model)
         dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(dec, cache))
@@ -85,7 +91,6 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: Tensor, attenti
         pass
     finally:
         handle.remove()
-    return captured["h"]
 
 
 def capture_site_output(model: nn.Module, layer: int, site: str, input_ids: Tensor, attention_mask: Tensor,
@@ -101,14 +106,7 @@ def capture_site_output(model: nn.Module, layer: int, site: str, input_ids: Tens
 
     block = decoder_layers(model)[layer]
     target = block if site == "residual" else block.mlp.down_proj
-    handle = target.register_forward_hook(hook)
-    try:
-        dec = decoder(model)
-        dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(dec, cache))
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    _run_until(model, target.register_forward_hook(hook), input_ids, attention_mask, position_ids, cache)
     return captured["h"]
 
 
