@@ -103,6 +103,8 @@ def test_score_rows_alone_and_in_pairs(engine, hf_default):
     both = engine.score([(p, a), (p, b)], MS, progress=False)
     alone = np.stack([engine.score([(p, c)], MS, progress=False)[0] for c in (a, b)])
     assert both.shape == (2, 3) and np.abs(both - alone).max() < TOL
+    with pytest.raises(ValueError, match="rows is empty"):
+        engine.score([], MS, progress=False)
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)

@@ -51,6 +51,8 @@ class TransformersEngine:
         """NLLs [len(rows), M]. Consecutive rows with the same prompt (a pair's two completions) share one prompt
         pass. ``batch_size``: prompts per batch (each becomes M rows; default about 48 rows on the CPU, 512 on a
         GPU). ``on_rows(row_indices, nll [k, M])``: a finished batch, on the rank that ran it."""
+        if not len(rows):
+            raise ValueError("rows is empty")
         ms = [float(m) for m in multipliers]
         triples, owners = _triples(rows)
         group = self.group

@@ -49,6 +49,8 @@ class VLLMEngine:
         """NLLs [len(rows), M] from ``prompt_logprobs``. All at once; with ``on_rows``, in blocks of ``batch_size``
         rows (default 256), each reported when done."""
         rows = list(rows)
+        if not rows:
+            raise ValueError("rows is empty")
         ms = [float(m) for m in multipliers]
         if on_rows is None:
             return self.engine.score(rows, ms, steering=self.steering, length_norm=length_norm, progress=progress)
