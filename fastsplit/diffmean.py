@@ -105,8 +105,10 @@ def diffmean(model, tokenizer, pairs: Sequence[Pair] | None = None, *, layer: in
                  ([p + n for p, _, n in enc], [(len(p), len(p) + len(n)) for p, _, n in enc])]
     layer = hf.resolve_layer(layer, len(hf.decoder_layers(model)))
     pad = hf.pad_id_of(tokenizer)
-    pos, neg = (site_means(model, layer, site, rows, spans, pad=pad, batch_size=batch_size) for rows, spans in sides)
-    v = pos.double().mean(0) - neg.double().mean(0)
+    (pos_rows, pos_spans), (neg_rows, neg_spans) = sides
+    means = site_means(model, layer, site, pos_rows + neg_rows, pos_spans + neg_spans, pad=pad,
+                       batch_size=batch_size).double()  # one call: the shared prefix runs once for both sides
+    v = means[:len(pos_rows)].mean(0) - means[len(pos_rows):].mean(0)
     norm = float(v.norm())
     if normalize:
         if norm == 0:
