@@ -32,7 +32,8 @@ XARGS_MODELS = (
 INTERNALS = (
     ("RUNNERS[*].load_model", "method",
      "wrapped: after the model loads, the steered layers are installed (V1's CPUModelRunner overrides it too)"),
-    ("V1: runner._model_forward", "method", "wrapped per runner: fills the per-token strength buffers before each step"),
+    ("V1: runner._model_forward", "method",
+     "wrapped per runner: fills the per-token strength buffers before each step"),
     ("runner.model", "attribute", "the loaded model: model.model.layers[L].mlp.down_proj is the steered module"),
     ("V1: runner.input_batch.req_ids / num_reqs", "attribute", "the requests of the step, in batch order"),
     ("V1: runner.query_start_loc.np", "attribute", "where each request's tokens start in the flattened batch"),

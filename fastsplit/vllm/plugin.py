@@ -22,8 +22,9 @@ variable):
 * **Workers**: after the model loads, each steered layer's ``mlp.down_proj`` becomes a module that calls
   :func:`fastsplit.steered_linear` with a **per-token m** read from a persistent buffer (one per steering, as long as
   the largest batch); before every step the runner's batch layout (request order, ``query_start_loc``) and each
-  request's ``extra_args`` fill it (Model Runner V1 and V2: :mod:`fastsplit.vllm.worker`). Requests with different steerings and strengths share a batch, and
-  ``torch.compile`` and CUDA graphs see a tensor, never a Python float (a float would be frozen at trace time).
+  request's ``extra_args`` fill it (Model Runner V1 and V2: :mod:`fastsplit.vllm.worker`). Requests with different
+  steerings and strengths share a batch, and ``torch.compile`` and CUDA graphs see a tensor, never a Python float (a
+  float would be frozen at trace time).
 
 Every vLLM internal it relies on is listed in :mod:`fastsplit.vllm.internals`; one that moved stops the engine's
 start with one line naming the version and the internal.
