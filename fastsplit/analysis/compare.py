@@ -108,6 +108,7 @@ def _figures(sweep: Sweep, m_op: float, drops: Sequence[float], idx: np.ndarray 
     for side in SIDES:
         for d in drops:
             out[f"gain@{d:g}:{side}"] = gain_at_drop(ms, P, U, d, side)
+        out[f"largest_drop:{side}"] = float(frontier(ms, P, U, side)[1].max())  # <= 0: utility never falls there
     return out
 
 
@@ -195,9 +196,17 @@ def compare(sweep_dirs: Sequence[str], out: str | None = None, *, drops: Sequenc
     return result
 
 
-def _fmt(cell: dict | None, share: bool = False) -> str:
+def not_reached(largest_drop: float, side: str) -> str:
+    """Why a matched drop has no gain on ``side``, in words: utility never falls there, or not that far."""
+    where = "m > 0" if side == "positive" else "m < 0"
+    if largest_drop <= 0:
+        return f"utility rises for {where}: no drop to match"
+    return f"not reached (largest drop {largest_drop:.2f})"
+
+
+def _fmt(cell: dict | None, share: bool = False, why: str = "not reached") -> str:
     if cell is None or cell.get("value") is None:
-        return "not reached"
+        return why
     lo, hi = cell.get("lo"), cell.get("hi")
     if share:
         return f"{cell['value']:.0%}" + (f" [{lo:.0%}, {hi:.0%}]" if lo is not None else "")
@@ -218,16 +227,20 @@ def format_table(result: dict) -> str:
                                                                    r["utility_r2_heldout_m"]))
         cells = [r["label"], r2, f"{r['m_op']:.2f}", _fmt(f["gain_at_op"]), _fmt(f["drop_at_op"]),
                  _fmt(f["accuracy_m0"], share=True), _fmt(f["accuracy_op"], share=True)]
-        cells += [_fmt(f[f"gain@{d:g}:positive"]) for d in drops]
+        why = not_reached(f["largest_drop:positive"]["value"], "positive")
+        cells += [_fmt(f[f"gain@{d:g}:positive"], why=why) for d in drops]
         lines.append(" | ".join(cells))
     lines.append(f"differences at matched utility drop (m >= 0; pair bootstrap, {result['bootstrap']} resamples, 95%):")
+    by_label = {r["label"]: r["figures"] for r in result["interventions"]}
     for name, block in result["pairwise"].items():
         a, b = name.split(" − ")
         parts = []
         for d in drops:
             c = block["positive"][f"{d:g}"]
             if c["diff"] is None or c["lo"] is None:
-                parts.append(f"drop {d:g}: not reached by both")
+                rises = [n for n in (a, b) if by_label[n]["largest_drop:positive"]["value"] <= 0]
+                parts.append(f"drop {d:g}: " + (f"utility rises for m > 0 in {', '.join(rises)}: no drop to match"
+                                                if rises else "not reached by both"))
                 continue
             verdict = (f"{a} ahead" if c["lo"] > 0 else f"{b} ahead" if c["hi"] < 0 else "no difference shown")
             parts.append(f"drop {d:g}: {c['diff']:+.3f} [{c['lo']:+.2f}, {c['hi']:+.2f}] {verdict}")

@@ -102,9 +102,11 @@ def print_report(report: dict) -> None:
         print(f"  pair bootstrap ({b['resamples']}), 95%: preference R² {b['preference_r2'][0]:.3f}–"
               f"{b['preference_r2'][1]:.3f}, utility R² {b['utility_r2'][0]:.3f}–{b['utility_r2'][1]:.3f}, "
               f"m_op {b['m_op'][0]:.2f}–{b['m_op'][1]:.2f}")
+    change = (f"a drop of {op['measured_drop']:.3f}" if op["measured_drop"] >= 0 else
+              f"utility rose by {-op['measured_drop']:.3f}: no drop there")
     print(f"operating point: m = {op['multiplier']:.3f} (fitted preference {op['preference']:+.3f}; measured utility "
-          f"{op['measured_utility']:+.3f} against {op['utility_at_zero']:+.3f} at m = 0, a drop of "
-          f"{op['measured_drop']:.3f}{'' if op['within_limit'] else ', OVER the limit'})")
+          f"{op['measured_utility']:+.3f} against {op['utility_at_zero']:+.3f} at m = 0, {change}"
+          f"{'' if op['within_limit'] else ', OVER the limit'})")
     g = report["groups"]
     groups = ", ".join(f"{k!r} ({v['pairs']}): {v['change_at_probe']:+.2f}" for k, v in g["by_group"].items())
     print(f"  answer groups, preference change at m = {g['m_probe']:g}: {groups}")

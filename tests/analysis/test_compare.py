@@ -97,6 +97,24 @@ def test_a_drop_never_reached_is_reported_as_such(tmp_path):
     assert "not reached" in format_table(res)
 
 
+RISING = dict(drop=lambda m: -0.2 * m, gain=lambda m: m)  # utility rises with |m| (common on base models)
+
+
+def test_utility_that_rises_is_said_in_words(tmp_path):
+    """Where utility rises with m there is no drop to match: the table says so, not a bare "not reached"."""
+    a = _write(tmp_path / "a", **LIN_A)
+    r = _write(tmp_path / "r", **RISING, form="lora")
+    res = compare([a, r], bootstrap=20, progress=False)
+    rising = next(x for x in res["interventions"] if x["form"] == "lora")["figures"]
+    assert rising["largest_drop:positive"]["value"] == 0.0 and rising["gain@1:positive"]["value"] is None
+    table = format_table(res)
+    row = next(line for line in table.splitlines() if line.startswith("lora L3 split"))
+    assert "utility rises for m > 0: no drop to match" in row
+    assert "utility rises for m > 0 in lora L3 split: no drop to match" in table
+    short = compare([a, _write(tmp_path / "s", **SHORT, form="lora")], bootstrap=20, progress=False)
+    assert "not reached (largest drop 1.88)" in format_table(short)
+
+
 def test_mismatched_pairs_or_models_are_refused(tmp_path):
     a = _write(tmp_path / "a", **LIN_A)
     with pytest.raises(ValueError, match="other pairs"):
@@ -123,3 +141,20 @@ def test_cli_compare(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other pairs" in err
     assert not os.path.exists(tmp_path / "o2" / "compare.json")
+
+
+def test_the_report_says_when_utility_rose_at_the_operating_point(tmp_path, capsys):
+    """A sweep whose utility rises with |m| (common on base models): the printed operating point says the utility
+    rose, never "a drop of -0.4"."""
+    from fastsplit.analysis import analyze
+    from fastsplit.cli.analysis import print_report, write_report
+
+    folder = _write(tmp_path / "r", **RISING)
+    sweep = Sweep.from_csv(os.path.join(folder, "sweep.csv"))
+    result = analyze(sweep, bootstrap_samples=0, progress=False)
+    report = write_report(sweep, result, str(tmp_path / "out"), "rising", 1.0)
+    op = report["operating_point"]
+    assert op["measured_drop"] < 0
+    print_report(report)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("operating point:"))
+    assert f"utility rose by {-op['measured_drop']:.3f}: no drop there" in line and "a drop of" not in line
