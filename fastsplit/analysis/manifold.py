@@ -211,12 +211,16 @@ def explain_utility(sweep, *, bootstrap: int = 200, seed: int = 0) -> dict:
         boot = [scores(x, idx) for idx in resamples]
         d_r2 = interval([a[0] - b[0] for a, b in zip(boot, base)])
         d_rho = interval([a[1] - b[1] for a, b in zip(boot, base)])
-        verdict = ("neither explains the drop (monotone R² below 0.1 for both)" if max(r2, r2_m) < 0.1 else
+        rho_ci = interval([b[1] for b in boot])
+        rises = rho_ci is not None and rho_ci[1] < 0  # the monotone fit assumes a fall; read the sign first
+        verdict = (f"utility rises, not falls, as the off-manifold distance grows (Spearman ρ {rho:+.2f}, 95% "
+                   f"{rho_ci[0]:+.2f} to {rho_ci[1]:+.2f}): there is no drop to explain" if rises else
+                   "neither explains the drop (monotone R² below 0.1 for both)" if max(r2, r2_m) < 0.1 else
                    "the off-manifold distance predicts the drop better than |m|" if d_r2 and d_r2[0] > 0 else
                    "|m| predicts the drop better than the off-manifold distance" if d_r2 and d_r2[1] < 0 else
                    "neither predicts the drop better (the interval of the R² difference contains 0)")
         out[site] = {"off_manifold": {"r2_monotone": r2, "r2_interval": interval([b[0] for b in boot]),
-                                      "spearman": rho, "spearman_interval": interval([b[1] for b in boot])},
+                                      "spearman": rho, "spearman_interval": rho_ci},
                      "abs_m": {"r2_monotone": r2_m, "r2_interval": interval([b[0] for b in base]),
                                "spearman": rho_m, "spearman_interval": interval([b[1] for b in base])},
                      "difference": {"r2": d_r2, "spearman": d_rho}, "verdict": verdict}

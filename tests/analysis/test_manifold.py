@@ -56,7 +56,7 @@ def test_isotonic_fit_matches_scipy_and_pools_ties():
     assert isotonic_r2(x, 2 * x) == pytest.approx(1.0)
 
 
-def _synthetic(drop_of_off: bool):
+def _synthetic(drop_of_off: bool, sign: float = 1.0):
     """A sweep whose utility drop is a monotone function of the off-manifold distance (which varies across pairs
     at one m), or of |m| (with an off-manifold distance that is noise)."""
     rng = np.random.default_rng(1)
@@ -68,7 +68,7 @@ def _synthetic(drop_of_off: bool):
     if not drop_of_off:
         off = rng.uniform(0, 5, (N, ms.size)) * (ms != 0)
     P = rng.normal(size=(N, 1)) + ms[None]
-    U = -2.0 - drop
+    U = -2.0 - sign * drop
     a = 1 / (1 + np.exp(-U))
     lp = -np.log(a / (1 + np.exp(-P)))
     sweep = Sweep.from_nll(ms, lp, lp + P)
@@ -85,6 +85,15 @@ def test_explain_utility_says_which_predictor_wins():
     assert bad["last"]["difference"]["r2"][1] < 0 and bad["last"]["verdict"].startswith("|m| predicts")
     with pytest.raises(ValueError, match="sweep with --manifold"):
         explain_utility(Sweep.from_nll([0, 1], np.ones((2, 2)), np.ones((2, 2))))
+
+
+def test_explain_utility_reads_the_sign():
+    """Utility that rises as representations leave the manifold (a base model's case): the verdict says so, rather
+    than "neither explains the drop" beside a strongly negative ρ."""
+    rising = explain_utility(_synthetic(True, sign=-1.0), bootstrap=100)["last"]
+    assert rising["off_manifold"]["spearman"] < -0.9
+    assert rising["verdict"].startswith("utility rises, not falls, as the off-manifold distance grows")
+    assert "no drop to explain" in rising["verdict"]
 
 
 def test_cli_sweep_manifold(tmp_path, capsys):
