@@ -243,7 +243,7 @@ def test_cli_export_at_the_operating_point(model_dir, tmp_path):
                        (_fit(tmp_path, None, "old.json"), "does not record which steering file")):
         r = _cli("--steering", path, "--m", "op", "--fit", str(fit), "--format", "control-vector", "--out",
                  str(tmp_path / "x.gguf"), "--model", model_dir, "--any-model")
-        assert r.returncode == 1 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr  # a usage error
         assert not (tmp_path / "x.gguf").exists()
 
 
@@ -264,7 +264,60 @@ def test_bad_export_input_is_one_line_before_any_model_loads(case, model_dir, tm
     out = "/proc/fastsplit-x/out.safetensors" if case == "unwritable" else str(tmp_path / "out")
     r = _cli(*args, "--out", out, "--model", model_dir, "--any-model")
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == (2 if case == "m-word" else 1), r.stderr
+    assert r.returncode == 2, r.stderr  # every one a usage error, refused before any work
     assert len(lines) == 1 and lines[0].startswith("fastsplit export: error:"), r.stderr
     assert "Loading weights" not in r.stderr and not os.path.exists(tmp_path / "out")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # nothing half-written
+
+
+ARCH_CONFIGS = {arch: tiny_model(arch).config for arch in ("llama", "qwen2", "gemma2", "mistral", "phi3")}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_every_refusal_names_a_route_that_works(arch):
+    """Over (architecture, form, site, Δb, layer, format): a refused export names the exports that do hold the
+    steering, each of which check_export then accepts (no hint leads in a circle), or, where none does, the site to
+    retrain at, where one does."""
+    from fastsplit.hf.export import export_routes
+
+    config = ARCH_CONFIGS[arch]
+    cases = [("control-vector", False), ("peft", False), ("merged", False), ("merged", True)]
+    seen_refusals = 0
+    for form in ("vector", "lora", "local_weight"):
+        for site in ("down_proj", "residual"):
+            for delta_bias in ("1", "0") if form != "vector" else ("1",):
+                for layer in ("0", "2"):
+                    meta = dict(form=form, layer=layer, site=site, delta_bias=delta_bias)
+                    routes = export_routes(meta, config)
+                    for fmt, full in cases:
+                        name = fmt + (" --full" if full else "")
+                        try:
+                            check_export(meta, config, fmt, m=1.0, full=full)
+                        except ValueError as exc:
+                            seen_refusals += 1
+                            assert name not in routes and "\n" not in str(exc)
+                            if routes:
+                                assert f"this steering exports as {', '.join(routes)}" in str(exc)
+                                for route in routes:  # every route named holds the steering
+                                    check_export(meta, config, route.split()[0], m=1.0, full=route.endswith("--full"))
+                            else:
+                                other = "residual" if site == "down_proj" else "down_proj"
+                                assert f"retrain it with --site {other}" in str(exc)
+                                assert export_routes(meta | {"site": other}, config)
+                        else:
+                            assert name in routes
+    assert seen_refusals > 0
+
+
+def test_a_vector_at_down_proj_under_a_post_mlp_norm_is_not_sent_in_a_circle():
+    """The case a user met: Gemma-2, a vector at down_proj (it has a Δb), no MLP bias option. A control vector is
+    refused and so is a full merged folder; both name peft and the merged tensors, which work."""
+    from fastsplit.hf.export import export_routes
+
+    meta = dict(form="vector", layer="2", site="down_proj")
+    config = ARCH_CONFIGS["gemma2"]
+    assert not hasattr(config, "mlp_bias")
+    assert export_routes(meta, config) == ["peft", "merged"]
+    for fmt, full in (("control-vector", False), ("merged", True)):
+        with pytest.raises(ValueError, match="this steering exports as peft, merged\\)"):
+            check_export(meta, config, fmt, m=1.0, full=full)

@@ -33,9 +33,10 @@ import torch
 from .. import dist
 from .loading import load_config, load_model
 from .. import steerfile
+from ..steerfile import has_delta_bias
 from . import runner
 
-__all__ = ["FORMATS", "export_steering", "export_tensors", "check_export", "read_steering_tensors",
+__all__ = ["FORMATS", "export_steering", "export_tensors", "check_export", "export_routes", "read_steering_tensors",
            "operating_point_of", "apply_control_vector", "file_sha256"]
 
 log = logging.getLogger("fastsplit")
@@ -90,27 +91,51 @@ def file_sha256(path: str) -> str:
 
 
 def check_export(meta: dict, config, fmt: str, *, m: float, full: bool = False) -> None:
-    """Whether ``fmt`` can hold this intervention exactly; a one-line reason when it cannot."""
+    """Whether ``fmt`` can hold this intervention exactly; a one-line reason when it cannot, which names the routes
+    that do work for this steering on this model (:func:`export_routes`), or says to retrain when none does."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
         raise ValueError(f"m must be a finite number, got {m!r}")
+    why = _refusal(meta, config, fmt, full)
+    if why:
+        raise ValueError(f"{why} ({_routes_hint(meta, config)})")
+
+
+def _refusal(meta: dict, config, fmt: str, full: bool) -> str | None:
+    """Why ``fmt`` (``full``: a whole merged model folder) cannot hold this steering on this model, or None."""
     form, layer, site = meta["form"], int(meta["layer"]), meta["site"]
     if fmt == "control-vector":
         if form != "vector":
-            raise ValueError(f"a control vector is one fixed vector per layer; a {form} update depends on the input "
-                             "(export it as peft or merged)")
+            return f"a control vector is one fixed vector per layer; a {form} update depends on the input"
         if site == "down_proj" and config.model_type in _POST_FFN_NORM:
-            raise ValueError(f"on {config.model_type} a norm follows the MLP, so a vector at down_proj is not a fixed "
-                             "offset of the residual stream (train with --site residual, or export as peft/merged)")
+            return (f"on {config.model_type} a norm follows the MLP, so a vector at down_proj is not a fixed offset of "
+                    "the residual stream")
         if layer == 0:
-            raise ValueError("llama.cpp control vectors start after layer 1 (there is no direction.0): a steering at "
-                             "layer 0 cannot be written as one")
-    if fmt == "peft" and site != "down_proj":
-        raise ValueError("peft adapts a module; a residual-site steering has none (export it as a control vector)")
-    if fmt == "merged" and site != "down_proj":
-        raise ValueError("merged weights change a module; a residual-site steering has none (export it as a "
-                         "control vector)")
+            return ("llama.cpp control vectors start after layer 1 (there is no direction.0): a steering at layer 0 "
+                    "cannot be written as one")
+        return None
+    if site != "down_proj":
+        return f"{'peft adapts' if fmt == 'peft' else 'merged weights change'} a module; a residual-site steering has none"
+    if fmt == "merged" and full and has_delta_bias(meta) and not hasattr(config, "mlp_bias"):
+        return (f"{config.model_type}'s MLP has no bias option, so a steering bias cannot be merged into a full model "
+                "folder")
+    return None
+
+
+def export_routes(meta: dict, config) -> list[str]:
+    """The exports that hold this steering exactly on this model: among "control-vector", "peft", "merged" (the
+    changed tensors) and "merged --full" (a model folder)."""
+    cases = [("control-vector", False), ("peft", False), ("merged", False), ("merged", True)]
+    return [fmt + (" --full" if full else "") for fmt, full in cases if _refusal(meta, config, fmt, full) is None]
+
+
+def _routes_hint(meta: dict, config) -> str:
+    routes = export_routes(meta, config)
+    if routes:
+        return "this steering exports as " + ", ".join(routes)
+    other = "residual" if meta["site"] == "down_proj" else "down_proj"
+    return f"no format holds this steering on {config.model_type}: retrain it with --site {other}"
 
 
 def export_steering(steering: str, out: str, *, m: float, format: str, model="default", full: bool = False,
@@ -300,9 +325,9 @@ def _merged(out, meta, tensors, m, model, *, full, tokenizer_source) -> list[str
         _atomic_file(out, write)
         return [out]
     needs_bias = base.bias is None and bool(b_new.abs().max() > 0)
-    if needs_bias and not hasattr(model.config, "mlp_bias"):
+    if needs_bias and not hasattr(model.config, "mlp_bias"):  # check_export refused a file with a Δb already
         raise ValueError(f"{model.config.model_type}'s MLP has no bias option, so a steering bias cannot be merged "
-                         "into a full model folder (export the tensors alone, or as peft / a control vector)")
+                         f"into a full model folder ({_routes_hint(meta, model.config)})")
     return _atomic_folder(out, lambda folder: _save_full(folder, model, layer, w_new, b_new, needs_bias,
                                                          tokenizer_source))
 
